@@ -1,0 +1,125 @@
+"""Checkpoints: safetensors for tensors, JSON for everything else, written atomically. Nothing is pickled.
+
+A run directory holds
+  model.safetensors   best weights            model.json      how to rebuild and use them
+  checkpoint.safetensors / checkpoint.json    last epoch's full training state, for --resume
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from multitag.errors import UserError
+
+MODEL_WEIGHTS = "model.safetensors"
+MODEL_META = "model.json"
+TRAIN_STATE = "checkpoint.safetensors"
+TRAIN_META = "checkpoint.json"
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename over ``path``: a killed process never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _json_safe(value: Any) -> Any:
+    """Plain JSON types; non-finite floats become the strings "nan"/"inf" so files stay standard JSON."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, torch.Tensor):
+        return _json_safe(value.tolist())
+    if hasattr(value, "item") and callable(value.item):   # numpy scalars
+        return _json_safe(value.item())
+    return value
+
+
+def write_json(path: Path, data: dict) -> None:
+    text = json.dumps(_json_safe(data), indent=2)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist; point to a run directory made by `multitag train`.") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON (line {e.lineno}); restore it from the run or retrain.") from None
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    # safetensors wants contiguous, non-shared CPU tensors.
+    flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(flat, tmp))
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not Path(path).exists():
+        raise UserError(f"{path} does not exist; point to a run directory made by `multitag train`.")
+    return load_file(str(path))
+
+
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights of a (possibly torch.compile-wrapped) model, with plain key names."""
+    model = getattr(model, "_orig_mod", model)
+    return dict(model.state_dict())
+
+
+def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    model = getattr(model, "_orig_mod", model)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(f"{source} does not match the model: {len(missing)} missing keys "
+                        f"(e.g. {missing[:3]}) and {len(unexpected)} unexpected keys (e.g. {unexpected[:3]}); "
+                        "use weights saved for this architecture.")
+
+
+# --- optimizer state: tensors into safetensors, the rest into JSON -------------------------------
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for pid, slots in state["state"].items():
+        for name, value in slots.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{pid}.{name}"] = value
+            elif value is not None:
+                scalars[f"{pid}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = value
+    for key, value in meta["scalars"].items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    groups = meta["param_groups"]
+    for group in groups:
+        for k, v in group.items():   # JSON turned tuples (betas) into lists; torch accepts either
+            if isinstance(v, str) and v in ("nan", "inf", "-inf"):
+                group[k] = float(v)
+    optimizer.load_state_dict({"state": state, "param_groups": groups})

@@ -1,0 +1,180 @@
+"""The `multitag` command: parses, validates and calls the Python API; no logic of its own.
+
+User errors (multitag.errors.UserError) print as one line on stderr with exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from multitag.errors import UserError
+
+
+def _add_json(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="multitag", description="Multi-label-first CNN image classification.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model from a recipe or config on a dataset")
+    p.add_argument("config", nargs="?", help="recipe name (see `multitag recipes`) or a YAML config file")
+    p.add_argument("--data", help="dataset: CSV, COCO JSON, VOC/YOLO folder or folder per class")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.epochs=5 (repeatable)")
+    p.add_argument("--out", help="run directory (default runs/<recipe>-<time>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last checkpoint")
+    _add_json(p)
+
+    p = sub.add_parser("eval", help="metrics of a run on a split: at 0.5, calibrated thresholds and top-3")
+    p.add_argument("run_dir")
+    p.add_argument("--data", help="dataset to evaluate on (default: the training data)")
+    p.add_argument("--split", default="test", help="train, val, test or all (default test)")
+    _add_json(p)
+
+    p = sub.add_parser("calibrate", help="fit per-class thresholds on the validation split")
+    p.add_argument("run_dir")
+    p.add_argument("--data", help="dataset whose val split to use (default: the training data)")
+    _add_json(p)
+
+    p = sub.add_parser("predict", help="predict labels of images or folders of images")
+    p.add_argument("run_dir")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
+    p.add_argument("--threshold", default="calibrated", help='"calibrated" (default) or a number such as 0.5')
+    p.add_argument("--top-k", type=int, help="return the k best classes instead of thresholding")
+    _add_json(p)
+
+    p = sub.add_parser("models", help="list the model architectures")
+    _add_json(p)
+    p = sub.add_parser("recipes", help="list the training recipes")
+    _add_json(p)
+
+    p = sub.add_parser("demo", help="train, calibrate, evaluate and predict on built-in digit mosaics (no download)")
+    p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _add_json(p)
+    return parser
+
+
+# --- handlers: call the API, print for people (or return data for --json) -----------------------
+
+def _log_for(args):
+    """Human progress goes to stderr under --json so stdout stays valid JSON."""
+    return (lambda *a: print(*a, file=sys.stderr)) if getattr(args, "json", False) else print
+
+
+def _print_metrics(result: dict, title: str) -> None:
+    from rich.console import Console
+
+    from multitag.summary import metrics_table
+
+    Console().print(metrics_table(result, title))
+
+
+def cmd_train(args):
+    from multitag import api
+
+    run = api.train(args.config, data=args.data, out=args.out, overrides=args.overrides, resume=args.resume,
+                    log=_log_for(args))
+    return {"run_dir": str(run)}
+
+
+def cmd_eval(args):
+    from multitag import api
+
+    result = api.evaluate(args.run_dir, data=args.data, split=args.split, log=_log_for(args))
+    if not args.json:
+        _print_metrics(result, f"{args.run_dir}: {result['split']} split, {result['num_images']} images")
+    return result
+
+
+def cmd_calibrate(args):
+    from multitag import api
+
+    thresholds = api.calibrate(args.run_dir, data=args.data, log=_log_for(args))
+    if not args.json:
+        print(f"calibrated {len(thresholds)} per-class thresholds on the val split; stored in {args.run_dir}/model.json")
+    return {"thresholds": thresholds}
+
+
+def _parse_threshold(text: str):
+    if text == "calibrated":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise UserError(f'--threshold must be "calibrated" or a number, got "{text}".') from None
+
+
+def cmd_predict(args):
+    from multitag.predict import expand_images, load
+
+    model = load(args.run_dir)
+    preds = model.predict(expand_images(args.images), threshold=_parse_threshold(args.threshold), top_k=args.top_k)
+    if not args.json:
+        for p in preds:
+            top = sorted(p.scores.items(), key=lambda kv: -kv[1])[:3]
+            print(f"{p.source}: {' '.join(p.labels) or '(none)'}   [" + ", ".join(f"{k} {v:.2f}" for k, v in top) + "]")
+    return [p.to_dict() for p in preds]
+
+
+def cmd_models(args):
+    from multitag.models.registry import describe_models
+
+    rows = describe_models()
+    if not args.json:
+        for r in rows:
+            print(f"{r['name']:<16} {r['parameters']:>12,} params @{r['input_size']}px, 10 classes   {r['description']}")
+        print("timm/<arch>      any timm architecture, e.g. timm/resnet34 (weights from a local file via model.weights)")
+    return rows
+
+
+def cmd_recipes(args):
+    from multitag.config import describe_recipes
+
+    rows = describe_recipes()
+    if not args.json:
+        for r in rows:
+            print(f"{r['name']:<18} {r['notes']}")
+    return rows
+
+
+def cmd_demo(args):
+    from multitag import api
+
+    result = api.demo(args.out, overrides=args.overrides, log=_log_for(args))
+    if not args.json:
+        _print_metrics(result["test"], f"demo: held-out test split, {result['test']['num_images']} images")
+        for ex in result["examples"]:
+            print(f"  {ex['image']}: true {' '.join(ex['true'])}  predicted {' '.join(ex['predicted']) or '(none)'}")
+        print(f"run directory: {result['run_dir']}  (try: multitag predict {result['run_dir']} IMAGE)")
+    return result
+
+
+HANDLERS = {"train": cmd_train, "eval": cmd_eval, "calibrate": cmd_calibrate, "predict": cmd_predict,
+            "models": cmd_models, "recipes": cmd_recipes, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        result = HANDLERS[args.command](args)
+    except UserError as e:
+        print(f"multitag {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"multitag {args.command}: interrupted", file=sys.stderr)
+        return 130
+    if getattr(args, "json", False) and result is not None:
+        print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""Typed run configuration: dataclasses with working defaults, YAML recipes, ``--set a.b=v`` overrides.
+
+A recipe YAML mirrors these sections (data, model, optim, sched, train, aug). Any key that is
+not a field is a user error naming the closest valid key; values are converted to the
+field's declared type, so ``--set train.epochs=3`` gives an int and a typo never passes silently.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from multitag.errors import UserError, did_you_mean
+
+RECIPE_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class DataConfig:
+    path: str = ""                    # CSV / JSON / folder; see data/formats.py for the formats
+    format: str = "auto"              # auto | csv | csv_onehot | folder | coco | voc | yolo
+    image_size: int = 64              # working size: images are squashed to size×size once, in the cache
+    cache_dir: str = ""               # empty = $MULTITAG_CACHE or ~/.cache/multitag/images
+    on_bad_image: str = "error"       # error | skip (skipped images are listed, never silent)
+    split_seed: int = 0               # seed of the 70/15/15 iterative stratification
+    mean: tuple = (0.485, 0.456, 0.406)  # normalisation, stored in model.json with the weights
+    std: tuple = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "simple_cnn"          # `multitag models` lists the names; timm/<arch> for any timm model
+    args: dict = field(default_factory=dict)  # extra keyword arguments of the model builder
+    weights: str = ""                 # local .safetensors / state-dict file to initialise from (no downloads)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"               # adam | adamw | sgd
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9             # sgd only
+    betas: tuple = (0.9, 0.999)       # adam/adamw only
+
+
+@dataclass
+class SchedConfig:
+    name: str = "onecycle"            # onecycle | cosine | plateau | none
+    warmup_epochs: float = 1.0        # cosine: linear warm-up length
+    pct_start: float = 0.25           # onecycle: fraction of steps spent warming up
+    factor: float = 0.5               # plateau: LR multiplier on a plateau
+    patience: int = 2                 # plateau: epochs without improvement before cutting the LR
+    min_lr: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 64
+    loss: str = "auto"                # auto (bce for multi-label, ce for single-label) | bce | ce
+    label_smoothing: float = 0.0      # ce only
+    grad_clip: float = 0.0            # max gradient norm; 0 = off
+    early_stop_patience: int = 0      # epochs without val improvement before stopping; 0 = off
+    seed: int = 0
+    device: str = "auto"              # auto (cuda if present) | cpu | cuda
+    precision: str = "auto"           # auto (measured per machine) | fp32 | bf16
+    channels_last: str = "auto"       # auto (measured with precision) | true | false
+    compile: bool = False             # torch.compile the model
+    threads: int = 0                  # torch CPU threads; 0 = torch's default
+    eval_batch_size: int = 256
+
+
+@dataclass
+class AugConfig:
+    hflip: bool = True
+    scale: tuple = (0.7, 1.0)         # random-resized-crop area range; (1, 1) = no crop
+    ratio: tuple = (0.75, 1.3333)     # random-resized-crop aspect range
+    rotate: float = 0.0               # max degrees of random rotation
+    color_jitter: float = 0.0         # brightness/contrast/saturation strength (0 = off)
+    erasing: float = 0.0              # probability of random erasing per image
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    recipe: str = ""                  # name of the recipe this config came from
+    notes: str = ""                   # free text: what the recipe reproduces, its published numbers
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _convert(value: Any, typ: Any, key: str) -> Any:
+    """Convert a YAML or command-line value to the field's declared type, or say why not."""
+    if dataclasses.is_dataclass(typ):
+        if not isinstance(value, dict):
+            raise UserError(f'"{key}" is a section; give its fields, e.g. {key}.<field>=value.')
+        return _build(typ, value, prefix=key + ".")
+    if isinstance(typ, types.UnionType) or typing.get_origin(typ) is typing.Union:
+        typ = next(t for t in typing.get_args(typ) if t is not type(None))
+    try:
+        if typ is bool:
+            if isinstance(value, str):
+                low = value.strip().lower()
+                if low in ("1", "true", "yes", "on"):
+                    return True
+                if low in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if typ is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if typ is float:
+            return float(value)
+        if typ is str:
+            return "" if value is None else str(value)
+        if typ is tuple:
+            if isinstance(value, str):
+                value = yaml.safe_load(value if value.strip().startswith("[") else f"[{value}]")
+            return tuple(value)
+        if typ is dict:
+            if isinstance(value, str):
+                value = yaml.safe_load(value)
+            if not isinstance(value, dict):
+                raise ValueError(value)
+            return dict(value)
+    except (TypeError, ValueError, yaml.YAMLError):
+        name = getattr(typ, "__name__", str(typ))
+        raise UserError(f'"{key}" must be a {name}, got {value!r}; fix the value in the recipe or --set.') from None
+    return value
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    """Instantiate dataclass ``cls`` from a (possibly partial) dict, rejecting unknown keys."""
+    types_ = _field_types(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in types_:
+            raise UserError(f'unknown config key "{prefix}{key}"{did_you_mean(key, types_)}.')
+        kwargs[key] = _convert(value, types_[key], prefix + key)
+    return cls(**kwargs)
+
+
+def data_config_from_dict(values: dict) -> DataConfig:
+    return _build(DataConfig, values or {}, prefix="data.")
+
+
+def config_from_dict(values: dict) -> Config:
+    return _build(Config, values or {})
+
+
+def all_keys(cls=Config, prefix: str = "") -> list[str]:
+    """Every settable dotted key, e.g. ``train.epochs``."""
+    keys = []
+    for name, typ in _field_types(cls).items():
+        if dataclasses.is_dataclass(typ):
+            keys += all_keys(typ, prefix + name + ".")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply ``section.key=value`` strings; unknown keys name the closest valid key."""
+    values = cfg.to_dict()
+    valid = all_keys()
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f'--set expects key=value, got "{item}"; e.g. --set train.epochs=3.')
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        parts = key.split(".")
+        if key not in valid:
+            # model.args.<anything> is free-form: it is passed to the model builder.
+            if not (len(parts) >= 3 and parts[:2] == ["model", "args"]):
+                raise UserError(f'unknown config key "{key}"{did_you_mean(key, valid)}.')
+        node = values
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else raw
+    return config_from_dict(values)
+
+
+def list_recipes() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(RECIPE_DIR.glob("*.yaml"))}
+
+
+def load_config(source: str | None = None, overrides: list[str] | None = None) -> Config:
+    """A recipe name (see `multitag recipes`), a YAML path, or None for the defaults; then overrides."""
+    values: dict = {}
+    if source:
+        recipes = list_recipes()
+        path = Path(source)
+        if source in recipes:
+            path = recipes[source]
+        elif not path.exists():
+            raise UserError(f'no recipe or config file "{source}"{did_you_mean(source, recipes)}.')
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            line = getattr(getattr(e, "problem_mark", None), "line", -1) + 1
+            raise UserError(f"{path} is not valid YAML (line {line}); fix the syntax.") from None
+        if not isinstance(values, dict):
+            raise UserError(f"{path} must hold a mapping of sections (data:, model:, train:, ...).")
+        values.setdefault("recipe", path.stem)
+    cfg = config_from_dict(values)
+    return apply_overrides(cfg, overrides or [])
+
+
+def describe_recipes() -> list[dict]:
+    """Name, file and notes (what it reproduces) of each bundled recipe."""
+    out = []
+    for name, path in list_recipes().items():
+        values = yaml.safe_load(path.read_text()) or {}
+        out.append({"name": name, "path": str(path), "notes": " ".join(str(values.get("notes", "")).split())})
+    return out

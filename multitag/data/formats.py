@@ -1,0 +1,853 @@
+"""Readers: every supported on-disk label format → one ``LabelTable``.
+
+Formats (``FORMATS``), one reader each, all with the same keyword arguments:
+
+- ``csv``        ``read_csv``: header with an image column and a labels column whose field holds
+                 several class names (``image,labels`` / ``filename,tags`` ...).
+- ``csv_onehot`` ``read_csv_onehot``: an image column and one 0/1 column per class.
+- ``folder``     ``read_folder``: ``root/<class>/*.jpg`` (single-label), optionally under
+                 ``root/train|val|valid|validation|test/``.
+- ``coco``       ``read_coco``: a COCO instances JSON (``images``, ``annotations``, ``categories``).
+- ``voc``        ``read_voc``: Pascal VOC XML files (a folder of ``*.xml`` or a VOC root with
+                 ``Annotations/`` and ``JPEGImages/``).
+- ``yolo``       ``read_yolo``: ``images/`` + ``labels/*.txt`` (optionally with split sub-folders,
+                 or ``train/images`` + ``train/labels``) and class names from ``data.yaml``,
+                 ``classes.txt``, ``names``/``names.txt``/``*.names``.
+
+Auto-detection (``detect_format``), first rule that matches wins:
+
+- a file: ``.csv`` → ``csv`` if it has a labels/label/tags column, else ``csv_onehot``;
+  ``.json`` → ``coco``; ``.yaml``/``.yml`` → ``yolo`` (the data.yaml of a YOLO dataset).
+- a folder: has ``Annotations/`` or ``*.xml`` → ``voc``; has a YOLO class-names file and a
+  ``labels/`` folder (or ``<split>/labels/``) → ``yolo``; has ``labels.csv`` or exactly one
+  ``*.csv`` → that CSV, as above; has exactly one ``*.json`` → ``coco``; has sub-folders (or
+  split/class sub-sub-folders) holding images → ``folder``.
+  The CSV and JSON rules come before ``folder`` because such datasets keep their images in an
+  ``images/`` sub-folder, which would otherwise look like a one-class folder dataset.
+
+Label delimiter inside a CSV labels field, decided once per file: if any labels (or
+difficult/ignore) field contains ``|``, ``;`` or ``,``, that character is the delimiter (so class
+names may contain spaces, e.g. ``dining table|person``); two different ones in the same file is an
+error; otherwise labels are separated by whitespace. Names are stripped of surrounding spaces.
+
+Image paths are resolved against, in order: ``image_root`` (when given), the annotation file's
+folder, and an ``images/`` folder beside it (plus format-specific places, see each reader); the
+first existing file wins and the table holds absolute paths. A missing image raises a
+``UserError`` unless ``on_missing="skip"``, which drops the row and records
+``(path, "file not found")`` in ``table.extra["skipped"]``. Decoding images is not done here.
+
+Every user mistake raises ``UserError`` with one sentence naming the file (and row) and the fix.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import xml.etree.ElementTree as ET
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable, Iterable, NamedTuple, Sequence
+
+import numpy as np
+import yaml
+
+from multitag.data.table import SPLITS, LabelTable
+from multitag.errors import UserError, closest, did_you_mean
+
+FORMATS = ("csv", "csv_onehot", "folder", "coco", "voc", "yolo")
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
+IMAGE_COLUMNS = ("image", "filename", "file", "path", "img")
+LABEL_COLUMNS = ("labels", "label", "tags")
+SPLIT_COLUMNS = ("split",)
+IGNORE_COLUMNS = ("difficult", "ignore")
+LABEL_DELIMITERS = ("|", ";", ",")  # whitespace is the fallback when none of these appears
+SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+ON_MISSING = ("error", "skip")
+YOLO_NAME_FILES = ("data.yaml", "data.yml", "classes.txt", "names", "names.txt")
+FORCE_HINT = "--set data.format=NAME"
+
+
+class _Row(NamedTuple):
+    """One image as a reader saw it, before paths are resolved and labels encoded."""
+
+    image: str  # as written in the source: relative to some base folder, or absolute
+    positives: Sequence[str]
+    ignored: Sequence[str]  # e.g. VOC "difficult"; a positive of the same class wins
+    split: str | None
+    where: str  # "…/labels.csv row 7": names the file (and row) in error messages
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+# ---------------------------------------------------------------------------------------------
+
+def read_table(
+    path: str | Path,
+    format: str = "auto",
+    *,
+    image_root: str | None = None,
+    classes: list[str] | None = None,
+    on_missing: str = "error",
+) -> LabelTable:
+    """Read any supported dataset at ``path`` into a LabelTable.
+
+    format:     "auto" (detect, see the module docstring) or one of FORMATS.
+    image_root: extra folder tried first when resolving relative image paths.
+    classes:    the class list (and column order) to use; a label outside it is an error.
+                Default: the format's own list (COCO categories, YOLO names) or sorted names.
+    on_missing: "error" (default) raises on a missing image file; "skip" drops the row and
+                records it in ``table.extra["skipped"]``.
+    """
+    path = _existing(path)
+    if on_missing not in ON_MISSING:
+        raise UserError(f'on_missing must be "error" or "skip", not "{on_missing}"{did_you_mean(on_missing, ON_MISSING)}')
+    fmt = detect_format(path) if format == "auto" else _check_format(format.strip().lower())
+    return READERS[fmt](path, image_root=image_root, classes=classes, on_missing=on_missing)
+
+
+def detect_format(path: str | Path) -> str:
+    """The format name of the dataset at ``path`` by the rules in the module docstring."""
+    path = _existing(path)
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix == ".csv":
+            return _csv_kind(path)
+        if suffix == ".json":
+            return "coco"
+        if suffix in (".yaml", ".yml"):
+            return "yolo"
+        raise _unknown_format(path)
+    if (path / "Annotations").is_dir() or _files_with_suffix(path, ".xml"):
+        return "voc"
+    if _yolo_names_file(path) is not None and _has_yolo_labels(path):
+        return "yolo"
+    csv_file = _find_data_file(path, ".csv", preferred="labels.csv")
+    if csv_file is not None:
+        return _csv_kind(csv_file)
+    if _find_data_file(path, ".json") is not None:
+        return "coco"
+    if _looks_like_folder_dataset(path):
+        return "folder"
+    raise _unknown_format(path)
+
+
+def _check_format(format: str) -> str:
+    """``format`` if it names a reader, else a UserError with the closest name."""
+    if format not in FORMATS:
+        raise UserError(
+            f'unknown data format "{format}"{did_you_mean(format, ("auto",) + FORMATS)}; '
+            f"use auto or one of {', '.join(FORMATS)}"
+        )
+    return format
+
+
+def _unknown_format(path: Path) -> UserError:
+    return UserError(
+        f"cannot tell the data format of {path}: expected a .csv or COCO .json file, or a folder "
+        "with Pascal VOC .xml files, YOLO images/ + labels/ + data.yaml, a labels.csv, or one "
+        f"sub-folder of images per class; force one with {FORCE_HINT} ({', '.join(FORMATS)})"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# CSV: delimited labels and one-hot
+# ---------------------------------------------------------------------------------------------
+
+class _CsvColumns(NamedTuple):
+    """Indices of the special columns of a CSV header (None where absent)."""
+
+    image: int
+    label: int | None
+    split: int | None
+    ignore: int | None
+
+
+def read_csv(path: str | Path, *, image_root: str | None = None, classes: list[str] | None = None,
+             on_missing: str = "error") -> LabelTable:
+    """A CSV with an image column and a delimited labels column (see the module docstring).
+
+    Optional columns: ``split`` (train/val/test) and ``difficult``/``ignore`` (classes that are
+    neither positive nor negative for that image). An empty labels field means no positives.
+    The table is single-label (multi_label=False) only when the column is named ``label`` and
+    every row has exactly one class and nothing ignored.
+    """
+    path = _data_file(path, ".csv", preferred="labels.csv")
+    header, rows = _read_csv_rows(path)
+    cols = _csv_columns(header, path, need_labels=True)
+    fields = [f[cols.label] for _, f in rows]
+    if cols.ignore is not None:
+        fields += [f[cols.ignore] for _, f in rows]
+    delimiter = detect_label_delimiter(fields, path)
+    table_rows = [
+        _Row(
+            image=f[cols.image],
+            positives=split_labels(f[cols.label], delimiter),
+            ignored=split_labels(f[cols.ignore], delimiter) if cols.ignore is not None else (),
+            split=_csv_split(f, cols, f"{path} row {n}"),
+            where=f"{path} row {n}",
+        )
+        for n, f in rows
+    ]
+    single = header[cols.label].lower() == "label" and all(
+        len(set(r.positives)) == 1 and not r.ignored for r in table_rows
+    )
+    return _build_table(
+        table_rows, fmt="csv", path=path, bases=_bases(image_root, path.parent, path.parent / "images"), classes=classes,
+        on_missing=on_missing, multi_label=not single,
+        extra={"label_delimiter": delimiter or " "},
+    )
+
+
+def read_csv_onehot(path: str | Path, *, image_root: str | None = None, classes: list[str] | None = None,
+                    on_missing: str = "error") -> LabelTable:
+    """A CSV with an image column and one 0/1 column per class (header = class name).
+
+    Every column other than image/split/difficult/ignore is a class column; a value other than
+    0 or 1 in one is an error naming the column and row. Class order is the column order.
+    """
+    path = _data_file(path, ".csv", preferred="labels.csv")
+    header, rows = _read_csv_rows(path)
+    cols = _csv_columns(header, path, need_labels=False)
+    special = {cols.image, cols.split, cols.ignore}
+    class_cols = [j for j in range(len(header)) if j not in special]
+    if not class_cols:
+        raise UserError(f"{path} has no class columns (columns: {', '.join(header)}); add one 0/1 column per class")
+    ignore_fields = [f[cols.ignore] for _, f in rows] if cols.ignore is not None else []
+    delimiter = detect_label_delimiter(ignore_fields, path)
+    table_rows = [
+        _Row(
+            image=f[cols.image],
+            positives=[header[j] for j in class_cols if _onehot_value(f[j], header[j], f"{path} row {n}")],
+            ignored=split_labels(f[cols.ignore], delimiter) if cols.ignore is not None else (),
+            split=_csv_split(f, cols, f"{path} row {n}"),
+            where=f"{path} row {n}",
+        )
+        for n, f in rows
+    ]
+    return _build_table(
+        table_rows, fmt="csv_onehot", path=path, bases=_bases(image_root, path.parent, path.parent / "images"),
+        classes=classes,
+        on_missing=on_missing, class_order=[header[j] for j in class_cols],
+    )
+
+
+def detect_label_delimiter(fields: Iterable[str], path: str | Path) -> str | None:
+    """The one delimiter of a file's label fields: ``|``, ``;`` or ``,`` if present, else None (whitespace).
+
+    Deciding once per file (not per row) keeps a one-label row from being read differently
+    from its neighbours; two different delimiters in one file are refused, not guessed.
+    """
+    fields = [f for f in fields if f]
+    seen = [d for d in LABEL_DELIMITERS if any(d in f for f in fields)]
+    if len(seen) > 1:
+        raise UserError(
+            f"{path} mixes label delimiters ({' and '.join(repr(d) for d in seen)}); "
+            "separate the labels in every row with the same one of space, comma, | or ;"
+        )
+    return seen[0] if seen else None
+
+
+def split_labels(field: str, delimiter: str | None) -> list[str]:
+    """Class names in one labels field; ``delimiter`` None splits on whitespace."""
+    parts = field.split(delimiter) if delimiter else field.split()
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _csv_kind(path: Path) -> str:
+    """``csv`` when the header has a labels column, else ``csv_onehot``."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            header = next(csv.reader(f), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return "csv"  # let the reader raise the precise error
+    lower = {h.strip().lower() for h in header}
+    return "csv" if not header or lower & set(LABEL_COLUMNS) else "csv_onehot"
+
+
+def _read_csv_rows(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """The stripped header and (file line number, stripped fields) of each non-blank row."""
+    text = _read_text(path, hint='it needs a header row such as "image,labels" and one row per image')
+    reader = csv.reader(io.StringIO(text))
+    try:
+        header = [h.strip() for h in next(reader)]
+        rows = []
+        for fields in reader:
+            if not any(f.strip() for f in fields):
+                continue  # blank lines (often a trailing one) carry nothing
+            if len(fields) != len(header):
+                raise UserError(
+                    f"{path} row {reader.line_num} has {len(fields)} fields but the header has "
+                    f"{len(header)}; quote fields that contain commas"
+                )
+            rows.append((reader.line_num, [f.strip() for f in fields]))
+    except csv.Error as e:
+        raise UserError(f"{path} row {reader.line_num} is not valid CSV ({e}); fix the quoting") from None
+    if not rows:
+        raise UserError(f"{path} has a header but no rows; add one row per image")
+    return header, rows
+
+
+def _csv_columns(header: list[str], path: Path, *, need_labels: bool) -> _CsvColumns:
+    """Find the special columns by their accepted names (case-insensitive)."""
+    hint = f", or use {FORCE_HINT.replace('NAME', 'csv_onehot')} for one 0/1 column per class"
+    return _CsvColumns(
+        image=_find_column(header, IMAGE_COLUMNS, path),
+        label=_find_column(header, LABEL_COLUMNS, path, hint=hint) if need_labels else None,
+        split=_find_column(header, SPLIT_COLUMNS, path, required=False),
+        ignore=_find_column(header, IGNORE_COLUMNS, path, required=False),
+    )
+
+
+def _find_column(header: list[str], names: Sequence[str], path: Path, *, required: bool = True,
+                 hint: str = "") -> int | None:
+    """Index of the first header cell equal (case-insensitively) to one of ``names``."""
+    lower = [h.lower() for h in header]
+    for name in names:
+        if name in lower:
+            return lower.index(name)
+    if not required:
+        return None
+    near = next(((c, n) for n in names if (c := closest(n, header)) is not None), None)
+    fix = f'rename column "{near[0]}" to "{near[1]}"' if near else f'add a column named "{names[0]}"'
+    raise UserError(
+        f"{path} has no {names[0]} column (columns: {', '.join(header)}; accepted names: "
+        f"{', '.join(names)}); {fix}{hint}"
+    )
+
+
+def _csv_split(fields: list[str], cols: _CsvColumns, where: str) -> str | None:
+    return None if cols.split is None else normalize_split(fields[cols.split], where)
+
+
+def _onehot_value(value: str, column: str, where: str) -> bool:
+    """True for 1, False for 0; anything else names the column, row and value."""
+    if value in ("1", "1.0"):
+        return True
+    if value in ("0", "0.0"):
+        return False
+    unnamed = " (an unnamed index column? save the CSV without the index)" if not column else ""
+    raise UserError(
+        f'{where}: column "{column}" has value "{value}" but a one-hot CSV needs 0 or 1 in every '
+        f"class column{unnamed}; fix the value, or name the labels column \"labels\" for a "
+        "delimited-labels CSV"
+    )
+
+
+def normalize_split(value: str, where: str) -> str:
+    """``train``/``val``/``test`` for a split value (``valid``/``validation`` mean val), else a UserError."""
+    split = SPLIT_ALIASES.get(value.strip().lower())
+    if split is None:
+        near = closest(value.strip().lower(), SPLIT_ALIASES)
+        suggestion = f' (did you mean "{near}"?)' if near else ""
+        raise UserError(
+            f'{where}: split "{value}" is not train, val or test{suggestion}; fix the value '
+            "(valid and validation also mean val)"
+        )
+    return split
+
+
+# ---------------------------------------------------------------------------------------------
+# Folder per class
+# ---------------------------------------------------------------------------------------------
+
+def read_folder(path: str | Path, *, image_root: str | None = None, classes: list[str] | None = None,
+                on_missing: str = "error") -> LabelTable:
+    """``root/<class>/**/*.jpg`` (single-label), or the same under ``root/<split>/``.
+
+    Split folders (train, val/valid/validation, test) are recognised when they hold class
+    folders rather than images, so a class that happens to be named "train" still works.
+    Every split must have the same class folders. Hidden files and folders are skipped.
+    """
+    root = _data_dir(path, "folder")
+    rows: list[_Row] = []
+    class_sets: dict[str | None, set[str]] = {}
+    for split, top in _folder_layout(root):
+        class_dirs = _subdirs(top)
+        if not class_dirs:
+            raise UserError(f"{top} has no class sub-folders; put each class's images in {top}/<class>/")
+        class_sets[split] = {d.name for d in class_dirs}
+        for class_dir in class_dirs:
+            images = _list_images(class_dir)
+            if not images:
+                raise UserError(
+                    f"{class_dir} contains no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
+                    "add images or remove the folder"
+                )
+            rows += [_Row(img, (class_dir.name,), (), split, img) for img in images]
+    _check_same_classes(class_sets, root)
+    return _build_table(rows, fmt="folder", path=root, bases=[], classes=classes,
+                        on_missing=on_missing, multi_label=False)
+
+
+def _folder_layout(root: Path) -> list[tuple[str | None, Path]]:
+    """(split, folder holding class folders) pairs: the split folders if any, else the root."""
+    splits = _split_subdirs(root)
+    if not splits or any(_has_direct_image(d) for d in splits.values()):
+        return [(None, root)]
+    others = [d.name for d in _subdirs(root) if d.name.lower() not in SPLIT_ALIASES]
+    if others:
+        raise UserError(
+            f"{root} has split folders ({', '.join(d.name for d in splits.values())}) and other "
+            f"folders ({', '.join(others)}); move every class folder under a split folder"
+        )
+    return list(splits.items())
+
+
+def _check_same_classes(class_sets: dict[str | None, set[str]], root: Path) -> None:
+    """Raise when the split folders do not all hold the same class folders."""
+    union = set().union(*class_sets.values())
+    for split, names in class_sets.items():
+        if names != union:
+            raise UserError(
+                f"{root}/{split} lacks class folders {', '.join(sorted(union - names))} that other "
+                "splits have; use the same class folders in every split"
+            )
+
+
+def _looks_like_folder_dataset(root: Path) -> bool:
+    """True when a sub-folder, or a sub-sub-folder (split/class), holds images."""
+    for sub in _subdirs(root):
+        if _has_direct_image(sub) or any(_has_direct_image(d) for d in _subdirs(sub)):
+            return True
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# COCO instances JSON
+# ---------------------------------------------------------------------------------------------
+
+def read_coco(path: str | Path, *, image_root: str | None = None, classes: list[str] | None = None,
+              on_missing: str = "error") -> LabelTable:
+    """A COCO instances JSON: a class is present when any annotation of it (crowd too) is on the image.
+
+    Classes are the categories ordered by id; images without annotations have no positives.
+    Images are looked for under image_root, the JSON's folder, ``images/`` beside it, and, for
+    ``instances_<name>.json``, a ``<name>/`` folder beside the JSON or its parent (COCO layout).
+    """
+    path = _data_file(path, ".json")
+    data = _load_json(path)
+    images, annotations, categories = (_get(data, key, f"{path}", list) for key in ("images", "annotations", "categories"))
+    cats = sorted(categories, key=lambda c: _get(c, "id", f"{path} categories", int))
+    category_name = {c["id"]: _get(c, "name", f"{path} category id {c['id']}", str) for c in cats}
+    if len(set(category_name.values())) != len(category_name):
+        raise UserError(f"{path} has two categories with the same name; give every category its own name")
+    present: dict[int, set[str]] = defaultdict(set)
+    for k, ann in enumerate(annotations):
+        where = f"{path} annotations[{k}]"
+        cat = _get(ann, "category_id", where, int)
+        if cat not in category_name:
+            raise UserError(f"{where} has category_id {cat}, which is not in categories; fix the annotation or add the category")
+        present[_get(ann, "image_id", where, (int, str))].add(category_name[cat])
+    rows = []
+    for k, img in enumerate(images):
+        image_id = _get(img, "id", f"{path} images[{k}]", (int, str))
+        where = f"{path} image id {image_id}"
+        rows.append(_Row(_get(img, "file_name", where, str), sorted(present.pop(image_id, ())), (), None, where))
+    if present:
+        raise UserError(f"{path} has annotations for image id {next(iter(present))}, which is not in images; fix the image_id or add the image")
+    stem = path.stem[len("instances_"):] if path.stem.startswith("instances_") else None
+    coco_dirs = [path.parent / stem, path.parent.parent / stem] if stem else []
+    return _build_table(
+        rows, fmt="coco", path=path, bases=_bases(image_root, path.parent, path.parent / "images", *coco_dirs),
+        classes=classes,
+        on_missing=on_missing, class_order=list(category_name.values()),
+    )
+
+
+def _load_json(path: Path):
+    text = _read_text(path, hint="export the COCO annotations again")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); fix or re-export the file") from None
+
+
+def _get(obj, key: str, where: str, kind):
+    """``obj[key]`` checked to be of ``kind``; a missing key or wrong type names the place."""
+    if not isinstance(obj, dict) or key not in obj:
+        raise UserError(f'{where} has no "{key}" field; is this a COCO instances file? (else force the format with {FORCE_HINT})')
+    value = obj[key]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise UserError(f'{where}: "{key}" is {type(value).__name__} {value!r}, expected {getattr(kind, "__name__", "a number or string")}; fix the file')
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Pascal VOC XML
+# ---------------------------------------------------------------------------------------------
+
+def read_voc(path: str | Path, *, image_root: str | None = None, classes: list[str] | None = None,
+             on_missing: str = "error") -> LabelTable:
+    """Pascal VOC XML files: a folder of ``*.xml``, or a VOC root with ``Annotations/``.
+
+    An object with ``<difficult>1</difficult>`` makes its class an ignore pair unless the image
+    also has a non-difficult object of that class (then it is positive). The image named by
+    ``<filename>`` is looked for under image_root, ``JPEGImages/`` of the VOC root, and the
+    XML folder. Classes are the sorted object names.
+    """
+    root = _data_dir(path, "voc")
+    ann_dir = root / "Annotations" if (root / "Annotations").is_dir() else root
+    xml_files = _files_with_suffix(ann_dir, ".xml")
+    if not xml_files:
+        raise UserError(f"{ann_dir} contains no .xml files; point the data path at the VOC Annotations folder or its parent")
+    rows = [_voc_row(x) for x in xml_files]
+    return _build_table(
+        rows, fmt="voc", path=ann_dir,
+        bases=_bases(image_root, root / "JPEGImages", ann_dir, ann_dir.parent / "JPEGImages"),
+        classes=classes, on_missing=on_missing,
+    )
+
+
+def _voc_row(xml_path: Path) -> _Row:
+    """One annotation file → its image, non-difficult classes and difficult-only classes."""
+    try:
+        tree = ET.parse(xml_path)
+    except ET.ParseError as e:
+        raise UserError(f"{xml_path} is not valid XML ({e}); fix or remove the file") from None
+    root = tree.getroot()
+    filename = (root.findtext("filename") or "").strip()
+    if not filename:
+        raise UserError(f"{xml_path} has no <filename>; add the image's file name to it")
+    positives, difficult = set(), set()
+    for obj in root.findall("object"):
+        name = (obj.findtext("name") or "").strip()
+        if not name:
+            raise UserError(f"{xml_path} has an <object> without a <name>; add the class name or remove the object")
+        is_difficult = (obj.findtext("difficult") or "0").strip().lower() in ("1", "true")
+        (difficult if is_difficult else positives).add(name)
+    return _Row(filename, sorted(positives), sorted(difficult - positives), None, str(xml_path))
+
+
+# ---------------------------------------------------------------------------------------------
+# YOLO txt labels
+# ---------------------------------------------------------------------------------------------
+
+def read_yolo(path: str | Path, *, image_root: str | None = None, classes: list[str] | None = None,
+              on_missing: str = "error") -> LabelTable:
+    """A YOLO dataset: images/ + labels/ (each ``class_id cx cy w h`` per line) + class names.
+
+    Layouts: ``images/``+``labels/``; ``images/<split>/``+``labels/<split>/``; or
+    ``<split>/images/``+``<split>/labels/``. The label file of ``images/a/b.jpg`` is
+    ``labels/a/b.txt``; no label file or an empty one means no positives. Class names come from
+    ``data.yaml`` (``names:`` list or {id: name}), ``classes.txt``, or a ``names``/``*.names``
+    file. ``path`` may also be the data.yaml file itself.
+    """
+    path = _existing(path)
+    names_file = path if path.is_file() else _yolo_names_file(path)
+    root = path.parent if path.is_file() else path
+    if names_file is None:
+        raise UserError(f"{root} has no class names file; add data.yaml with a names: list, or classes.txt with one name per line")
+    names = _yolo_names(names_file)
+    rows = []
+    for split, image_dir, label_dir in _yolo_pairs(root):
+        for image in _list_images(image_dir):
+            label_file = label_dir / Path(os.path.relpath(image, image_dir)).with_suffix(".txt")
+            positives = _yolo_classes(label_file, names, names_file)
+            rows.append(_Row(image, positives, (), split, str(label_file) if label_file.exists() else image))
+    if not rows:
+        raise UserError(f"{root} has no images under its images/ folders; add images next to the labels")
+    return _build_table(rows, fmt="yolo", path=root, bases=[], classes=classes,
+                        on_missing=on_missing, class_order=names)
+
+
+def _yolo_names_file(root: Path) -> Path | None:
+    """The first class-names file of a YOLO root, by YOLO_NAME_FILES then ``*.names``."""
+    for name in YOLO_NAME_FILES:
+        if (root / name).is_file():
+            return root / name
+    dotnames = _files_with_suffix(root, ".names")
+    return dotnames[0] if dotnames else None
+
+
+def _yolo_names(names_file: Path) -> list[str]:
+    """Class names by id from data.yaml (list or {id: name}) or a one-name-per-line file."""
+    text = _read_text(names_file, hint="list the class names in it")
+    if names_file.suffix.lower() not in (".yaml", ".yml"):
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+    else:
+        names = _names_from_yaml(text, names_file)
+    if not names:
+        raise UserError(f"{names_file} lists no class names; add one name per class")
+    return names
+
+
+def _names_from_yaml(text: str, names_file: Path) -> list[str]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise UserError(f"{names_file} is not valid YAML ({str(e).splitlines()[0]}); fix the file") from None
+    names = data.get("names") if isinstance(data, dict) else None
+    if isinstance(names, dict):
+        if sorted(names) != list(range(len(names))):
+            raise UserError(f"{names_file}: names ids must be 0..{len(names) - 1} without gaps, got {sorted(names)}; renumber them")
+        names = [names[i] for i in range(len(names))]
+    if not isinstance(names, list):
+        raise UserError(f"{names_file} has no names: list or mapping; add names: [class0, class1, ...]")
+    if isinstance(data.get("nc"), int) and data["nc"] != len(names):
+        raise UserError(f"{names_file} says nc: {data['nc']} but lists {len(names)} names; make them agree")
+    return [str(n) for n in names]
+
+
+def _yolo_pairs(root: Path) -> list[tuple[str | None, Path, Path]]:
+    """(split, images folder, labels folder) for each layout the module docstring lists."""
+    if (root / "images").is_dir():
+        image_top, label_top = root / "images", root / "labels"
+        if not label_top.is_dir():
+            raise UserError(f"{root} has images/ but no labels/ folder; put the YOLO .txt label files in {label_top}")
+        splits = _split_subdirs(image_top)
+        pairs = [(s, d, label_top / d.name) for s, d in splits.items()] if splits else [(None, image_top, label_top)]
+    else:
+        pairs = [(s, d / "images", d / "labels") for s, d in _split_subdirs(root).items() if (d / "images").is_dir()]
+    if not pairs:
+        raise UserError(f"{root} has no images/ folder; a YOLO dataset needs images/ and labels/ (or train/images and train/labels)")
+    for _, _, label_dir in pairs:
+        if not label_dir.is_dir():
+            raise UserError(f"{label_dir} is missing; put the label .txt files of that split there")
+    return pairs
+
+
+def _has_yolo_labels(root: Path) -> bool:
+    return (root / "labels").is_dir() or any((d / "labels").is_dir() for d in _split_subdirs(root).values())
+
+
+def _yolo_classes(label_file: Path, names: list[str], names_file: Path) -> list[str]:
+    """Class names of the boxes in one label file; none when the file is absent or empty."""
+    if not label_file.is_file():
+        return []
+    found = []
+    for n, line in enumerate(_read_text(label_file).splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        try:
+            class_id = int(parts[0])
+        except ValueError:
+            raise UserError(f'{label_file} line {n} starts with "{parts[0]}", not a class id; write "class_id cx cy w h"') from None
+        if not 0 <= class_id < len(names):
+            raise UserError(f"{label_file} line {n}: class id {class_id} is outside the {len(names)} names in {names_file}; fix the label or add the name")
+        found.append(names[class_id])
+    return sorted(set(found))
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared: rows → LabelTable
+# ---------------------------------------------------------------------------------------------
+
+def _build_table(rows: list[_Row], *, fmt: str, path: Path, bases: list[Path], classes: list[str] | None,
+                 on_missing: str, class_order: list[str] | None = None, multi_label: bool = True,
+                 extra: dict | None = None) -> LabelTable:
+    """Resolve images, check uniqueness, encode labels: the part every format shares."""
+    if not rows:
+        raise UserError(f"{path} contains no images; add images or annotations")
+    paths, rows, skipped = _resolve_images(rows, bases, on_missing)
+    if not rows:
+        raise UserError(f"{path}: none of its {len(skipped)} images exist; fix the image paths or set data.image_root")
+    _check_unique(paths, rows)
+    names = _class_names(rows, classes, class_order, path)
+    targets, ignore = _encode(rows, names)
+    return LabelTable(
+        paths=paths, targets=targets, ignore=ignore, class_names=names, split=_row_splits(rows),
+        multi_label=multi_label, source=f"{fmt} {path}",
+        extra={"format": fmt, "skipped": skipped, **(extra or {})},
+    )
+
+
+def _bases(image_root: str | None, *folders: Path) -> list[Path]:
+    """Folders to resolve relative image paths against, in order: image_root, then ``folders``."""
+    bases = [Path(image_root).expanduser()] if image_root else []
+    return list(dict.fromkeys(bases + list(folders)))
+
+
+def _resolve_images(rows: list[_Row], bases: list[Path], on_missing: str
+                    ) -> tuple[list[str], list[_Row], list[tuple[str, str]]]:
+    """Absolute paths of the rows' images; missing ones raise, or are dropped when skipping."""
+    paths, kept, missing = [], [], []
+    for row in rows:
+        if not row.image:
+            raise UserError(f"{row.where} has an empty image path; fill it in or delete the row")
+        found, tried = _resolve(row.image, bases)
+        if found is None:
+            missing.append((row, tried))
+        else:
+            paths.append(found)
+            kept.append(row)
+    if missing and on_missing == "error":
+        row, tried = missing[0]
+        more = f", and {len(missing) - 1} more images are missing" if len(missing) > 1 else ""
+        raise UserError(
+            f"{row.where}: image file {row.image} not found (tried {', '.join(tried)}){more}; fix the "
+            'paths, set data.image_root to the image folder, or pass on_missing="skip" to drop them'
+        )
+    return paths, kept, [(tried[0], "file not found") for _, tried in missing]
+
+
+def _resolve(image: str, bases: list[Path]) -> tuple[str | None, list[str]]:
+    """The first existing file among ``image`` joined to each base (or as is, when absolute)."""
+    image = os.path.expanduser(image)
+    tried = [image] if os.path.isabs(image) or not bases else [os.path.join(b, image) for b in bases]
+    for candidate in tried:
+        if os.path.isfile(candidate):
+            return os.path.abspath(candidate), tried
+    return None, [os.path.abspath(t) for t in tried]
+
+
+def _check_unique(paths: list[str], rows: list[_Row]) -> None:
+    """Raise on two rows for one image: merging their labels is the user's call, not ours."""
+    first: dict[str, int] = {}
+    for i, p in enumerate(paths):
+        j = first.setdefault(p, i)
+        if j != i:
+            raise UserError(f"{rows[j].where} and {rows[i].where} both list image {p}; merge them into one row")
+
+
+def _class_names(rows: list[_Row], classes: list[str] | None, class_order: list[str] | None, path: Path) -> list[str]:
+    """The given classes (every label must be one), else the format's order, else sorted names."""
+    if classes is not None:
+        classes = [str(c) for c in classes]
+        if len(set(classes)) != len(classes):
+            raise UserError(f"the class list given for {path} repeats a name; list each class once")
+        known = set(classes)
+        for row in rows:
+            for name in (*row.positives, *row.ignored):
+                if name not in known:
+                    raise UserError(f'{row.where}: unknown label "{name}"{did_you_mean(name, classes)}; fix the label or add it to the class list')
+        return classes
+    if class_order is not None:
+        return list(class_order)
+    names = sorted({n for row in rows for n in (*row.positives, *row.ignored)})
+    if not names:
+        raise UserError(f"{path} has no labels at all; add labels to its rows")
+    return names
+
+
+def _encode(rows: list[_Row], names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(N, C) float32 targets and (N, C) bool ignore mask; a positive overrides an ignore."""
+    index = {n: j for j, n in enumerate(names)}
+    targets = np.zeros((len(rows), len(names)), dtype=np.float32)
+    ignore = np.zeros((len(rows), len(names)), dtype=bool)
+    for i, row in enumerate(rows):
+        targets[i, [index[n] for n in row.positives]] = 1.0
+        ignore[i, [index[n] for n in row.ignored]] = True
+    ignore &= targets == 0  # VOC rule: a non-difficult object of the class makes it positive
+    return targets, ignore
+
+
+def _row_splits(rows: list[_Row]) -> list[str] | None:
+    splits = [r.split for r in rows]
+    return None if splits[0] is None else splits  # readers give a split to all rows or none
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared: file system
+# ---------------------------------------------------------------------------------------------
+
+def _existing(path: str | Path) -> Path:
+    """Absolute ``path``, or a UserError when it does not exist."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"{p} does not exist; check the data path (--data or data.path)")
+    return Path(os.path.abspath(p))
+
+
+def _data_file(path: str | Path, suffix: str, preferred: str | None = None) -> Path:
+    """``path`` itself when a file, else the one ``*suffix`` file inside the folder."""
+    path = _existing(path)
+    if path.is_file():
+        return path
+    found = _find_data_file(path, suffix, preferred)
+    if found is None:
+        raise UserError(f"{path} contains no {suffix} file; point the data path at the {suffix} file")
+    return found
+
+
+def _data_dir(path: str | Path, fmt: str) -> Path:
+    path = _existing(path)
+    if not path.is_dir():
+        raise UserError(f"{path} is a file but the {fmt} format reads a folder; point the data path at the folder")
+    return path
+
+
+def _find_data_file(folder: Path, suffix: str, preferred: str | None = None) -> Path | None:
+    """``preferred`` if present, else the only ``*suffix`` file; several is an error, none is None."""
+    if preferred and (folder / preferred).is_file():
+        return folder / preferred
+    files = _files_with_suffix(folder, suffix)
+    if len(files) > 1:
+        raise UserError(
+            f"{folder} contains several {suffix} files ({', '.join(f.name for f in files[:5])}); "
+            "point the data path at the one that holds the labels"
+        )
+    return files[0] if files else None
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".") or name == "__MACOSX"  # macOS zip debris is never data
+
+
+def _files_with_suffix(folder: Path, suffix: str) -> list[Path]:
+    """Sorted non-hidden files directly in ``folder`` whose name ends in ``suffix`` (any case)."""
+    with os.scandir(folder) as it:
+        return sorted(Path(e.path) for e in it
+                      if not _is_hidden(e.name) and e.name.lower().endswith(suffix) and e.is_file())
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    """Sorted non-hidden sub-folders."""
+    with os.scandir(folder) as it:
+        return sorted(Path(e.path) for e in it if not _is_hidden(e.name) and e.is_dir())
+
+
+def _split_subdirs(folder: Path) -> dict[str, Path]:
+    """{split: sub-folder} for sub-folders named train/val/valid/validation/test, in SPLITS order."""
+    found: dict[str, Path] = {}
+    for sub in _subdirs(folder):
+        split = SPLIT_ALIASES.get(sub.name.lower())
+        if split is None:
+            continue
+        if split in found:
+            raise UserError(f"{folder} has both {found[split].name}/ and {sub.name}/ for the {split} split; merge them into one folder")
+        found[split] = sub
+    return {s: found[s] for s in SPLITS if s in found}
+
+
+def _is_image(name: str) -> bool:
+    return not _is_hidden(name) and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _has_direct_image(folder: Path) -> bool:
+    """True at the first image file directly in ``folder`` (cheap even for huge folders)."""
+    with os.scandir(folder) as it:
+        return any(_is_image(e.name) and e.is_file() for e in it)
+
+
+def _list_images(folder: Path) -> list[str]:
+    """Absolute paths of the image files under ``folder`` (recursive, sorted, hidden skipped)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))  # prune hidden, fix order
+        found += [os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f)]
+    return found
+
+
+def _read_text(path: Path, hint: str = "") -> str:
+    """UTF-8 text of ``path``; unreadable, non-UTF-8 or (with a hint) empty files are UserErrors."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: Excel writes a BOM before the header
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text; save it as UTF-8") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror}); check its permissions") from None
+    if hint and not text.strip():
+        raise UserError(f"{path} is empty; {hint}")
+    return text
+
+
+READERS: dict[str, Callable[..., LabelTable]] = {
+    "csv": read_csv,
+    "csv_onehot": read_csv_onehot,
+    "folder": read_folder,
+    "coco": read_coco,
+    "voc": read_voc,
+    "yolo": read_yolo,
+}

@@ -1,0 +1,80 @@
+"""From a data path to ready-to-batch rows: read the table, fix the split, decode once into the cache.
+
+Used by training, evaluation and calibration alike, so all three see the same images, the same
+split and the same pixels.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from multitag.config import DataConfig
+from multitag.data.cache import build_cache, default_cache_dir
+from multitag.data.formats import read_table
+from multitag.data.split import assign_split, read_split_csv, write_split_csv
+from multitag.data.table import SPLITS, LabelTable
+from multitag.errors import UserError
+
+SPLIT_FILE = "split.csv"
+
+
+@dataclass
+class PreparedData:
+    table: LabelTable
+    split: np.ndarray          # (N,) str: train / val / test ('' for rows without one)
+    cache: object              # data/cache.py ImageCache: get_batch(indices) -> uint8 (B, 3, S, S)
+    skipped: list              # (path, reason) for every image left out, so nothing is dropped silently
+
+    def rows(self, name: str) -> np.ndarray:
+        """Indices of usable rows (decoded fine) in split ``name``; 'all' for every usable row."""
+        usable = np.asarray(self.cache.valid, dtype=bool)
+        if name == "all":
+            return np.flatnonzero(usable)
+        if name not in SPLITS:
+            raise UserError(f'unknown split "{name}"; use one of train, val, test or all.')
+        return np.flatnonzero(usable & (self.split == name))
+
+    @property
+    def data_hash(self) -> str:
+        return table_hash(self.table)
+
+
+def table_hash(table: LabelTable) -> str:
+    """Identity of a labelled dataset: its image list, classes, targets and ignore mask."""
+    h = hashlib.sha256()
+    h.update("\n".join(table.paths).encode())
+    h.update("\n".join(table.class_names).encode())
+    h.update(np.ascontiguousarray(table.targets).tobytes())
+    h.update(np.ascontiguousarray(table.ignore).tobytes())
+    return h.hexdigest()[:16]
+
+
+def load_table(cfg: DataConfig, classes: list[str] | None = None) -> LabelTable:
+    if not cfg.path:
+        raise UserError("no data given; pass --data PATH (a CSV, COCO JSON, VOC/YOLO folder or a folder per class).")
+    return read_table(cfg.path, cfg.format, classes=classes, on_missing=cfg.on_bad_image)
+
+
+def resolve_split(table: LabelTable, run_dir: Path | None, seed: int, *, reuse: bool) -> np.ndarray:
+    """The split column: reused from the run's split.csv when asked (resume, eval), else assigned and written."""
+    split_file = Path(run_dir) / SPLIT_FILE if run_dir else None
+    if reuse and split_file is not None and split_file.exists():
+        known = read_split_csv(split_file)
+        return np.array([known.get(p, "") for p in table.paths], dtype=object)
+    split = np.array(assign_split(table, seed=seed), dtype=object)
+    if split_file is not None:
+        write_split_csv(split_file, table, list(split))
+    return split
+
+
+def prepare(cfg: DataConfig, run_dir: Path | None = None, *, classes: list[str] | None = None,
+            reuse_split: bool = False, log=print) -> PreparedData:
+    table = load_table(cfg, classes)
+    split = resolve_split(table, run_dir, cfg.split_seed, reuse=reuse_split)
+    cache = build_cache(table.paths, cfg.image_size, cfg.cache_dir or default_cache_dir(),
+                        on_bad_image=cfg.on_bad_image)
+    skipped = list(table.extra.get("skipped", [])) + [(path, reason) for _, path, reason in cache.bad]
+    return PreparedData(table, split, cache, skipped)

@@ -1,0 +1,110 @@
+"""Batch transforms on uint8 image batches: normalisation (shared by training and inference)
+and training augmentation done for a whole batch at once.
+
+Images arrive from the decode-once cache as uint8 (B, 3, S, S). Augmenting the batch as one
+tensor (one affine grid for crop + flip + rotation, vectorised colour jitter and erasing)
+costs a few milliseconds per batch on the CPU, instead of a Python loop of per-image PIL ops.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from multitag.config import AugConfig
+
+
+def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 or [0,1] float (B, 3, H, W) → normalised float32 (B, 3, H, W).
+
+    The one normalisation used by training, evaluation, predict, export and serving; mean/std
+    travel in model.json with the weights so inference can never use different values.
+    """
+    if x.dtype == torch.uint8:
+        x = x.float().div_(255)
+    mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    std = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - mean) / std
+
+
+def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
+    return torch.rand(n, generator=g) * (hi - lo) + lo
+
+
+class BatchAugment:
+    """Training augmentation for a uint8 batch; returns normalised float32 of the same shape.
+
+    Randomness comes only from the ``torch.Generator`` passed in, so an epoch seeded the same
+    way augments the same way (this is what makes --resume reproduce an uninterrupted run).
+    """
+
+    def __init__(self, aug: AugConfig, mean, std):
+        self.aug, self.mean, self.std = aug, mean, std
+
+    def __call__(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        b = x.shape[0]
+        x = x.float().div_(255)                                   # (B, 3, S, S) in [0, 1]
+        x = self._geometry(x, g)
+        if self.aug.color_jitter > 0:
+            x = self._color(x, g)
+        x = normalize(x, self.mean, self.std)
+        if self.aug.erasing > 0:
+            x = self._erase(x, g)
+        assert x.shape[0] == b
+        return x
+
+    def _geometry(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """Random-resized crop, horizontal flip and rotation as one affine resampling per image."""
+        b = x.shape[0]
+        a = self.aug
+        flip = torch.where(torch.rand(b, generator=g) < 0.5, -1.0, 1.0) if a.hflip else torch.ones(b)
+        needs_resample = tuple(a.scale) != (1.0, 1.0) or a.rotate > 0
+        if not needs_resample:
+            return torch.where((flip < 0).view(-1, 1, 1, 1), x.flip(3), x)
+        # Crop of area fraction s and aspect r: width w = sqrt(s·r), height h = sqrt(s/r) in
+        # units of the image side, clipped to the image; its centre is uniform where it fits.
+        area = _uniform(b, a.scale[0], a.scale[1], g)
+        log_r = _uniform(b, math.log(a.ratio[0]), math.log(a.ratio[1]), g)
+        w = torch.sqrt(area * torch.exp(log_r)).clamp(max=1.0)
+        h = torch.sqrt(area / torch.exp(log_r)).clamp(max=1.0)
+        cx = (torch.rand(b, generator=g) * 2 - 1) * (1 - w)
+        cy = (torch.rand(b, generator=g) * 2 - 1) * (1 - h)
+        angle = _uniform(b, -a.rotate, a.rotate, g) * math.pi / 180 if a.rotate > 0 else torch.zeros(b)
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        # theta maps output coords (-1..1) to input coords: R · diag(flip·w, h) · p + (cx, cy).
+        theta = torch.stack([
+            torch.stack([cos * flip * w, -sin * h, cx], 1),
+            torch.stack([sin * flip * w, cos * h, cy], 1),
+        ], 1)                                                     # (B, 2, 3)
+        grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+    def _color(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """Brightness, contrast and saturation jitter with factors in [1-j, 1+j] per image."""
+        b, j = x.shape[0], self.aug.color_jitter
+
+        def factor() -> torch.Tensor:                              # (B, 1, 1, 1)
+            return _uniform(b, max(0.0, 1 - j), 1 + j, g).view(b, 1, 1, 1)
+
+        x = x * factor()
+        gray = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)  # (B, 1, S, S)
+        x = (x - gray.mean((2, 3), keepdim=True)) * factor() + gray.mean((2, 3), keepdim=True)
+        x = (x - gray) * factor() + gray
+        return x.clamp_(0, 1)
+
+    def _erase(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """Random erasing (p per image, 2–33 % of the area, aspect 0.3–3.3) filled with 0 = the mean."""
+        b, _, hgt, wid = x.shape
+        area = _uniform(b, 0.02, 0.33, g)
+        log_r = _uniform(b, math.log(0.3), math.log(3.3), g)
+        eh = (torch.sqrt(area / torch.exp(log_r)) * hgt).clamp(1, hgt)
+        ew = (torch.sqrt(area * torch.exp(log_r)) * wid).clamp(1, wid)
+        y0 = torch.rand(b, generator=g) * (hgt - eh)
+        x0 = torch.rand(b, generator=g) * (wid - ew)
+        on = torch.rand(b, generator=g) < self.aug.erasing
+        rows = torch.arange(hgt).view(1, hgt, 1)
+        cols = torch.arange(wid).view(1, 1, wid)
+        box = ((rows >= y0.view(-1, 1, 1)) & (rows < (y0 + eh).view(-1, 1, 1))
+               & (cols >= x0.view(-1, 1, 1)) & (cols < (x0 + ew).view(-1, 1, 1)) & on.view(-1, 1, 1))
+        return x.masked_fill(box.unsqueeze(1), 0.0)

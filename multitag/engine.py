@@ -1,0 +1,285 @@
+"""Training: fit() reads like the recipe — data, model, loss, optimizer, schedule; epochs of
+train → evaluate on val → keep the best; then restore the best, calibrate on val, test.
+
+Every epoch ends with an atomic checkpoint, and all randomness of an epoch derives from
+(seed, epoch), so ``--resume`` after a kill reproduces the uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from multitag import __version__
+from multitag.calibration import fit_thresholds
+from multitag.checkpoint import (MODEL_META, MODEL_WEIGHTS, TRAIN_META, TRAIN_STATE, load_model_state,
+                                 load_tensors, model_state, optimizer_tensors, read_json, restore_optimizer,
+                                 save_tensors, write_json)
+from multitag.config import Config, config_from_dict
+from multitag.data.loader import BatchLoader
+from multitag.data.prepare import PreparedData, prepare
+from multitag.data.transforms import BatchAugment
+from multitag.errors import UserError, did_you_mean
+from multitag.inference import logits_of, scores_from_logits
+from multitag.losses import build_loss
+from multitag.models import build_model, count_parameters
+from multitag.progress import track
+from multitag.summary import evaluate_scores, monitor_name
+from multitag.runtime import Runtime, choose_runtime
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainState:
+    """What an epoch boundary needs to continue: saved in checkpoint.json beside the tensors."""
+    epoch: int = 0                 # epochs completed
+    best_value: float = -math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0            # epochs since the last improvement (early stopping)
+    stopped: bool = False
+
+
+# --- building blocks --------------------------------------------------------------------------
+
+def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    o = cfg.optim
+    params = [p for p in model.parameters() if p.requires_grad]
+    if o.name == "adam":
+        return torch.optim.Adam(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    if o.name == "adamw":
+        return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=True)
+    raise UserError(f'unknown optimizer "{o.name}"{did_you_mean(o.name, ["adam", "adamw", "sgd"])}.')
+
+
+def build_scheduler(cfg: Config, optimizer, steps_per_epoch: int):
+    """Returns (scheduler or None, steps_per_batch: bool). Per-batch schedules step every batch."""
+    s, total = cfg.sched, cfg.train.epochs * steps_per_epoch
+    if s.name == "none":
+        return None, False
+    if s.name == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.optim.lr, total_steps=max(total, 1),
+                                                   pct_start=s.pct_start), True
+    if s.name == "cosine":
+        warm = max(1, int(s.warmup_epochs * steps_per_epoch))
+        floor = s.min_lr / cfg.optim.lr if cfg.optim.lr > 0 else 0.0
+
+        def factor(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            progress = min(1.0, (step - warm) / max(1, total - warm))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor), True
+    if s.name == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=s.factor,
+                                                          patience=s.patience, min_lr=s.min_lr), False
+    raise UserError(f'unknown scheduler "{s.name}"{did_you_mean(s.name, ["onecycle", "cosine", "plateau", "none"])}.')
+
+
+def make_loaders(cfg: Config, data: PreparedData) -> tuple[BatchLoader, BatchLoader]:
+    t, mean, std = data.table, cfg.data.mean, cfg.data.std
+    common = dict(targets=t.targets, ignore=t.ignore, mean=mean, std=std)
+    train = BatchLoader(data.cache, data.rows("train"), batch_size=cfg.train.batch_size, shuffle=True,
+                        augment=BatchAugment(cfg.aug, mean, std), drop_last=True, **common)
+    val = BatchLoader(data.cache, data.rows("val"), batch_size=cfg.train.eval_batch_size, **common)
+    return train, val
+
+
+def model_meta(cfg: Config, data: PreparedData, rt: Runtime, state: TrainState, n_params: int) -> dict:
+    """model.json: everything needed to rebuild the model and its exact preprocessing, and its provenance."""
+    t = data.table
+    return {
+        "format_version": 1,
+        "multitag_version": __version__,
+        "model": {"name": cfg.model.name, "args": cfg.model.args, "num_parameters": n_params},
+        "class_names": t.class_names,
+        "multi_label": t.multi_label,
+        "input_size": cfg.data.image_size,
+        "resize": "squash",
+        "mean": list(cfg.data.mean),
+        "std": list(cfg.data.std),
+        "thresholds": None,
+        "monitor": monitor_name(t.multi_label),
+        "best_epoch": state.best_epoch,
+        "best_value": state.best_value,
+        "runtime": rt.describe(),
+        "data": {"path": str(Path(cfg.data.path).resolve()), "format": cfg.data.format,
+                 "hash": data.data_hash, "num_images": len(t), "skipped": len(data.skipped)},
+        "recipe": cfg.to_dict(),
+    }
+
+
+# --- one epoch, evaluation ----------------------------------------------------------------------
+
+def train_one_epoch(model, loader: BatchLoader, loss_fn, optimizer, scheduler, per_batch: bool, rt: Runtime,
+                    cfg: Config, epoch: int) -> float:
+    model.train()
+    torch.manual_seed(cfg.train.seed * 100_003 + epoch)     # dropout etc.: a function of (seed, epoch)
+    total, count = 0.0, 0
+    batches = loader.iterate(epoch, cfg.train.seed)
+    for i, batch in enumerate(track(batches, len(loader), f"epoch {epoch + 1}/{cfg.train.epochs}")):
+        x = rt.prepare_input(batch.images)
+        y, ignore = batch.targets.to(rt.device), batch.ignore.to(rt.device)
+        with rt.autocast():
+            logits = model(x)
+        loss = loss_fn(logits, y, ignore)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"the training loss became {loss.item()} at epoch {epoch + 1}, batch {i + 1}; the last good "
+                "checkpoint is kept — lower optim.lr or set train.grad_clip=1.0 and train again.")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        optimizer.step()
+        if scheduler is not None and per_batch:
+            scheduler.step()
+        total += loss.item() * len(batch.index)
+        count += len(batch.index)
+    return total / max(count, 1)
+
+
+def evaluate(model, loader: BatchLoader, loss_fn, rt: Runtime, data: PreparedData) -> dict:
+    """Loss, scores and metrics on a split (thresholds 0.5 for multi-label)."""
+    logits = logits_of(model, (b.images for b in loader.iterate()), rt)
+    rows = torch.from_numpy(loader.rows)
+    loss = loss_fn(logits, loader.targets[rows], loader.ignore[rows]).item()
+    scores = scores_from_logits(logits, data.table.multi_label).numpy()
+    return {"loss": loss, "scores": scores, "rows": loader.rows}
+
+
+# --- the recipe ---------------------------------------------------------------------------------
+
+def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=print) -> Path:
+    run = Path(out_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+
+    # Data: one table, a fixed split (reused on resume), pixels decoded once.
+    data = prepare(cfg.data, run, reuse_split=resume, log=log)
+    t = data.table
+    if len(data.rows("train")) == 0 or len(data.rows("val")) == 0:
+        raise UserError(f"{t.source} has no usable train or val images after the split; add images or a split column.")
+    if data.skipped:
+        log(f"skipped {len(data.skipped)} of {len(t)} images (listed in {run / 'skipped.txt'})")
+        (run / "skipped.txt").write_text("".join(f"{p}\t{r}\n" for p, r in data.skipped))
+    train_loader, val_loader = make_loaders(cfg, data)
+    log(f"data: {t.source}: {len(t)} images, {t.num_classes} classes "
+        f"({'multi' if t.multi_label else 'single'}-label); train {len(train_loader.rows)}, "
+        f"val {len(val_loader.rows)}, test {len(data.rows('test'))}")
+
+    # Model, loss, runtime (measured precision), optimizer, schedule.
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model.name, t.num_classes, **cfg.model.args)
+    if cfg.model.weights:
+        load_model_state(model, load_tensors(Path(cfg.model.weights)), cfg.model.weights)
+    loss_fn = build_loss(cfg.train.loss, t.multi_label, cfg.train.label_smoothing)
+    state = TrainState()
+    saved = read_json(run / TRAIN_META) if resume and (run / TRAIN_META).exists() else None
+    if saved:
+        rt = Runtime(torch.device(saved["runtime"]["device"]), saved["runtime"]["precision"],
+                     saved["runtime"]["channels_last"])
+    else:
+        example = data.cache.get_batch(train_loader.rows[:cfg.train.batch_size])
+        example = BatchAugment(cfg.aug, cfg.data.mean, cfg.data.std)(example, torch.Generator().manual_seed(0))
+        rt = choose_runtime(model, loss_fn, example, torch.from_numpy(t.targets[:len(example)]),
+                            device=cfg.train.device, precision=cfg.train.precision,
+                            channels_last=cfg.train.channels_last, key_extra=cfg.model.name, log=log)
+    model = model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
+    n_params = count_parameters(model)
+    optimizer = build_optimizer(cfg, model)
+    scheduler, per_batch = build_scheduler(cfg, optimizer, len(train_loader))
+    if saved:
+        tensors = load_tensors(run / TRAIN_STATE)
+        load_model_state(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, str(run / TRAIN_STATE))
+        restore_optimizer(optimizer, tensors, saved["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(saved["scheduler"])
+        state = TrainState(**saved["state"])
+        _truncate_metrics(run / METRICS_FILE, state.epoch)
+        log(f"resuming {run} after epoch {state.epoch}")
+    if cfg.train.compile:
+        model = torch.compile(model)
+    log(f"model: {cfg.model.name} ({n_params:,} parameters) on {rt.describe()}")
+
+    monitor = monitor_name(t.multi_label)
+    while state.epoch < cfg.train.epochs and not state.stopped:
+        epoch, start = state.epoch, time.perf_counter()
+        train_loss = train_one_epoch(model, train_loader, loss_fn, optimizer, scheduler, per_batch, rt, cfg, epoch)
+        val = evaluate(model, val_loader, loss_fn, rt, data)
+        metrics = evaluate_scores(val["scores"], t.targets[val["rows"]], t.ignore[val["rows"]], t.multi_label)
+        value = metrics[monitor]
+        if scheduler is not None and not per_batch:
+            scheduler.step(value)
+        improved = value > state.best_value
+        if improved:
+            state.best_value, state.best_epoch, state.bad_epochs = value, epoch + 1, 0
+        else:
+            state.bad_epochs += 1
+        state.epoch = epoch + 1
+        state.stopped = 0 < cfg.train.early_stop_patience <= state.bad_epochs
+        seconds = time.perf_counter() - start
+        row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"], f"val_{monitor}": value,
+               "lr": optimizer.param_groups[0]["lr"], "seconds": seconds,
+               "train_img_per_s": len(train_loader) * train_loader.batch_size / seconds}
+        if improved:
+            save_tensors(run / MODEL_WEIGHTS, model_state(model))
+            write_json(run / MODEL_META, model_meta(cfg, data, rt, state, n_params))
+        _save_checkpoint(run, model, optimizer, scheduler, state, rt)
+        with open(run / METRICS_FILE, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        log(f"epoch {epoch + 1}/{cfg.train.epochs}  train_loss {train_loss:.4f}  val_loss {val['loss']:.4f}  "
+            f"val_{monitor} {value:.4f}  lr {row['lr']:.2e}  {seconds:.1f}s"
+            + ("  *best*" if improved else "") + ("  (early stop)" if state.stopped else ""))
+
+    # The result is the best epoch, never the last one: reload it, calibrate on val, score test.
+    load_model_state(model, load_tensors(run / MODEL_WEIGHTS), str(run / MODEL_WEIGHTS))
+    meta = read_json(run / MODEL_META)
+    val = evaluate(model, val_loader, loss_fn, rt, data)
+    if t.multi_label:
+        meta["thresholds"] = fit_thresholds(val["scores"], t.targets[val["rows"]], t.ignore[val["rows"]]).tolist()
+    meta["metrics"] = {"val": evaluate_scores(val["scores"], t.targets[val["rows"]], t.ignore[val["rows"]],
+                                              t.multi_label, meta["thresholds"])}
+    write_json(run / MODEL_META, meta)
+    log(f"best epoch {state.best_epoch} (val {monitor} {state.best_value:.4f}); run directory: {run}")
+    return run
+
+
+def _save_checkpoint(run: Path, model, optimizer, scheduler, state: TrainState, rt: Runtime) -> None:
+    tensors, optim_meta = optimizer_tensors(optimizer)
+    tensors.update({f"model.{k}": v for k, v in model_state(model).items()})
+    save_tensors(run / TRAIN_STATE, tensors)
+    write_json(run / TRAIN_META, {
+        "state": vars(state),
+        "optimizer": optim_meta,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "runtime": {"device": str(rt.device), "precision": rt.precision, "channels_last": rt.channels_last},
+    })
+
+
+def _truncate_metrics(path: Path, epochs_done: int) -> None:
+    """Drop metric lines of epochs after the checkpoint (written just before a kill)."""
+    if path.exists():
+        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["epoch"] <= epochs_done]
+        path.write_text("".join(ln + "\n" for ln in lines))
+
+
+def load_run_config(run: Path) -> Config:
+    path = Path(run) / CONFIG_FILE
+    if not path.exists():
+        raise UserError(f"{run} has no {CONFIG_FILE}; --resume needs a run directory made by `multitag train`.")
+    return config_from_dict(yaml.safe_load(path.read_text()))

@@ -1,0 +1,71 @@
+"""`multitag eval` and `multitag calibrate` on a run directory: score a split, report, fit thresholds.
+
+Thresholds are fitted on the validation split only; test metrics use those thresholds and are
+never tuned on test.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from multitag.calibration import fit_thresholds
+from multitag.checkpoint import MODEL_META, write_json
+from multitag.config import DataConfig, data_config_from_dict
+from multitag.data.loader import BatchLoader
+from multitag.data.prepare import PreparedData, prepare
+from multitag.errors import UserError
+from multitag.inference import logits_of, scores_from_logits
+from multitag.predict import Model, load
+from multitag.summary import evaluate_scores
+
+
+def data_config_for(model: Model, data: str | None) -> DataConfig:
+    """The run's data settings, with another data path if given, at the model's input size."""
+    cfg = data_config_from_dict(model.meta["recipe"]["data"])
+    if data:
+        cfg.path, cfg.format = str(data), "auto"
+    cfg.image_size = model.input_size
+    return cfg
+
+
+def prepare_for(model: Model, data: str | None, log=print) -> PreparedData:
+    return prepare(data_config_for(model, data), model.run_dir, classes=model.class_names, reuse_split=True, log=log)
+
+
+def score_split(model: Model, prepared: PreparedData, split: str, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, scores (N, C)) of the model on one split of the prepared data."""
+    rows = prepared.rows(split)
+    if len(rows) == 0:
+        raise UserError(f'the data has no usable "{split}" images; use --split all, or data with a split column.')
+    t = prepared.table
+    loader = BatchLoader(prepared.cache, rows, t.targets, t.ignore, batch_size=batch_size,
+                         mean=model.mean, std=model.std)
+    logits = logits_of(model.network, (b.images for b in loader.iterate()), model.runtime)
+    return rows, scores_from_logits(logits, model.multi_label).numpy()
+
+
+def evaluate_run(run_dir: str | Path, data: str | None = None, split: str = "test", log=print) -> dict:
+    """Metrics of a trained run on a split: at 0.5, at the calibrated thresholds and top-3."""
+    model = load(run_dir)
+    prepared = prepare_for(model, data, log)
+    rows, scores = score_split(model, prepared, split)
+    t = prepared.table
+    thresholds = model.meta.get("thresholds")
+    result = evaluate_scores(scores, t.targets[rows], t.ignore[rows], model.multi_label, thresholds, t.class_names)
+    result.update(split=split, num_images=int(len(rows)), data=t.source)
+    return result
+
+
+def calibrate_run(run_dir: str | Path, data: str | None = None, log=print) -> list[float]:
+    """Fit per-class F1-maximising thresholds on the validation split and store them in model.json."""
+    model = load(run_dir)
+    if not model.multi_label:
+        raise UserError("calibration applies to multi-label models; single-label models predict the top class.")
+    prepared = prepare_for(model, data, log)
+    rows, scores = score_split(model, prepared, "val")
+    t = prepared.table
+    thresholds = fit_thresholds(scores, t.targets[rows], t.ignore[rows]).tolist()
+    model.meta["thresholds"] = thresholds
+    write_json(model.run_dir / MODEL_META, model.meta)
+    return thresholds

@@ -1,0 +1,85 @@
+"""Model registry: name → builder. Every model returns logits and has forward_features / forward_head.
+
+``timm/<arch>`` builds any timm architecture (random init; weights come from a local file,
+never downloaded).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+
+from multitag.errors import UserError, did_you_mean
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    builder: Callable[..., nn.Module]
+    description: str
+    default_size: int            # input size at which `multitag models` counts parameters
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(name: str, description: str, default_size: int):
+    def wrap(builder):
+        _REGISTRY[name] = ModelSpec(name, builder, description, default_size)
+        return builder
+    return wrap
+
+
+def model_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_spec(name: str) -> ModelSpec:
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if name.startswith("timm/"):
+        return ModelSpec(name, lambda num_classes, **kw: _build_timm(name[5:], num_classes, **kw),
+                         f"timm architecture {name[5:]}", 224)
+    raise UserError(f'unknown model "{name}"{did_you_mean(name, model_names())}; '
+                    'run `multitag models` to list them or use timm/<architecture>.')
+
+
+def build_model(name: str, num_classes: int, **args) -> nn.Module:
+    spec = get_spec(name)
+    try:
+        return spec.builder(num_classes=num_classes, **args)
+    except TypeError as e:
+        raise UserError(f'model "{name}" does not accept these model.args ({e}); check the spelling.') from None
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _build_timm(arch: str, num_classes: int, **kw) -> nn.Module:
+    import timm
+
+    if arch not in timm.list_models():
+        raise UserError(f'unknown timm architecture "{arch}"{did_you_mean(arch, timm.list_models())}.')
+    return timm.create_model(arch, pretrained=False, num_classes=num_classes, **kw)
+
+
+@register("simple_cnn", "3 conv blocks 32-64-128 + FC 512, dropout 0.5 (CIFAR-10 reference)", 32)
+def simple_cnn(num_classes: int, **kw) -> nn.Module:
+    from multitag.models.simple_cnn import SimpleCNN
+
+    return SimpleCNN(num_classes, **kw)
+
+
+@register("advanced_cnn", "ResNet-18 layout from scratch, dropout 0.5 before the head", 224)
+def advanced_cnn(num_classes: int, drop_rate: float = 0.5, **kw) -> nn.Module:
+    # timm's resnet18 is exactly the reference layout (4 stages × 2 basic blocks, 64-512) and
+    # applies drop_rate right before its linear head, as the reference's dropout 0.5 does.
+    return _build_timm("resnet18", num_classes, drop_rate=drop_rate, **kw)
+
+
+def describe_models(num_classes: int = 10) -> list[dict]:
+    """Name, parameter count (with ``num_classes`` outputs), input size and description of each model."""
+    return [{"name": s.name, "parameters": count_parameters(s.builder(num_classes=num_classes)),
+             "input_size": s.default_size, "description": s.description} for s in _REGISTRY.values()]

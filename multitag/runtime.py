@@ -1,0 +1,158 @@
+"""Where and how the model runs: device, precision (fp32 / bf16 autocast) and memory format.
+
+The best precision differs by more than 10× between machines of the same kind (bf16 is fast
+with AVX-512-BF16/AMX and very slow on AVX2-only CPUs), so ``precision=auto`` times a few
+training steps of each candidate on this machine, caches the winner per machine fingerprint,
+and prints what it chose. Nothing is assumed from the CPU name.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from multitag.errors import UserError, did_you_mean
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    precision: str            # "fp32" | "bf16"
+    channels_last: bool
+
+    def autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def describe(self) -> str:
+        fmt = "channels_last" if self.channels_last else "NCHW"
+        return f"{self.device.type} {self.precision} {fmt}"
+
+
+def choose_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise UserError(f'unknown device "{name}"{did_you_mean(name, ["auto", "cpu", "cuda"])}.')
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("train.device=cuda was asked for but no CUDA GPU is visible; use train.device=auto or cpu.")
+    return torch.device(name)
+
+
+def cpu_flags() -> list[str]:
+    """The CPU features that decide bf16 speed, as recorded beside every benchmark figure."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    present = set(text.split())
+    return [f for f in wanted if f in present]
+
+
+def machine_fingerprint(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return f"{platform.machine()}:{','.join(cpu_flags())}:{os.cpu_count()}"
+
+
+def _cache_path() -> Path:
+    root = os.environ.get("MULTITAG_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "multitag")
+    return Path(root) / "precision.json"
+
+
+def _parse_bool(value: str, key: str) -> bool | None:
+    low = str(value).lower()
+    if low == "auto":
+        return None
+    if low in ("true", "1", "yes"):
+        return True
+    if low in ("false", "0", "no"):
+        return False
+    raise UserError(f'{key} must be auto, true or false, got "{value}".')
+
+
+def candidates(device: torch.device) -> list[tuple[str, bool]]:
+    cands = [("fp32", False), ("fp32", True), ("bf16", True)]
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        cands = cands[:2]
+    return cands
+
+
+def time_train_step(model, loss_fn, example: torch.Tensor, targets: torch.Tensor, rt: Runtime,
+                    steps: int = 3, give_up_after: float = float("inf")) -> float:
+    """Seconds per forward+backward step (after one warm-up), on a throwaway copy of the model."""
+    model = copy.deepcopy(model).to(rt.device)
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.train()
+    x, y = rt.prepare_input(example), targets.to(rt.device)
+    ignore = torch.zeros_like(y, dtype=torch.bool)
+    times = []
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        with rt.autocast():
+            loss = loss_fn(model(x), y, ignore)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        if i > 0:
+            times.append(dt)
+        if dt > give_up_after:     # far slower than the best so far (bf16 on AVX2): stop paying for it
+            return dt
+    return sorted(times)[len(times) // 2]
+
+
+def choose_runtime(model, loss_fn, example, targets, *, device: str = "auto", precision: str = "auto",
+                   channels_last: str = "auto", key_extra: str = "", log=print) -> Runtime:
+    """Pick device, precision and memory format; measure when set to auto, and cache the result."""
+    dev = choose_device(device)
+    if precision not in ("auto", "fp32", "bf16"):
+        raise UserError(f'unknown precision "{precision}"{did_you_mean(precision, ["auto", "fp32", "bf16"])}.')
+    cl = _parse_bool(channels_last, "train.channels_last")
+    cands = [(p, c) for p, c in candidates(dev)
+             if (precision == "auto" or p == precision) and (cl is None or c == cl)]
+    if not cands:
+        cands = [(precision if precision != "auto" else "fp32", bool(cl))]
+    if len(cands) == 1:
+        return Runtime(dev, *cands[0])
+
+    n_params = sum(p.numel() for p in model.parameters())
+    key = hashlib.sha256(json.dumps([machine_fingerprint(dev), torch.__version__, type(model).__name__,
+                                     n_params, list(example.shape), key_extra]).encode()).hexdigest()[:16]
+    cache = _cache_path()
+    known = json.loads(cache.read_text()) if cache.exists() else {}
+    if key in known and tuple(known[key]["choice"]) in cands:
+        rt = Runtime(dev, *known[key]["choice"])
+        log(f"runtime: {rt.describe()} (measured before on this machine: {known[key]['timings']})")
+        return rt
+
+    timings = {}
+    best = float("inf")
+    for p, c in cands:
+        rt = Runtime(dev, p, c)
+        t = time_train_step(model, loss_fn, example, targets, rt, give_up_after=5 * best)
+        timings[rt.describe()] = round(example.shape[0] / t, 1)
+        best = min(best, t)
+    choice = max(cands, key=lambda pc: timings[Runtime(dev, *pc).describe()])
+    rt = Runtime(dev, *choice)
+    log(f"runtime: {rt.describe()} (measured img/s: {timings})")
+    known[key] = {"choice": list(choice), "timings": timings}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(known, indent=1))
+    return rt
