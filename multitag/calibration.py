@@ -51,8 +51,9 @@ def fit_thresholds_with_f1(scores, targets, ignore=None, *, default: float = 0.5
     lower = np.full(num_classes, -np.inf)
     has_lower = best + 1 < n
     lower[has_lower] = r.scores[rows[has_lower], best[has_lower] + 1]
-    with np.errstate(invalid="ignore"):                              # inf/2 + -inf/2 only with infinite logits
-        mid = chosen / 2 + lower / 2                                 # halves first: no overflow near float max
+    # halves first: no overflow near the float maximum; inf/2 + -inf/2 = NaN only with infinite logits
+    with np.errstate(invalid="ignore"):
+        mid = chosen / 2 + lower / 2
     threshold = np.where(mid > lower, mid, chosen)                   # no finite gap: keep the score itself
 
     thresholds[fitted] = threshold[fitted]

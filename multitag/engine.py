@@ -236,12 +236,14 @@ def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=print) ->
         row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"], f"val_{monitor}": value,
                "lr": optimizer.param_groups[0]["lr"], "seconds": seconds,
                "train_img_per_s": len(train_loader) * train_loader.batch_size / seconds}
+        # Order matters for a kill at any point: the metrics line (dropped on resume if the checkpoint
+        # did not follow), then the best weights, then the checkpoint that marks the epoch done.
+        with open(run / METRICS_FILE, "a") as f:
+            f.write(json.dumps(row) + "\n")
         if improved:
             save_tensors(run / MODEL_WEIGHTS, model_state(model))
             write_json(run / MODEL_META, model_meta(cfg, data, rt, state, n_params))
         _save_checkpoint(run, model, optimizer, scheduler, state, rt)
-        with open(run / METRICS_FILE, "a") as f:
-            f.write(json.dumps(row) + "\n")
         log(f"epoch {epoch + 1}/{cfg.train.epochs}  train_loss {train_loss:.4f}  val_loss {val['loss']:.4f}  "
             f"val_{monitor} {value:.4f}  lr {row['lr']:.2e}  {seconds:.1f}s"
             + ("  *best*" if improved else "") + ("  (early stop)" if state.stopped else ""))

@@ -139,18 +139,20 @@ def rank_by_class(scores, targets, ignore=None) -> Ranking:
     t = _as_binary(targets, s.shape, "targets")
     ign = _as_ignore(ignore, s.shape)
     key = s.T.copy()                                   # (C, N)
-    pos, neg = t.T, ~t.T                               # (C, N) bool
+    label = t.T.astype(np.int8)                        # (C, N) 1 positive, 0 negative, -1 ignored
     if ign is not None:
-        key[ign.T] = -np.inf
-        pos, neg = pos & ~ign.T, neg & ~ign.T
+        key[ign.T] = -np.inf                           # ignored pairs sink to the bottom ...
+        label[ign.T] = -1                              # ... and count as neither
     order = np.argsort(key, axis=1)[:, ::-1]           # descending; tie order irrelevant
     key = np.take_along_axis(key, order, axis=1)
-    tp = np.cumsum(np.take_along_axis(pos, order, axis=1), axis=1, dtype=np.int64)
-    fp = np.cumsum(np.take_along_axis(neg, order, axis=1), axis=1, dtype=np.int64)
+    label = np.take_along_axis(label, order, axis=1)
+    # int32 halves the memory of the two largest arrays; N < 2**31 always holds here
+    tp = np.cumsum(label == 1, axis=1, dtype=np.int32)
+    fp = np.cumsum(label == 0, axis=1, dtype=np.int32)
     is_end = np.empty(key.shape, dtype=bool)
     is_end[:, :-1] = key[:, :-1] != key[:, 1:]
     is_end[:, -1:] = True
-    return Ranking(key, tp, fp, is_end, pos.sum(axis=1))
+    return Ranking(key, tp, fp, is_end, (label == 1).sum(axis=1))
 
 
 def _ap_from_ranking(r: Ranking) -> np.ndarray:
@@ -162,8 +164,9 @@ def _ap_from_ranking(r: Ranking) -> np.ndarray:
     row = np.repeat(np.arange(len(n_ends)), n_ends)                 # (E,) class of each threshold
     tp, fp = r.tp[r.is_end], r.fp[r.is_end]                         # (E,) in ranking order per class
     new_pos = np.diff(tp, prepend=0)                                # positives gained per threshold
-    first = np.cumsum(n_ends) - n_ends                              # each class's first threshold
-    new_pos[first[n_ends > 0]] = tp[first[n_ends > 0]]              # ... gains from 0, not from the previous class
+    # a class's first threshold gains from 0, not from the previous class's last count
+    first = (np.cumsum(n_ends) - n_ends)[n_ends > 0]
+    new_pos[first] = tp[first]
     precision = tp / np.maximum(tp + fp, 1)                         # 0/0 only where nothing was gained
     total = np.bincount(row, weights=new_pos * precision, minlength=len(n_ends))
     ap = np.full(len(n_ends), np.nan)
@@ -202,7 +205,7 @@ def binarize(scores, thresholds=0.5) -> np.ndarray:
     thr = np.asarray(thresholds, dtype=np.float64)
     if thr.shape not in ((), (s.shape[1],)):
         raise ValueError(f"thresholds must be a float or shape ({s.shape[1]},), got {thr.shape}")
-    return (s > thr).astype(np.uint8)
+    return (s >= thr).astype(np.uint8)
 
 
 def top_k_predictions(scores, k: int = TOP_K_MULTILABEL) -> np.ndarray:
@@ -249,18 +252,22 @@ def counts(pred, targets, ignore=None, axis: int = 0) -> Counts:
 
 
 def _precision(c: Counts) -> np.ndarray:
+    """TP / (TP + FP), 0 when nothing was predicted positive."""
     return _ratio(c.tp, c.tp + c.fp)
 
 
 def _recall(c: Counts) -> np.ndarray:
+    """TP / (TP + FN), 0 when nothing is positive."""
     return _ratio(c.tp, c.tp + c.fn)
 
 
 def _f1(c: Counts) -> np.ndarray:
+    """2TP / (2TP + FP + FN), the harmonic mean of precision and recall; 0 when 0/0."""
     return _ratio(2 * c.tp, 2 * c.tp + c.fp + c.fn)
 
 
 def _jaccard(c: Counts) -> np.ndarray:
+    """TP / (TP + FP + FN), intersection over union; 0 when both sets are empty."""
     return _ratio(c.tp, c.tp + c.fp + c.fn)
 
 
@@ -401,12 +408,17 @@ def multilabel_report(scores, targets, ignore=None, thresholds=0.5, class_names=
 
 # ----------------------------------------------------------------------------- single-label
 
-def _top_k_hits(scores, labels, k: int) -> np.ndarray:
-    """(N,) bool: the label is among the row's k highest scores (k clipped to C, ties to lower index)."""
+def _label_rank(scores, labels) -> np.ndarray:
+    """(N,) place of each row's label in the row sorted by descending score (0 = first).
+
+    Ties go to the lower class index, the rule of ``top_k_predictions``; counting instead of
+    sorting keeps this O(N C) for wide single-label heads.
+    """
     s = _as_scores(scores)
     y = _as_labels(labels, s.shape[1], n=s.shape[0])
-    top = top_k_predictions(s, k)                                   # (N, C) 0/1
-    return top[np.arange(len(y)), y].astype(bool)
+    own = s[np.arange(len(y)), y][:, None]                          # (N, 1) the label's score
+    before = np.arange(s.shape[1]) < y[:, None]                     # (N, C) classes with a lower index
+    return (s > own).sum(axis=1) + ((s == own) & before).sum(axis=1)
 
 
 def accuracy(scores, labels) -> float:
@@ -415,13 +427,22 @@ def accuracy(scores, labels) -> float:
 
 
 def top_k_accuracy(scores, labels, k: int = TOP_K_SINGLELABEL) -> float:
-    """Fraction of rows whose label is among the k highest scores (k clipped to C); NaN when N = 0."""
-    hits = _top_k_hits(scores, labels, k)
-    return float(hits.mean()) if len(hits) else float("nan")
+    """Fraction of rows whose label is among the k highest scores (k clipped to C); NaN when N = 0.
+
+    Ties go to the lower class index, so a row of equal scores counts labels 0..k-1 as hits
+    (scikit-learn's ``top_k_accuracy_score`` breaks ties the other way; without ties they agree).
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    rank = _label_rank(scores, labels)
+    return float((rank < k).mean()) if len(rank) else float("nan")
 
 
 def confusion_matrix(pred, labels, num_classes: int) -> np.ndarray:
-    """(C, C) int64 counts from (N,) predicted and (N,) true indices; rows = true, columns = predicted (sklearn's layout)."""
+    """(C, C) int64 counts from (N,) predicted and (N,) true indices.
+
+    Rows are true labels, columns predictions (scikit-learn's layout).
+    """
     y = _as_labels(labels, num_classes)
     p = _as_labels(pred, num_classes, n=len(y))
     return np.bincount(y * num_classes + p, minlength=num_classes**2).reshape(num_classes, num_classes)

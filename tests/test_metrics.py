@@ -124,6 +124,15 @@ def test_top_k_picks_highest_and_breaks_ties_by_lower_index():
                                                                    [0, 1, 1, 0, 1]])
 
 
+def test_top_k_ties_on_wide_rows_go_to_the_lowest_indices():
+    # long rows, where an unstable sort would shuffle equal scores
+    scores = np.zeros((4, 64))
+    scores[:, 40] = 1.0
+    expected = np.zeros((4, 64), dtype=np.uint8)
+    expected[:, [0, 1, 40]] = 1
+    np.testing.assert_array_equal(M.top_k_predictions(scores, 3), expected)
+
+
 def test_top_k_with_fewer_classes_than_k_predicts_every_class():
     scores = np.random.default_rng(0).random((6, 2))
     np.testing.assert_array_equal(M.top_k_predictions(scores, 3), np.ones((6, 2)))
@@ -297,6 +306,21 @@ def test_top_k_accuracy_clips_k_to_the_number_of_classes():
     scores, labels = random_singlelabel(1, c=4)
     assert M.top_k_accuracy(scores, labels, k=10) == 1.0
     assert M.top_k_accuracy(scores, labels, k=3) < 1.0
+
+
+def test_top_k_accuracy_breaks_ties_like_top_k_predictions():
+    rng = np.random.default_rng(4)
+    scores = rng.integers(0, 3, (300, 6)).astype(float)   # many ties
+    labels = rng.integers(0, 6, 300)
+    for k in (1, 2, 3):
+        hits = M.top_k_predictions(scores, k)[np.arange(300), labels]
+        assert M.top_k_accuracy(scores, labels, k) == pytest.approx(hits.mean())
+    assert M.accuracy(scores, labels) == pytest.approx(np.mean(scores.argmax(axis=1) == labels))
+
+
+def test_empty_inputs():
+    assert np.isnan(M.per_class_ap(np.zeros((0, 3)), np.zeros((0, 3)))).all()
+    assert np.isnan(M.accuracy(np.zeros((0, 3)), np.zeros(0, dtype=int)))
 
 
 def test_singlelabel_report():

@@ -101,8 +101,11 @@ def read_table(
     """
     path = _existing(path)
     if on_missing not in ON_MISSING:
-        raise UserError(f'on_missing must be "error" or "skip", not "{on_missing}"{did_you_mean(on_missing, ON_MISSING)}')
-    fmt = detect_format(path) if format == "auto" else _check_format(format.strip().lower())
+        raise UserError(
+            f'on_missing must be "error" or "skip", not "{on_missing}"{did_you_mean(on_missing, ON_MISSING)}'
+        )
+    format = format.strip().lower()
+    fmt = detect_format(path) if format == "auto" else _check_format(format)
     return READERS[fmt](path, image_root=image_root, classes=classes, on_missing=on_missing)
 
 
@@ -193,8 +196,8 @@ def read_csv(path: str | Path, *, image_root: str | None = None, classes: list[s
         len(set(r.positives)) == 1 and not r.ignored for r in table_rows
     )
     return _build_table(
-        table_rows, fmt="csv", path=path, bases=_bases(image_root, path.parent, path.parent / "images"), classes=classes,
-        on_missing=on_missing, multi_label=not single,
+        table_rows, fmt="csv", path=path, bases=_bases(image_root, path.parent, path.parent / "images"),
+        classes=classes, on_missing=on_missing, multi_label=not single,
         extra={"label_delimiter": delimiter or " "},
     )
 
@@ -227,8 +230,7 @@ def read_csv_onehot(path: str | Path, *, image_root: str | None = None, classes:
     ]
     return _build_table(
         table_rows, fmt="csv_onehot", path=path, bases=_bases(image_root, path.parent, path.parent / "images"),
-        classes=classes,
-        on_missing=on_missing, class_order=[header[j] for j in class_cols],
+        classes=classes, on_missing=on_missing, class_order=[header[j] for j in class_cols],
     )
 
 
@@ -361,12 +363,12 @@ def read_folder(path: str | Path, *, image_root: str | None = None, classes: lis
     """
     root = _data_dir(path, "folder")
     rows: list[_Row] = []
-    class_sets: dict[str | None, set[str]] = {}
+    class_sets: dict[Path, set[str]] = {}
     for split, top in _folder_layout(root):
         class_dirs = _subdirs(top)
         if not class_dirs:
             raise UserError(f"{top} has no class sub-folders; put each class's images in {top}/<class>/")
-        class_sets[split] = {d.name for d in class_dirs}
+        class_sets[top] = {d.name for d in class_dirs}
         for class_dir in class_dirs:
             images = _list_images(class_dir)
             if not images:
@@ -375,7 +377,7 @@ def read_folder(path: str | Path, *, image_root: str | None = None, classes: lis
                     "add images or remove the folder"
                 )
             rows += [_Row(img, (class_dir.name,), (), split, img) for img in images]
-    _check_same_classes(class_sets, root)
+    _check_same_classes(class_sets)
     return _build_table(rows, fmt="folder", path=root, bases=[], classes=classes,
                         on_missing=on_missing, multi_label=False)
 
@@ -394,13 +396,13 @@ def _folder_layout(root: Path) -> list[tuple[str | None, Path]]:
     return list(splits.items())
 
 
-def _check_same_classes(class_sets: dict[str | None, set[str]], root: Path) -> None:
+def _check_same_classes(class_sets: dict[Path, set[str]]) -> None:
     """Raise when the split folders do not all hold the same class folders."""
     union = set().union(*class_sets.values())
-    for split, names in class_sets.items():
+    for top, names in class_sets.items():
         if names != union:
             raise UserError(
-                f"{root}/{split} lacks class folders {', '.join(sorted(union - names))} that other "
+                f"{top} lacks class folders {', '.join(sorted(union - names))} that other "
                 "splits have; use the same class folders in every split"
             )
 
@@ -427,7 +429,7 @@ def read_coco(path: str | Path, *, image_root: str | None = None, classes: list[
     """
     path = _data_file(path, ".json")
     data = _load_json(path)
-    images, annotations, categories = (_get(data, key, f"{path}", list) for key in ("images", "annotations", "categories"))
+    images, annotations, categories = (_get(data, k, str(path), list) for k in ("images", "annotations", "categories"))
     cats = sorted(categories, key=lambda c: _get(c, "id", f"{path} categories", int))
     category_name = {c["id"]: _get(c, "name", f"{path} category id {c['id']}", str) for c in cats}
     if len(set(category_name.values())) != len(category_name):
@@ -437,7 +439,10 @@ def read_coco(path: str | Path, *, image_root: str | None = None, classes: list[
         where = f"{path} annotations[{k}]"
         cat = _get(ann, "category_id", where, int)
         if cat not in category_name:
-            raise UserError(f"{where} has category_id {cat}, which is not in categories; fix the annotation or add the category")
+            raise UserError(
+                f"{where} has category_id {cat}, which is not in categories; "
+                "fix the annotation or add the category"
+            )
         present[_get(ann, "image_id", where, (int, str))].add(category_name[cat])
     rows = []
     for k, img in enumerate(images):
@@ -445,13 +450,15 @@ def read_coco(path: str | Path, *, image_root: str | None = None, classes: list[
         where = f"{path} image id {image_id}"
         rows.append(_Row(_get(img, "file_name", where, str), sorted(present.pop(image_id, ())), (), None, where))
     if present:
-        raise UserError(f"{path} has annotations for image id {next(iter(present))}, which is not in images; fix the image_id or add the image")
+        raise UserError(
+            f"{path} has annotations for image id {next(iter(present))}, which is not in images; "
+            "fix the image_id or add the image"
+        )
     stem = path.stem[len("instances_"):] if path.stem.startswith("instances_") else None
     coco_dirs = [path.parent / stem, path.parent.parent / stem] if stem else []
     return _build_table(
         rows, fmt="coco", path=path, bases=_bases(image_root, path.parent, path.parent / "images", *coco_dirs),
-        classes=classes,
-        on_missing=on_missing, class_order=list(category_name.values()),
+        classes=classes, on_missing=on_missing, class_order=list(category_name.values()),
     )
 
 
@@ -460,16 +467,23 @@ def _load_json(path: Path):
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); fix or re-export the file") from None
+        raise UserError(
+            f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
+            "fix or re-export the file"
+        ) from None
 
 
 def _get(obj, key: str, where: str, kind):
     """``obj[key]`` checked to be of ``kind``; a missing key or wrong type names the place."""
     if not isinstance(obj, dict) or key not in obj:
-        raise UserError(f'{where} has no "{key}" field; is this a COCO instances file? (else force the format with {FORCE_HINT})')
+        raise UserError(
+            f'{where} has no "{key}" field, which a COCO instances file needs; '
+            f"fix the file or force another format with {FORCE_HINT}"
+        )
     value = obj[key]
     if not isinstance(value, kind) or isinstance(value, bool):
-        raise UserError(f'{where}: "{key}" is {type(value).__name__} {value!r}, expected {getattr(kind, "__name__", "a number or string")}; fix the file')
+        expected = getattr(kind, "__name__", "a number or string")
+        raise UserError(f'{where}: "{key}" is {repr(value)[:40]}, not {expected}; fix the file')
     return value
 
 
@@ -490,7 +504,10 @@ def read_voc(path: str | Path, *, image_root: str | None = None, classes: list[s
     ann_dir = root / "Annotations" if (root / "Annotations").is_dir() else root
     xml_files = _files_with_suffix(ann_dir, ".xml")
     if not xml_files:
-        raise UserError(f"{ann_dir} contains no .xml files; point the data path at the VOC Annotations folder or its parent")
+        raise UserError(
+            f"{ann_dir} contains no .xml files; "
+            "point the data path at the VOC Annotations folder or its parent"
+        )
     rows = [_voc_row(x) for x in xml_files]
     return _build_table(
         rows, fmt="voc", path=ann_dir,
@@ -534,10 +551,15 @@ def read_yolo(path: str | Path, *, image_root: str | None = None, classes: list[
     file. ``path`` may also be the data.yaml file itself.
     """
     path = _existing(path)
+    if path.is_file() and path.suffix.lower() not in (".yaml", ".yml"):
+        raise UserError(f"{path} is not a folder or a data.yaml; point the data path at the YOLO dataset folder")
     names_file = path if path.is_file() else _yolo_names_file(path)
     root = path.parent if path.is_file() else path
     if names_file is None:
-        raise UserError(f"{root} has no class names file; add data.yaml with a names: list, or classes.txt with one name per line")
+        raise UserError(
+            f"{root} has no class names file; "
+            "add data.yaml with a names: list, or classes.txt with one name per line"
+        )
     names = _yolo_names(names_file)
     rows = []
     for split, image_dir, label_dir in _yolo_pairs(root):
@@ -580,7 +602,10 @@ def _names_from_yaml(text: str, names_file: Path) -> list[str]:
     names = data.get("names") if isinstance(data, dict) else None
     if isinstance(names, dict):
         if sorted(names) != list(range(len(names))):
-            raise UserError(f"{names_file}: names ids must be 0..{len(names) - 1} without gaps, got {sorted(names)}; renumber them")
+            raise UserError(
+                f"{names_file}: names ids must be 0..{len(names) - 1} without gaps, got {sorted(names)}; "
+                "renumber them"
+            )
         names = [names[i] for i in range(len(names))]
     if not isinstance(names, list):
         raise UserError(f"{names_file} has no names: list or mapping; add names: [class0, class1, ...]")
@@ -600,7 +625,10 @@ def _yolo_pairs(root: Path) -> list[tuple[str | None, Path, Path]]:
     else:
         pairs = [(s, d / "images", d / "labels") for s, d in _split_subdirs(root).items() if (d / "images").is_dir()]
     if not pairs:
-        raise UserError(f"{root} has no images/ folder; a YOLO dataset needs images/ and labels/ (or train/images and train/labels)")
+        raise UserError(
+            f"{root} has no images/ folder; "
+            "a YOLO dataset needs images/ and labels/ (or train/images and train/labels)"
+        )
     for _, _, label_dir in pairs:
         if not label_dir.is_dir():
             raise UserError(f"{label_dir} is missing; put the label .txt files of that split there")
@@ -623,9 +651,15 @@ def _yolo_classes(label_file: Path, names: list[str], names_file: Path) -> list[
         try:
             class_id = int(parts[0])
         except ValueError:
-            raise UserError(f'{label_file} line {n} starts with "{parts[0]}", not a class id; write "class_id cx cy w h"') from None
+            raise UserError(
+                f'{label_file} line {n} starts with "{parts[0]}", not a class id; '
+                'write "class_id cx cy w h"'
+            ) from None
         if not 0 <= class_id < len(names):
-            raise UserError(f"{label_file} line {n}: class id {class_id} is outside the {len(names)} names in {names_file}; fix the label or add the name")
+            raise UserError(
+                f"{label_file} line {n}: class id {class_id} is outside the {len(names)} names in {names_file}; "
+                "fix the label or add the name"
+            )
         found.append(names[class_id])
     return sorted(set(found))
 
@@ -642,7 +676,10 @@ def _build_table(rows: list[_Row], *, fmt: str, path: Path, bases: list[Path], c
         raise UserError(f"{path} contains no images; add images or annotations")
     paths, rows, skipped = _resolve_images(rows, bases, on_missing)
     if not rows:
-        raise UserError(f"{path}: none of its {len(skipped)} images exist; fix the image paths or set data.image_root")
+        raise UserError(
+            f"{path}: none of its {len(skipped)} images exist (first tried: {skipped[0][0]}); "
+            "fix the image paths or move the images there"
+        )
     _check_unique(paths, rows)
     names = _class_names(rows, classes, class_order, path)
     targets, ignore = _encode(rows, names)
@@ -674,10 +711,12 @@ def _resolve_images(rows: list[_Row], bases: list[Path], on_missing: str
             kept.append(row)
     if missing and on_missing == "error":
         row, tried = missing[0]
-        more = f", and {len(missing) - 1} more images are missing" if len(missing) > 1 else ""
+        others = len(missing) - 1
+        more = f", and {others} more image{'s are' if others > 1 else ' is'} missing" if others else ""
         raise UserError(
             f"{row.where}: image file {row.image} not found (tried {', '.join(tried)}){more}; fix the "
-            'paths, set data.image_root to the image folder, or pass on_missing="skip" to drop them'
+            'paths or move the images there, or drop such rows with on_missing="skip" '
+            "(--set data.on_bad_image=skip)"
         )
     return paths, kept, [(tried[0], "file not found") for _, tried in missing]
 
@@ -698,10 +737,19 @@ def _check_unique(paths: list[str], rows: list[_Row]) -> None:
     for i, p in enumerate(paths):
         j = first.setdefault(p, i)
         if j != i:
-            raise UserError(f"{rows[j].where} and {rows[i].where} both list image {p}; merge them into one row")
+            both = _two_places(rows[j].where, rows[i].where)
+            raise UserError(f"{both} both list image {p}; merge them into one row")
 
 
-def _class_names(rows: list[_Row], classes: list[str] | None, class_order: list[str] | None, path: Path) -> list[str]:
+def _two_places(a: str, b: str) -> str:
+    """"f.csv rows 2 and 4" for two rows of one file, else "a and b"."""
+    file_a, _, row_a = a.rpartition(" row ")
+    file_b, _, row_b = b.rpartition(" row ")
+    return f"{file_a} rows {row_a} and {row_b}" if file_a and file_a == file_b else f"{a} and {b}"
+
+
+def _class_names(rows: list[_Row], classes: list[str] | None, class_order: list[str] | None,
+                 path: Path) -> list[str]:
     """The given classes (every label must be one), else the format's order, else sorted names."""
     if classes is not None:
         classes = [str(c) for c in classes]
@@ -711,7 +759,10 @@ def _class_names(rows: list[_Row], classes: list[str] | None, class_order: list[
         for row in rows:
             for name in (*row.positives, *row.ignored):
                 if name not in known:
-                    raise UserError(f'{row.where}: unknown label "{name}"{did_you_mean(name, classes)}; fix the label or add it to the class list')
+                    raise UserError(
+                        f'{row.where}: unknown label "{name}"{did_you_mean(name, classes)}; '
+                        'fix the label or add it to the class list'
+                    )
         return classes
     if class_order is not None:
         return list(class_order)
@@ -746,7 +797,7 @@ def _existing(path: str | Path) -> Path:
     """Absolute ``path``, or a UserError when it does not exist."""
     p = Path(path).expanduser()
     if not p.exists():
-        raise UserError(f"{p} does not exist; check the data path (--data or data.path)")
+        raise UserError(f"{os.path.abspath(p)} does not exist; check the data path (--data or data.path)")
     return Path(os.path.abspath(p))
 
 
@@ -806,7 +857,10 @@ def _split_subdirs(folder: Path) -> dict[str, Path]:
         if split is None:
             continue
         if split in found:
-            raise UserError(f"{folder} has both {found[split].name}/ and {sub.name}/ for the {split} split; merge them into one folder")
+            raise UserError(
+                f"{folder} has both {found[split].name}/ and {sub.name}/ for the {split} split; "
+                "merge them into one folder"
+            )
         found[split] = sub
     return {s: found[s] for s in SPLITS if s in found}
 

@@ -58,13 +58,19 @@ def load_table(cfg: DataConfig, classes: list[str] | None = None) -> LabelTable:
     return read_table(cfg.path, cfg.format, classes=classes, on_missing=cfg.on_bad_image)
 
 
-def resolve_split(table: LabelTable, run_dir: Path | None, seed: int, *, reuse: bool) -> np.ndarray:
-    """The split column: reused from the run's split.csv when asked (resume, eval), else assigned and written."""
+def resolve_split(table: LabelTable, run_dir: Path | None, seed: int, *, reuse: bool, log=print) -> np.ndarray:
+    """The split column.
+
+    reuse=True (resume, eval, calibrate): the run's split.csv decides for the images it lists;
+    other images (new data) keep the table's own split column, or none ('').
+    reuse=False (a new run): assigned (see data/split.py) and written to the run's split.csv.
+    """
     split_file = Path(run_dir) / SPLIT_FILE if run_dir else None
-    if reuse and split_file is not None and split_file.exists():
-        known = read_split_csv(split_file)
-        return np.array([known.get(p, "") for p in table.paths], dtype=object)
-    split = np.array(assign_split(table, seed=seed), dtype=object)
+    if reuse:
+        known = read_split_csv(split_file) if split_file is not None and split_file.exists() else {}
+        own = table.split or [""] * len(table)
+        return np.array([known.get(p, s) for p, s in zip(table.paths, own)], dtype=object)
+    split = np.array(assign_split(table, seed=seed, log=log), dtype=object)
     if split_file is not None:
         write_split_csv(split_file, table, list(split))
     return split
@@ -73,7 +79,7 @@ def resolve_split(table: LabelTable, run_dir: Path | None, seed: int, *, reuse: 
 def prepare(cfg: DataConfig, run_dir: Path | None = None, *, classes: list[str] | None = None,
             reuse_split: bool = False, log=print) -> PreparedData:
     table = load_table(cfg, classes)
-    split = resolve_split(table, run_dir, cfg.split_seed, reuse=reuse_split)
+    split = resolve_split(table, run_dir, cfg.split_seed, reuse=reuse_split, log=log)
     cache = build_cache(table.paths, cfg.image_size, cfg.cache_dir or default_cache_dir(),
                         on_bad_image=cfg.on_bad_image)
     skipped = list(table.extra.get("skipped", [])) + [(path, reason) for _, path, reason in cache.bad]

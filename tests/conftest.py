@@ -1,0 +1,30 @@
+"""Shared fixtures: an isolated cache per test session and a tiny real multi-label dataset."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Image cache, precision choices and demo data go to a temp dir, never the user's ~/.cache."""
+    root = tmp_path_factory.mktemp("multitag_cache")
+    old = os.environ.get("MULTITAG_CACHE")
+    os.environ["MULTITAG_CACHE"] = str(root)
+    yield root
+    if old is None:
+        os.environ.pop("MULTITAG_CACHE", None)
+    else:
+        os.environ["MULTITAG_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def digits_csv(tmp_path_factory) -> Path:
+    """200 digit mosaics (120 train / 40 val / 40 test) written as PNGs + labels.csv."""
+    from multitag.demo_data import make_digit_mosaics
+
+    return make_digit_mosaics(tmp_path_factory.mktemp("digits"), {"train": 120, "val": 40, "test": 40}, seed=1)

@@ -1,0 +1,67 @@
+"""The `multitag` command end to end on a tiny real dataset, and its one-line user errors."""
+import json
+
+import pytest
+
+from multitag.cli import main
+
+FAST = ["--set", "train.epochs=2", "--set", "train.batch_size=32", "--set", "train.precision=fp32"]
+
+
+def run_json(capsys, *argv):
+    assert main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.fixture(scope="module")
+def trained(digits_csv, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["train", "demo", "--data", str(digits_csv), "--out", str(out), *FAST]) == 0
+    return out
+
+
+def test_train_calibrate_eval_predict(trained, digits_csv, capsys):
+    cal = run_json(capsys, "calibrate", str(trained))
+    assert len(cal["thresholds"]) == 10 and all(0 < t < 1 for t in cal["thresholds"])
+
+    ev = run_json(capsys, "eval", str(trained), "--split", "test")
+    assert ev["split"] == "test" and ev["num_images"] == 40
+    assert {"mAP", "at_0.5", "calibrated", "top3", "per_class"} <= ev.keys()
+    assert 0 <= ev["mAP"] <= 1 and 0 <= ev["calibrated"]["CF1"] <= 1
+
+    images = digits_csv.parent / "images"
+    preds = run_json(capsys, "predict", str(trained), str(images / "test_00000.png"), str(images / "test_00001.png"))
+    assert len(preds) == 2 and set(preds[0]["scores"]) == {f"d{i}" for i in range(10)}
+    top = run_json(capsys, "predict", str(trained), str(images / "test_00000.png"), "--top-k", "3")
+    assert len(top[0]["labels"]) == 3
+
+    # the human-readable table prints too
+    assert main(["eval", str(trained)]) == 0
+    assert "calibrated" in capsys.readouterr().out
+
+
+def test_listing_commands(capsys):
+    models = run_json(capsys, "models")
+    assert {"simple_cnn", "advanced_cnn"} <= {m["name"] for m in models}
+    assert "demo" in {r["name"] for r in run_json(capsys, "recipes")}
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["train", "demo", "--set", "train.epoch=2", "--data", "x.csv"], 'did you mean "train.epochs"'),
+    (["train", "dmeo"], 'did you mean "demo"'),
+    (["train", "demo", "--data", "/nonexistent/labels.csv"], "/nonexistent/labels.csv"),
+    (["eval", "/nonexistent/run"], "/nonexistent/run"),
+    (["predict", "/nonexistent/run", "x.png"], "/nonexistent/run"),
+])
+def test_user_errors_are_one_line(argv, fragment, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and err.count("\n") == 0 and "Traceback" not in err
+
+
+def test_help_for_every_command(capsys):
+    for cmd in ("train", "eval", "predict", "calibrate", "models", "recipes", "demo"):
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0
+        assert "usage: multitag " + cmd in capsys.readouterr().out

@@ -1,0 +1,87 @@
+"""Training engine: best-epoch restore, checkpoint round-trip, resume reproducibility, NaN handling."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import multitag.engine as engine
+from multitag.api import train
+from multitag.checkpoint import MODEL_META, MODEL_WEIGHTS, TRAIN_META
+from multitag.errors import UserError
+from multitag.predict import load
+
+FAST = ["train.epochs=3", "train.batch_size=32", "data.image_size=32", "train.precision=fp32",
+        "train.channels_last=false", "sched.name=cosine", "sched.warmup_epochs=0.5"]
+
+
+def test_fit_keeps_best_epoch_and_writes_run_dir(digits_csv, tmp_path):
+    run = train("demo", data=digits_csv, out=tmp_path / "run", overrides=FAST, log=lambda *a: None)
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    meta = json.loads((run / MODEL_META).read_text())
+    best = max(rows, key=lambda r: r["val_mAP"])
+    assert meta["best_epoch"] == best["epoch"] and meta["best_value"] == pytest.approx(best["val_mAP"])
+    assert len(meta["thresholds"]) == 10 and meta["class_names"][0] == "d0"
+    assert (run / "split.csv").exists() and (run / "config.yaml").exists()
+    # model.safetensors holds the best epoch's weights, which load() rebuilds without unpickling
+    model = load(run)
+    weights = load_file(str(run / MODEL_WEIGHTS))
+    for k, v in model.network.state_dict().items():
+        assert torch.equal(v, weights[k])
+    assert meta["metrics"]["val"]["mAP"] == pytest.approx(best["val_mAP"], abs=1e-6)
+
+
+def test_resume_after_kill_reproduces_uninterrupted_run(digits_csv, tmp_path, monkeypatch):
+    full = train("demo", data=digits_csv, out=tmp_path / "full", overrides=FAST, log=lambda *a: None)
+
+    # Kill the second run right after epoch 2's checkpoint.
+    real_save = engine._save_checkpoint
+
+    def save_then_die(run, model, optimizer, scheduler, state, rt):
+        real_save(run, model, optimizer, scheduler, state, rt)
+        if state.epoch == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "_save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train("demo", data=digits_csv, out=tmp_path / "killed", overrides=FAST, log=lambda *a: None)
+    assert json.loads((tmp_path / "killed" / TRAIN_META).read_text())["state"]["epoch"] == 2
+    monkeypatch.setattr(engine, "_save_checkpoint", real_save)
+
+    resumed = train(resume=tmp_path / "killed", log=lambda *a: None)
+    a, b = load_file(str(full / "checkpoint.safetensors")), load_file(str(resumed / "checkpoint.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
+    la = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x) for x in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lb] == [1, 2, 3]
+    assert np.allclose([r["val_mAP"] for r in la], [r["val_mAP"] for r in lb], atol=1e-6)
+
+
+def test_nan_loss_stops_with_clear_message_and_keeps_checkpoint(digits_csv, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = engine.build_loss
+
+    def loss_that_explodes(*args, **kw):
+        inner = real(*args, **kw)
+
+        def fn(logits, y, ignore):
+            calls["n"] += 1
+            out = inner(logits, y, ignore)
+            return out * float("nan") if calls["n"] > 4 else out   # batch 5 = epoch 2 (3 batches/epoch)
+        return fn
+
+    monkeypatch.setattr(engine, "build_loss", loss_that_explodes)
+    with pytest.raises(engine.TrainingDiverged, match="became nan at epoch 2"):
+        train("demo", data=digits_csv, out=tmp_path / "nan", overrides=FAST + ["train.batch_size=40"],
+              log=lambda *a: None)
+    state = json.loads((tmp_path / "nan" / TRAIN_META).read_text())["state"]
+    assert state["epoch"] == 1 and (tmp_path / "nan" / MODEL_WEIGHTS).exists()
+
+
+def test_resume_needs_a_run_dir(tmp_path):
+    with pytest.raises(UserError, match="no config.yaml"):
+        train(resume=tmp_path)
