@@ -1,0 +1,51 @@
+"""Precision / memory-format choice: explicit settings are obeyed, auto measures once and caches."""
+import json
+
+import pytest
+import torch
+
+from multitag import runtime
+from multitag.errors import UserError
+from multitag.losses import MaskedBCE
+from multitag.models import build_model
+
+
+def setup():
+    model = build_model("simple_cnn", 4)
+    return model, MaskedBCE(), torch.randn(8, 3, 32, 32), torch.randint(0, 2, (8, 4)).float()
+
+
+def test_explicit_choice_is_not_measured(monkeypatch):
+    monkeypatch.setattr(runtime, "time_train_step", lambda *a, **k: pytest.fail("measured"))
+    rt = runtime.choose_runtime(*setup(), precision="fp32", channels_last="false", log=lambda *a: None)
+    assert (rt.device.type, rt.precision, rt.channels_last) == ("cpu", "fp32", False)
+
+
+def test_auto_measures_picks_fastest_and_caches(tmp_path, monkeypatch):
+    monkeypatch.setenv("MULTITAG_CACHE", str(tmp_path))
+    fake = {("fp32", False): 0.3, ("fp32", True): 0.1, ("bf16", True): 0.2}
+    monkeypatch.setattr(runtime, "time_train_step", lambda m, l, x, y, rt, **k: fake[(rt.precision, rt.channels_last)])
+    logs = []
+    rt = runtime.choose_runtime(*setup(), log=logs.append)
+    assert (rt.precision, rt.channels_last) == ("fp32", True)
+    assert "measured" in logs[0]
+    cached = json.loads((tmp_path / "precision.json").read_text())
+    assert list(cached.values())[0]["choice"] == ["fp32", True]
+    # second call: no measuring
+    monkeypatch.setattr(runtime, "time_train_step", lambda *a, **k: pytest.fail("measured twice"))
+    assert runtime.choose_runtime(*setup(), log=logs.append) == rt
+
+
+def test_real_step_timing_leaves_model_untouched():
+    model, loss, x, y = setup()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    t = runtime.time_train_step(model, loss, x, y, runtime.Runtime(torch.device("cpu"), "fp32", False), steps=1)
+    assert t > 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_bad_settings():
+    with pytest.raises(UserError, match='did you mean "bf16"'):
+        runtime.choose_runtime(*setup(), precision="bf61")
+    with pytest.raises(UserError, match="channels_last must be auto, true or false"):
+        runtime.choose_runtime(*setup(), channels_last="maybe")
