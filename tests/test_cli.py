@@ -65,3 +65,19 @@ def test_help_for_every_command(capsys):
             main([cmd, "--help"])
         assert e.value.code == 0
         assert "usage: multitag " + cmd in capsys.readouterr().out
+
+
+def test_python_api_round_trip(trained, digits_csv):
+    import numpy as np
+    from PIL import Image
+
+    import multitag
+
+    model = multitag.load(trained)
+    path = digits_csv.parent / "images" / "test_00003.png"
+    pil = Image.open(path)
+    by_path, by_pil, by_array = model.predict([str(path), pil, np.asarray(pil)])
+    # every input kind goes through the same preprocessing, so the scores are identical
+    assert by_path.scores == by_pil.scores == by_array.scores
+    result = multitag.evaluate(trained, split="val")
+    assert result["split"] == "val" and result["num_images"] == 40
