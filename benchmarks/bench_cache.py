@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from multitag.data.cache import _one_torch_thread, build_cache  # noqa: E402
+from multitag.data.cache import build_cache  # noqa: E402
 from multitag.data.decode import _decode_pil, _decode_torchvision, load_and_resize  # noqa: E402
 
 DEFAULT_DATA = "/work/shared/data/voc2007/images"
@@ -73,7 +73,7 @@ def bench_decoders(paths: list[str], repeats: int) -> list[tuple[str, str]]:
 
 def decode_epoch(paths: list[str], size: int, workers: int) -> None:
     """(a): what a data loader without a cache does every epoch."""
-    with _one_torch_thread(workers > 1), ThreadPoolExecutor(workers) as pool:
+    with ThreadPoolExecutor(workers) as pool:
         for _ in pool.map(lambda p: load_and_resize(p, size), paths):
             pass
 
@@ -130,12 +130,18 @@ def main() -> None:
         t = best_time(lambda: build_cache(paths, size, cache_dir, progress=False), args.repeats)
         rows.append(("(b) reopen the built cache (stat + key + map)", f"{t * 1e3:.1f} ms"))
         rows.append(("    cache file size", f"{cache.path.stat().st_size / 2**20:,.0f} MiB"))
+        reopened = build_cache(paths, size, cache_dir, progress=False)  # fresh mapping: pages fault in
+        t = best_time(lambda: gather_epoch(reopened, args.batch, False), 1)
+        rows.append(("(c) first epoch of batch gathers after opening, NCHW contiguous",
+                     f"{n / t:,.0f} img/s ({t * 1e3:.0f} ms/epoch)"))
+        del reopened
         for cl in (False, True):
             t = best_time(lambda: gather_epoch(cache, args.batch, cl), args.repeats)
             rows.append((f"(c) warm-cache epoch of batch gathers, {'channels_last' if cl else 'NCHW contiguous'}",
                          f"{n / t:,.0f} img/s ({t * 1e3:.0f} ms/epoch)"))
         del cache
 
+    rows.append(("load average at end", f"{os.getloadavg()[0]:.2f}"))
     width = max(len(r[0]) for r in rows)
     print(f"{'measurement':<{width}}  result")
     print(f"{'-' * width}  {'-' * 40}")

@@ -44,9 +44,9 @@ def calibrate(run_dir: str | Path, data: str | None = None, log=print) -> list[f
 
 
 def demo_data_dir() -> Path:
-    from multitag.data.cache import default_cache_dir
+    from multitag.config import cache_root
 
-    return Path(default_cache_dir()).parent / "demo_digits"
+    return cache_root() / "demo_digits"
 
 
 def demo(out: str | Path = "runs/demo", overrides: list[str] | tuple = (), log=print) -> dict:

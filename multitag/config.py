@@ -7,6 +7,7 @@ field's declared type, so ``--set train.epochs=3`` gives an int and a typo never
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,12 +21,20 @@ from multitag.errors import UserError, did_you_mean
 RECIPE_DIR = Path(__file__).parent / "configs"
 
 
+def cache_root() -> Path:
+    """Where multitag keeps derived files (image caches, precision choices, demo data):
+    $MULTITAG_CACHE, else $XDG_CACHE_HOME/multitag, else ~/.cache/multitag."""
+    if os.environ.get("MULTITAG_CACHE"):
+        return Path(os.environ["MULTITAG_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "multitag"
+
+
 @dataclass
 class DataConfig:
     path: str = ""                    # CSV / JSON / folder; see data/formats.py for the formats
     format: str = "auto"              # auto | csv | csv_onehot | folder | coco | voc | yolo
     image_size: int = 64              # working size: images are squashed to size×size once, in the cache
-    cache_dir: str = ""               # empty = $MULTITAG_CACHE or ~/.cache/multitag/images
+    cache_dir: str = ""               # empty = <cache root>/images; root = $MULTITAG_CACHE or ~/.cache/multitag
     on_bad_image: str = "error"       # error | skip (skipped images are listed, never silent)
     split_seed: int = 0               # seed of the 70/15/15 iterative stratification
     mean: tuple = (0.485, 0.456, 0.406)  # normalisation, stored in model.json with the weights

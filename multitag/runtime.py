@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from multitag.config import cache_root
 from multitag.errors import UserError, did_you_mean
 
 
@@ -70,8 +71,7 @@ def machine_fingerprint(device: torch.device) -> str:
 
 
 def _cache_path() -> Path:
-    root = os.environ.get("MULTITAG_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "multitag")
-    return Path(root) / "precision.json"
+    return cache_root() / "precision.json"
 
 
 def _parse_bool(value: str, key: str) -> bool | None:

@@ -68,7 +68,8 @@ def test_jpeg_decoders_agree(tmp_path):
     np.testing.assert_array_equal(hwc(decode_image(path)), hwc(tv))
 
 
-@pytest.mark.parametrize("mode,ext", [("L", "png"), ("L", "jpg"), ("P", "png"), ("RGBA", "png"), ("LA", "png"), ("CMYK", "jpg")])
+@pytest.mark.parametrize("mode,ext", [("L", "png"), ("L", "jpg"), ("P", "png"),
+                                      ("RGBA", "png"), ("LA", "png"), ("CMYK", "jpg")])
 def test_other_modes_become_rgb(tmp_path, mode, ext):
     path = save(tmp_path / f"a.{ext}", rgb(), mode=mode)
     out = decode_image(path)

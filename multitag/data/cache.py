@@ -4,7 +4,7 @@ Layout, in ``cache_dir``:
     <key16>_<size>.u8                 raw uint8, shape (N, size, size, 3): HWC so that one image
                                       is one contiguous row; ``get_batch`` permutes to NCHW.
     <key16>_<size>.json               sidecar: format version, full key, shape, bad rows.
-    <key16>_<size>.bad_images.txt     only when images were skipped: one "index<TAB>path<TAB>reason" a line.
+    <key16>_<size>.bad_images.txt     only when images were skipped: "index<TAB>path<TAB>reason" lines.
 
 The key is the sha256 of the format versions, the size, and for every path in order its
 absolute path, file size and mtime_ns. So the cache is reused across epochs and runs, and
@@ -17,13 +17,16 @@ with os.replace, sidecar last. A cache counts only when its sidecar names the sa
 the data file has the right length, so a killed build never looks valid.
 
 Decoding runs in a thread pool: torchvision's decoders and torch's resize release the GIL.
-Measured on 2 cores (VOC2007 JPEGs -> 224 px, warm page cache): 1 thread ~1,900 img/s,
-2 threads ~2,950 img/s, 2 threads with torch's intra-op threads set to 1 ~3,400 img/s;
-a 2-process pool was slower (~1,800 img/s, fork) and much slower to start (forkserver).
+Measured on 2 cores (benchmarks/bench_cache.py: 1000 VOC2007 JPEGs -> 224 px, warm page cache):
+decode + resize 2,451 img/s with 1 thread, 4,372 with 2; a first build (which also writes
+144 MiB through the page cache) 1,975 img/s with 1 worker, 2,728 with 2. A 2-process pool
+(fork) was slower than 2 threads (~1,800 vs ~2,950 img/s, same run) and a forkserver pool
+much slower to start; torch's intra-op thread count made no measurable difference.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -33,12 +36,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from multitag.data.decode import PREPROCESS_VERSION, BadImageError, load_and_resize
+from multitag.config import cache_root
 from multitag.errors import UserError, did_you_mean
 
 CACHE_FORMAT_VERSION = 1
@@ -48,14 +52,11 @@ _LOG_EVERY_S = 10.0  # progress line period when stderr is not a terminal
 
 
 def default_cache_dir() -> Path:
-    """$MULTITAG_CACHE, else $XDG_CACHE_HOME/multitag/images, else ~/.cache/multitag/images."""
-    if os.environ.get("MULTITAG_CACHE"):
-        return Path(os.environ["MULTITAG_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "multitag" / "images"
+    """<cache root>/images, the root being $MULTITAG_CACHE, else $XDG_CACHE_HOME/multitag or ~/.cache/multitag."""
+    return cache_root() / "images"
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: field-wise == on arrays is ambiguous
 class ImageCache:
     """N decoded images of size x size, read-only, in a memory-mapped uint8 file.
 
@@ -75,7 +76,8 @@ class ImageCache:
     def __len__(self) -> int:
         return self.array.shape[0]
 
-    def get_batch(self, indices: Sequence[int] | np.ndarray | torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    def get_batch(self, indices: Sequence[int] | np.ndarray | torch.Tensor,
+                  channels_last: bool = False) -> torch.Tensor:
         """Gather rows -> (B, 3, size, size) uint8.
 
         Default: contiguous NCHW (one copy of the gathered rows). channels_last=True returns
@@ -117,7 +119,8 @@ def build_cache(
                           <key16>_<size>.bad_images.txt beside the cache.
     """
     if on_bad_image not in ON_BAD_IMAGE:
-        raise UserError(f"data.on_bad_image={on_bad_image!r} is not a choice{did_you_mean(on_bad_image, ON_BAD_IMAGE)}")
+        hint = did_you_mean(on_bad_image, ON_BAD_IMAGE)
+        raise UserError(f"data.on_bad_image={on_bad_image!r} is not a choice{hint}")
     if int(size) != size or size < 1:
         raise UserError(f"image size must be a positive integer, got {size!r}")
     size, paths = int(size), [str(p) for p in paths]
@@ -170,11 +173,11 @@ def _load(data_path: Path, meta_path: Path, key: str, shape: tuple[int, ...]) ->
         meta = json.loads(meta_path.read_text())
         ok = meta.get("key") == key and tuple(meta.get("shape", ())) == shape
         ok = ok and data_path.stat().st_size == int(np.prod(shape))
+        bad = [(int(i), str(p), str(r)) for i, p, r in meta.get("bad", [])]
     except (OSError, ValueError, TypeError, AttributeError):
         return None
     if not ok:
         return None
-    bad = [(int(i), str(p), str(r)) for i, p, r in meta.get("bad", [])]
     return _make_cache(data_path, shape, bad, key)
 
 
@@ -206,8 +209,6 @@ def _build(paths: list[str], size: int, cache_dir: Path, stem: str, key: str,
     finally:
         for tmp in (tmp_data, tmp_meta):
             tmp.unlink(missing_ok=True)
-    if bad:
-        _write_bad_list(cache_dir / f"{stem}.bad_images.txt", bad)
     return _make_cache(data_path, shape, bad, key)
 
 
@@ -215,10 +216,17 @@ def _decode_into(tmp_data: Path, paths: list[str], size: int, on_bad_image: str,
                  num_workers: int, progress: bool) -> list[tuple[int, str, str]]:
     """Fill a new (N, size, size, 3) file at ``tmp_data``; return the bad rows (skip mode)."""
     n = len(paths)
+    nbytes = n * size * size * 3
     with open(tmp_data, "wb") as f:  # reserve the space now: a full disk mid-build would be SIGBUS
-        if n and hasattr(os, "posix_fallocate"):
-            os.posix_fallocate(f.fileno(), 0, n * size * size * 3)
-        f.truncate(n * size * size * 3)
+        try:
+            if n and hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(f.fileno(), 0, nbytes)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            raise UserError(f"no space for the {nbytes / 1e9:.1f} GB image cache in {tmp_data.parent}; "
+                            f"set MULTITAG_CACHE to a directory on a bigger disk or lower the image size") from None
+        f.truncate(nbytes)
     if n == 0:
         return []
     out = np.memmap(tmp_data, dtype=np.uint8, mode="r+", shape=(n, size, size, 3))
@@ -232,8 +240,7 @@ def _decode_into(tmp_data: Path, paths: list[str], size: int, on_bad_image: str,
         return None
 
     bad: list[tuple[int, str, str]] = []
-    with _one_torch_thread(num_workers > 1), ThreadPoolExecutor(max(1, num_workers)) as pool, \
-            _progress(n, progress) as advance:
+    with ThreadPoolExecutor(max(1, num_workers)) as pool, _progress(n, progress) as advance:
         try:
             for i, reason in enumerate(pool.map(fill, range(n))):  # in order: "first" bad is by index
                 if reason is not None:
@@ -247,19 +254,6 @@ def _decode_into(tmp_data: Path, paths: list[str], size: int, on_bad_image: str,
     out.flush()
     del out
     return bad
-
-
-@contextlib.contextmanager
-def _one_torch_thread(enabled: bool) -> Iterator[None]:
-    """Run torch ops single-threaded while our own threads run in parallel (+15 % measured)."""
-    before = torch.get_num_threads()
-    if enabled:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if enabled:
-            torch.set_num_threads(before)
 
 
 @contextlib.contextmanager
@@ -359,5 +353,7 @@ def _report_bad(cache: ImageCache, n: int, on_bad_image: str) -> None:
     names = ", ".join(f"{Path(p).name} ({r})" for _, p, r in cache.bad[:_SUMMARY_NAMES])
     more = f" and {len(cache.bad) - _SUMMARY_NAMES} more" if len(cache.bad) > _SUMMARY_NAMES else ""
     listing = cache.path.with_suffix(".bad_images.txt")
+    if not listing.exists():  # first report for this cache, or the user deleted it
+        _write_bad_list(listing, cache.bad)
     print(f"skipped {len(cache.bad)} of {n} images: {names}{more}; full list in {listing}",
           file=sys.stderr, flush=True)

@@ -15,10 +15,11 @@ Decisions (change ``PREPROCESS_VERSION`` when any of them changes, so caches reb
 - Decoder: torchvision (libjpeg-turbo/libpng/libwebp/giflib, no PIL round trip) for JPEG,
   PNG, WEBP and GIF, chosen by the file's magic bytes; PIL for everything else (BMP, TIFF,
   ...) and as a second try when torchvision refuses a file of its own formats. Both give
-  identical pixels for the formats they share (checked in tests/test_decode.py).
-  Speed, JPEG, one core (benchmarks/bench_cache.py, section "decoder"): torchvision
-  1.7 ms vs PIL 2.4 ms per 320 px image (1.4x faster); 14 us vs 45 us per 32 px image
-  (3x, PIL's per-call overhead dominates).
+  the same pixels for the formats they share (PNG/GIF/WEBP exactly; JPEG within IDCT
+  rounding, identical with the libjpeg-turbo builds here; tests/test_decode.py).
+  Speed, JPEG decode only, one core (benchmarks/bench_cache.py, "decoder" rows, VOC2007
+  images re-encoded): torchvision 241 us vs PIL 341 us per image at 320 px (1.4x faster),
+  16 us vs 56 us at 32 px (3.5x: PIL's per-call overhead dominates small images).
 - Resize: squash to size x size (aspect ratio not kept; no crop, so multi-label objects
   near the borders are never cut; no padding, so no pixels are wasted) with antialiased
   bilinear interpolation on uint8, result uint8.
