@@ -124,7 +124,8 @@ def model_meta(cfg: Config, data: PreparedData, rt: Runtime, state: TrainState, 
 # --- one epoch, evaluation ----------------------------------------------------------------------
 
 def train_one_epoch(model, loader: BatchLoader, loss_fn, optimizer, scheduler, per_batch: bool, rt: Runtime,
-                    cfg: Config, epoch: int) -> float:
+                    cfg: Config, epoch: int) -> tuple[float, float]:
+    """One pass over the training rows; returns (mean loss, learning rate of the last batch)."""
     model.train()
     torch.manual_seed(cfg.train.seed * 100_003 + epoch)     # dropout etc.: a function of (seed, epoch)
     total, count = 0.0, 0
@@ -143,12 +144,13 @@ def train_one_epoch(model, loader: BatchLoader, loss_fn, optimizer, scheduler, p
         loss.backward()
         if cfg.train.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         if scheduler is not None and per_batch:
             scheduler.step()
         total += loss.item() * len(batch.index)
         count += len(batch.index)
-    return total / max(count, 1)
+    return total / max(count, 1), lr
 
 
 def evaluate(model, loader: BatchLoader, loss_fn, rt: Runtime, data: PreparedData) -> dict:
@@ -175,7 +177,8 @@ def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=print) ->
     if len(data.rows("train")) == 0 or len(data.rows("val")) == 0:
         raise UserError(f"{t.source} has no usable train or val images after the split; add images or a split column.")
     if data.skipped:
-        log(f"skipped {len(data.skipped)} of {len(t)} images (listed in {run / 'skipped.txt'})")
+        total = len(t) + len(t.extra.get("skipped", []))     # rows the reader dropped are not in t
+        log(f"skipped {len(data.skipped)} of {total} images (listed in {run / 'skipped.txt'})")
         (run / "skipped.txt").write_text("".join(f"{p}\t{r}\n" for p, r in data.skipped))
     train_loader, val_loader = make_loaders(cfg, data)
     log(f"data: {t.source}: {len(t)} images, {t.num_classes} classes "
@@ -219,7 +222,7 @@ def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=print) ->
     monitor = monitor_name(t.multi_label)
     while state.epoch < cfg.train.epochs and not state.stopped:
         epoch, start = state.epoch, time.perf_counter()
-        train_loss = train_one_epoch(model, train_loader, loss_fn, optimizer, scheduler, per_batch, rt, cfg, epoch)
+        train_loss, lr = train_one_epoch(model, train_loader, loss_fn, optimizer, scheduler, per_batch, rt, cfg, epoch)
         val = evaluate(model, val_loader, loss_fn, rt, data)
         metrics = evaluate_scores(val["scores"], t.targets[val["rows"]], t.ignore[val["rows"]], t.multi_label)
         value = metrics[monitor]
@@ -234,7 +237,7 @@ def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=print) ->
         state.stopped = 0 < cfg.train.early_stop_patience <= state.bad_epochs
         seconds = time.perf_counter() - start
         row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"], f"val_{monitor}": value,
-               "lr": optimizer.param_groups[0]["lr"], "seconds": seconds,
+               "lr": lr, "seconds": seconds,
                "train_img_per_s": len(train_loader) * train_loader.batch_size / seconds}
         # Order matters for a kill at any point: the metrics line (dropped on resume if the checkpoint
         # did not follow), then the best weights, then the checkpoint that marks the epoch done.

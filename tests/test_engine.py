@@ -85,3 +85,65 @@ def test_nan_loss_stops_with_clear_message_and_keeps_checkpoint(digits_csv, tmp_
 def test_resume_needs_a_run_dir(tmp_path):
     with pytest.raises(UserError, match="no config.yaml"):
         train(resume=tmp_path)
+
+
+def copy_dataset(src_csv, dst):
+    import shutil
+
+    shutil.copytree(src_csv.parent, dst)
+    return dst / "labels.csv"
+
+
+def test_bad_images_error_or_skip_with_list(digits_csv, tmp_path):
+    csv = copy_dataset(digits_csv, tmp_path / "data")
+    (csv.parent / "images" / "train_00003.png").write_bytes(b"not a png at all")
+    (csv.parent / "images" / "train_00007.png").unlink()
+    with pytest.raises(UserError, match="train_00007.png") as err:
+        train("demo", data=csv, out=tmp_path / "strict", overrides=FAST, log=lambda *a: None)
+    assert "\n" not in str(err.value) and "on_bad_image=skip" in str(err.value)
+
+    logs = []
+    run = train("demo", data=csv, out=tmp_path / "lenient", overrides=FAST + ["data.on_bad_image=skip"],
+                log=logs.append)
+    skipped = (run / "skipped.txt").read_text()
+    assert "train_00003.png" in skipped and "train_00007.png" in skipped
+    assert any("skipped 2 of 200 images" in line for line in logs)
+    meta = json.loads((run / MODEL_META).read_text())
+    assert meta["data"]["skipped"] == 2
+
+
+@pytest.mark.parametrize("optim,sched", [("sgd", "plateau"), ("adam", "onecycle"), ("adamw", "none")])
+def test_optimizers_and_schedules(digits_csv, tmp_path, optim, sched):
+    over = FAST + [f"optim.name={optim}", f"sched.name={sched}", "optim.lr=0.01", "train.grad_clip=1.0",
+                   "sched.patience=0", "sched.factor=0.1"]
+    run = train("demo", data=digits_csv, out=tmp_path / "run", overrides=over, log=lambda *a: None)
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in rows]
+    if sched == "none":
+        assert lrs == [0.01] * 3
+    elif sched == "onecycle":
+        assert lrs[-1] < 0.01 * 0.01            # annealed to ~0 at the end
+    else:   # plateau, patience 0: epoch 3 runs at a tenth of the LR iff epoch 2 did not beat epoch 1
+        # (ReduceLROnPlateau's default improvement test in mode max: > best · (1 + 1e-4))
+        cut = rows[1]["val_mAP"] <= rows[0]["val_mAP"] * (1 + 1e-4)
+        assert lrs[:2] == [0.01, 0.01]
+        assert lrs[2] == pytest.approx(0.001 if cut else 0.01)
+
+
+def test_early_stopping_stops_and_reports_best(digits_csv, tmp_path, monkeypatch):
+    # A validation metric that never improves after epoch 1 must stop training after `patience` epochs.
+    values = iter([0.9, 0.5, 0.4, 0.3, 0.2])
+    real = engine.evaluate_scores
+
+    def fake(*a, **k):
+        out = real(*a, **k)
+        if "thresholds" not in k and len(a) < 5:
+            out["mAP"] = next(values)
+        return out
+
+    monkeypatch.setattr(engine, "evaluate_scores", fake)
+    run = train("demo", data=digits_csv, out=tmp_path / "run",
+                overrides=FAST + ["train.epochs=5", "train.early_stop_patience=2"], log=lambda *a: None)
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert json.loads((run / MODEL_META).read_text())["best_epoch"] == 1
