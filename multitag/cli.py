@@ -39,12 +39,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset whose val split to use (default: the training data)")
     _add_json(p)
 
-    p = sub.add_parser("predict", help="predict labels of images or folders of images")
+    p = sub.add_parser("predict", help="predict labels of image files, folders and globs (CSV, JSON or text)")
     p.add_argument("run_dir")
-    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
+    p.add_argument("images", nargs="+", metavar="PATH",
+                   help="image files, folders (searched recursively) or quoted globs such as 'photos/**/*.jpg'")
     p.add_argument("--threshold", default="calibrated", help='"calibrated" (default) or a number such as 0.5')
     p.add_argument("--top-k", type=int, help="return the k best classes instead of thresholding")
-    _add_json(p)
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    p.add_argument("--format", choices=["text", "csv", "json"],
+                   help="output format (default: text, or from the --out suffix: .json → json, else csv)")
+    p.add_argument("--out", metavar="FILE", help="write the predictions to FILE instead of stdout")
+    p.add_argument("--backend", default="auto",
+                   help="auto (ONNX Runtime when RUN_DIR/model.onnx exists, else PyTorch), torch, onnx or onnx-int8")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--json", action="store_true", help="same as --format json")
 
     p = sub.add_parser("report", help="write RUN_DIR/report/index.html with plots (curves, per-class, PR, errors, Grad-CAM)")
     p.add_argument("run_dir")
@@ -63,13 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a run to ONNX (with a parity check against PyTorch)")
     p.add_argument("run_dir")
     p.add_argument("--onnx", action="store_true", default=True, help="write model.onnx (default)")
-    p.add_argument("--int8", action="store_true", help="also write a dynamically quantised int8 model")
+    p.add_argument("--int8", action="store_true",
+                   help="also write model.int8.onnx and measure its accuracy cost on the val split")
+    p.add_argument("--int8-method", default="static", choices=["static", "dynamic"],
+                   help="static (default: QDQ calibrated on 64 train images; fast) or dynamic "
+                        "(ORT dynamic quantisation; slower than fp32 on convolutions here)")
+    p.add_argument("--data", help="dataset whose images the checks use (default: the run's own)")
     _add_json(p)
 
     p = sub.add_parser("serve", help="HTTP prediction service (FastAPI): POST /predict, GET /labels, GET /health")
     p.add_argument("run_dir")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-mb", type=float, default=20, help="largest request body in MB (default 20)")
+    p.add_argument("--max-megapixels", type=float, default=40, help="largest image in megapixels (default 40)")
+    p.add_argument("--max-batch", type=int, default=32, help="most images per request (default 32)")
 
     p = sub.add_parser("app", help="Streamlit web app: upload images, see labels, scores and Grad-CAM")
     p.add_argument("run_dir")
@@ -139,16 +155,40 @@ def _parse_threshold(text: str):
         raise UserError(f'--threshold must be "calibrated" or a number, got "{text}".') from None
 
 
-def cmd_predict(args):
-    from multitag.predict import expand_images, load
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
-    model = load(args.run_dir)
-    preds = model.predict(expand_images(args.images), threshold=_parse_threshold(args.threshold), top_k=args.top_k)
-    if not args.json:
-        for p in preds:
-            top = sorted(p.scores.items(), key=lambda kv: -kv[1])[:3]
-            print(f"{p.source}: {' '.join(p.labels) or '(none)'}   [" + ", ".join(f"{k} {v:.2f}" for k, v in top) + "]")
-    return [p.to_dict() for p in preds]
+
+def cmd_predict(args):
+    from multitag.checkpoint import atomic_write
+    from multitag.predict import expand_images, load, write_predictions
+
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}.")
+    threshold = _parse_threshold(args.threshold)
+    model = load(args.run_dir, device=args.device, backend=args.backend)
+    paths = expand_images(args.images)
+    print(f"predicting {_count(len(paths), 'file')} on the {model.backend} backend ({model.runtime.device})",
+          file=sys.stderr)
+    preds = list(model.predict_each(paths, threshold=threshold, top_k=args.top_k, batch_size=args.batch_size,
+                                    progress=True))
+    fmt = "json" if args.json else args.format or (
+        ("json" if args.out.lower().endswith(".json") else "csv") if args.out else "text")
+    if args.out:
+        def write(tmp):
+            with open(tmp, "w", newline="") as f:
+                write_predictions(preds, model.class_names, fmt, f)
+        atomic_write(args.out, write)
+        print(f"wrote {len(preds)} predictions to {args.out} ({fmt})", file=sys.stderr)
+    else:
+        write_predictions(preds, model.class_names, fmt, sys.stdout)
+    failed = sum(p.error is not None for p in preds)
+    if failed == len(preds):
+        raise UserError(f"none of the {_count(failed, 'file')} could be read as an image (reasons in the output).")
+    if failed:
+        print(f"multitag predict: {failed} of {_count(len(preds), 'file')} could not be read; "
+              "they are listed in the output with the reason", file=sys.stderr)
+    return None     # printed above, in the asked-for format
 
 
 def cmd_models(args):
@@ -205,7 +245,8 @@ def cmd_explain(args):
 def cmd_export(args):
     from multitag.export import export_onnx
 
-    result = export_onnx(args.run_dir, int8=args.int8, log=_log_for(args))
+    result = export_onnx(args.run_dir, int8=args.int8, log=_log_for(args), data=args.data,
+                         int8_method=args.int8_method)
     if not args.json:
         for key, value in result.items():
             print(f"{key}: {value}")
@@ -215,7 +256,8 @@ def cmd_export(args):
 def cmd_serve(args):
     from multitag.serve import serve
 
-    serve(args.run_dir, host=args.host, port=args.port)
+    serve(args.run_dir, host=args.host, port=args.port, max_bytes=int(args.max_mb * 2**20),
+          max_pixels=int(args.max_megapixels * 1e6), max_batch=args.max_batch)
 
 
 def cmd_app(args):

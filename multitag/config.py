@@ -95,6 +95,21 @@ class AugConfig:
 
 
 @dataclass
+class StageConfig:
+    """One stage of a staged fine-tune (e.g. head only → all layers → polish at a lower LR).
+
+    Optimizer type, weight decay and schedule shape (pct_start, warm-up) come from optim/sched;
+    the stage sets its own length, LR and schedule, and the LR is exactly the one given here.
+    """
+    name: str = ""
+    epochs: int = 1
+    lr: float = 1e-3                  # head LR (and the backbone's, times backbone_lr_mult)
+    sched: str = "onecycle"           # onecycle | cosine | plateau | none (constant LR)
+    freeze: tuple = ()                # parameter-name patterns to freeze (fnmatch); "backbone" = all but the head
+    backbone_lr_mult: float = 1.0     # discriminative LR: backbone LR = lr × this
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -102,6 +117,7 @@ class Config:
     sched: SchedConfig = field(default_factory=SchedConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     aug: AugConfig = field(default_factory=AugConfig)
+    stages: list[StageConfig] = field(default_factory=list)  # empty = one stage from train/optim/sched
     recipe: str = ""                  # name of the recipe this config came from
     notes: str = ""                   # free text: what the recipe reproduces, its published numbers
 
@@ -120,6 +136,11 @@ def _convert(value: Any, typ: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise UserError(f'"{key}" is a section; give its fields, e.g. {key}.<field>=value.')
         return _build(typ, value, prefix=key + ".")
+    if typing.get_origin(typ) is list:
+        (item,) = typing.get_args(typ)
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f'"{key}" must be a list; write it as a YAML list of entries.')
+        return [_convert(v, item, f"{key}.{i}") for i, v in enumerate(value)]
     if isinstance(typ, types.UnionType) or typing.get_origin(typ) is typing.Union:
         typ = next(t for t in typing.get_args(typ) if t is not type(None))
     try:
@@ -181,6 +202,9 @@ def all_keys(cls=Config, prefix: str = "") -> list[str]:
     for name, typ in _field_types(cls).items():
         if dataclasses.is_dataclass(typ):
             keys += all_keys(typ, prefix + name + ".")
+        elif typing.get_origin(typ) is list and dataclasses.is_dataclass(typing.get_args(typ)[0]):
+            keys.append(prefix + name)                                          # the whole list, as YAML
+            keys += all_keys(typing.get_args(typ)[0], prefix + name + ".N.")   # N = list index
         else:
             keys.append(prefix + name)
     return keys
@@ -196,13 +220,19 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
         key, raw = item.split("=", 1)
         key = key.strip()
         parts = key.split(".")
-        if key not in valid:
+        pattern = ".".join("N" if p.isdigit() else p for p in parts)    # stages.1.lr → stages.N.lr
+        if pattern not in valid:
             # model.args.<anything> is free-form: it is passed to the model builder.
             if not (len(parts) >= 3 and parts[:2] == ["model", "args"]):
-                raise UserError(f'unknown config key "{key}"{did_you_mean(key, valid)}.')
+                raise UserError(f'unknown config key "{key}"{did_you_mean(pattern, valid)}.')
         node = values
         for p in parts[:-1]:
-            node = node.setdefault(p, {})
+            if isinstance(node, list):
+                if int(p) >= len(node):
+                    raise UserError(f'"{key}": there are only {len(node)} entries; indices start at 0.')
+                node = node[int(p)]
+            else:
+                node = node.setdefault(p, {})
         node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else raw
     return config_from_dict(values)
 

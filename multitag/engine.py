@@ -20,11 +20,12 @@ from multitag.calibration import fit_thresholds
 from multitag.checkpoint import (MODEL_META, MODEL_WEIGHTS, TRAIN_META, TRAIN_STATE, load_model_state,
                                  load_tensors, model_state, optimizer_tensors, read_json, restore_optimizer,
                                  save_tensors, write_json)
-from multitag.config import Config, config_from_dict
+from multitag.config import Config, StageConfig, config_from_dict
 from multitag.data.loader import BatchLoader
 from multitag.data.prepare import PreparedData, prepare
 from multitag.data.transforms import BatchAugment
 from multitag.errors import UserError, did_you_mean
+from multitag.finetune import apply_freeze, frozen_batchnorm_to_eval, param_groups, resolve_stages
 from multitag.inference import logits_of, scores_from_logits
 from multitag.losses import build_loss
 from multitag.models import build_model, count_parameters
@@ -43,38 +44,61 @@ class TrainingDiverged(UserError):
 @dataclass
 class TrainState:
     """What an epoch boundary needs to continue: saved in checkpoint.json beside the tensors."""
-    epoch: int = 0                 # epochs completed
-    best_value: float = -math.inf
+    epoch: int = 0                 # epochs completed, counted across stages (seeds derive from it)
+    stage: int = 0                 # index of the current stage
+    stage_epoch: int = 0           # epochs completed in the current stage
+    best_value: float = -math.inf  # best val metric across all stages so far
     best_epoch: int = -1
-    bad_epochs: int = 0            # epochs since the last improvement (early stopping)
-    stopped: bool = False
+    bad_epochs: int = 0            # epochs since the last improvement (early stopping, per stage)
+    stopped: bool = False          # the current stage stopped early
+
+
+@dataclass
+class Job:
+    """The fixed parts of a training run that every step needs."""
+    cfg: Config
+    run: Path
+    data: PreparedData
+    train_loader: BatchLoader
+    val_loader: BatchLoader
+    model: torch.nn.Module
+    loss_fn: torch.nn.Module
+    rt: Runtime
+    n_params: int
+    log: object = print
 
 
 # --- building blocks --------------------------------------------------------------------------
 
-def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(cfg: Config, model: torch.nn.Module, stage: StageConfig) -> torch.optim.Optimizer:
+    """The configured optimizer over the stage's trainable parameters (head / backbone LR groups)."""
     o = cfg.optim
-    params = [p for p in model.parameters() if p.requires_grad]
+    groups = param_groups(model, stage, o.weight_decay)
     if o.name == "adam":
-        return torch.optim.Adam(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+        return torch.optim.Adam(groups, lr=stage.lr, betas=o.betas)
     if o.name == "adamw":
-        return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+        return torch.optim.AdamW(groups, lr=stage.lr, betas=o.betas)
     if o.name == "sgd":
-        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=True)
+        return torch.optim.SGD(groups, lr=stage.lr, momentum=o.momentum, nesterov=True)
     raise UserError(f'unknown optimizer "{o.name}"{did_you_mean(o.name, ["adam", "adamw", "sgd"])}.')
 
 
-def build_scheduler(cfg: Config, optimizer, steps_per_epoch: int):
-    """Returns (scheduler or None, steps_per_batch: bool). Per-batch schedules step every batch."""
-    s, total = cfg.sched, cfg.train.epochs * steps_per_epoch
-    if s.name == "none":
+def build_scheduler(cfg: Config, optimizer, stage: StageConfig, steps_per_epoch: int):
+    """Returns (scheduler or None, steps_per_batch: bool). Per-batch schedules step every batch.
+
+    Every schedule peaks at (or, for "none", stays at) each group's configured LR: OneCycle gets
+    the groups' LRs as max_lr, so a stage's LR is never silently replaced by a scheduler default.
+    """
+    s, total = cfg.sched, stage.epochs * steps_per_epoch
+    peak = [g["lr"] for g in optimizer.param_groups]
+    if stage.sched == "none":
         return None, False
-    if s.name == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.optim.lr, total_steps=max(total, 1),
+    if stage.sched == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peak, total_steps=max(total, 1),
                                                    pct_start=s.pct_start), True
-    if s.name == "cosine":
+    if stage.sched == "cosine":
         warm = max(1, int(s.warmup_epochs * steps_per_epoch))
-        floor = s.min_lr / cfg.optim.lr if cfg.optim.lr > 0 else 0.0
+        floor = s.min_lr / stage.lr if stage.lr > 0 else 0.0
 
         def factor(step: int) -> float:
             if step < warm:
@@ -82,10 +106,11 @@ def build_scheduler(cfg: Config, optimizer, steps_per_epoch: int):
             progress = min(1.0, (step - warm) / max(1, total - warm))
             return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor), True
-    if s.name == "plateau":
+    if stage.sched == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=s.factor,
                                                           patience=s.patience, min_lr=s.min_lr), False
-    raise UserError(f'unknown scheduler "{s.name}"{did_you_mean(s.name, ["onecycle", "cosine", "plateau", "none"])}.')
+    raise UserError(f'unknown scheduler "{stage.sched}"'
+                    f'{did_you_mean(stage.sched, ["onecycle", "cosine", "plateau", "none"])}.')
 
 
 def make_loaders(cfg: Config, data: PreparedData) -> tuple[BatchLoader, BatchLoader]:
@@ -127,10 +152,11 @@ def train_one_epoch(model, loader: BatchLoader, loss_fn, optimizer, scheduler, p
                     cfg: Config, epoch: int) -> tuple[float, float]:
     """One pass over the training rows; returns (mean loss, learning rate of the last batch)."""
     model.train()
+    frozen_batchnorm_to_eval(model)
     torch.manual_seed(cfg.train.seed * 100_003 + epoch)     # dropout etc.: a function of (seed, epoch)
     total, count = 0.0, 0
     batches = loader.iterate(epoch, cfg.train.seed)
-    for i, batch in enumerate(track(batches, len(loader), f"epoch {epoch + 1}/{cfg.train.epochs}")):
+    for i, batch in enumerate(track(batches, len(loader), f"epoch {epoch + 1}")):
         x = rt.prepare_input(batch.images)
         y, ignore = batch.targets.to(rt.device), batch.ignore.to(rt.device)
         with rt.autocast():
@@ -165,14 +191,29 @@ def evaluate(model, loader: BatchLoader, loss_fn, rt: Runtime, data: PreparedDat
 # --- the recipe ---------------------------------------------------------------------------------
 
 def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=print) -> Path:
+    """Train per the config into ``out_dir``; with resume=True continue from its last checkpoint."""
     run = Path(out_dir)
     run.mkdir(parents=True, exist_ok=True)
     (run / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
+    saved = read_json(run / TRAIN_META) if resume and (run / TRAIN_META).exists() else None
 
-    # Data: one table, a fixed split (reused on resume), pixels decoded once.
-    data = prepare(cfg.data, run, reuse_split=resume, log=log)
+    job = setup_job(cfg, run, saved, log)
+    state = TrainState(**saved["state"]) if saved else TrainState()
+    if saved:
+        _truncate_metrics(run / METRICS_FILE, state.epoch)
+        log(f"resuming {run} after epoch {state.epoch} (stage {state.stage + 1})")
+    stages = resolve_stages(cfg)
+    while state.stage < len(stages):
+        run_stage(job, stages, state, saved if saved and saved["state"]["stage"] == state.stage else None)
+        state.stage, state.stage_epoch, state.bad_epochs, state.stopped = state.stage + 1, 0, 0, False
+    return finish(job, state)
+
+
+def setup_job(cfg: Config, run: Path, saved: dict | None, log) -> Job:
+    """Data (split fixed, pixels decoded once), model, loss and the measured runtime."""
+    data = prepare(cfg.data, run, reuse_split=saved is not None, log=log)
     t = data.table
     if len(data.rows("train")) == 0 or len(data.rows("val")) == 0:
         raise UserError(f"{t.source} has no usable train or val images after the split; add images or a split column.")
@@ -185,15 +226,12 @@ def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=print) ->
         f"({'multi' if t.multi_label else 'single'}-label); train {len(train_loader.rows)}, "
         f"val {len(val_loader.rows)}, test {len(data.rows('test'))}")
 
-    # Model, loss, runtime (measured precision), optimizer, schedule.
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model.name, t.num_classes, **cfg.model.args)
     if cfg.model.weights:
         load_model_state(model, load_tensors(Path(cfg.model.weights)), cfg.model.weights)
     loss_fn = build_loss(cfg.train.loss, t.multi_label, cfg.train.label_smoothing)
-    state = TrainState()
-    saved = read_json(run / TRAIN_META) if resume and (run / TRAIN_META).exists() else None
-    if saved:
+    if saved:   # the choice made at the start of the run, so a resumed run computes the same way
         rt = Runtime(torch.device(saved["runtime"]["device"]), saved["runtime"]["precision"],
                      saved["runtime"]["channels_last"])
     else:
@@ -203,29 +241,37 @@ def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=print) ->
                             device=cfg.train.device, precision=cfg.train.precision,
                             channels_last=cfg.train.channels_last, key_extra=cfg.model.name, log=log)
     model = model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
-    n_params = count_parameters(model)
-    optimizer = build_optimizer(cfg, model)
-    scheduler, per_batch = build_scheduler(cfg, optimizer, len(train_loader))
     if saved:
         tensors = load_tensors(run / TRAIN_STATE)
         load_model_state(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, str(run / TRAIN_STATE))
-        restore_optimizer(optimizer, tensors, saved["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(saved["scheduler"])
-        state = TrainState(**saved["state"])
-        _truncate_metrics(run / METRICS_FILE, state.epoch)
-        log(f"resuming {run} after epoch {state.epoch}")
+    n_params = count_parameters(model)
     if cfg.train.compile:
         model = torch.compile(model)
     log(f"model: {cfg.model.name} ({n_params:,} parameters) on {rt.describe()}")
+    return Job(cfg, run, data, train_loader, val_loader, model, loss_fn, rt, n_params, log)
 
+
+def run_stage(job: Job, stages: list[StageConfig], state: TrainState, saved: dict | None) -> None:
+    """Epochs of one stage: its own freezing, optimizer and schedule; best kept across stages."""
+    cfg, t, stage = job.cfg, job.data.table, stages[state.stage]
+    frozen = apply_freeze(job.model, stage.freeze)
+    optimizer = build_optimizer(cfg, job.model, stage)
+    scheduler, per_batch = build_scheduler(cfg, optimizer, stage, len(job.train_loader))
+    if saved and state.stage_epoch > 0:          # resuming inside this stage
+        restore_optimizer(optimizer, load_tensors(job.run / TRAIN_STATE), saved["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(saved["scheduler"])
+    if len(stages) > 1:
+        job.log(f"stage {state.stage + 1}/{len(stages)} \"{stage.name}\": {stage.epochs} epochs, lr {stage.lr:g}, "
+                f"schedule {stage.sched}, {frozen} parameter tensors frozen")
     monitor = monitor_name(t.multi_label)
-    while state.epoch < cfg.train.epochs and not state.stopped:
+    total_epochs = sum(s.epochs for s in stages)
+    while state.stage_epoch < stage.epochs and not state.stopped:
         epoch, start = state.epoch, time.perf_counter()
-        train_loss, lr = train_one_epoch(model, train_loader, loss_fn, optimizer, scheduler, per_batch, rt, cfg, epoch)
-        val = evaluate(model, val_loader, loss_fn, rt, data)
-        metrics = evaluate_scores(val["scores"], t.targets[val["rows"]], t.ignore[val["rows"]], t.multi_label)
-        value = metrics[monitor]
+        train_loss, lr = train_one_epoch(job.model, job.train_loader, job.loss_fn, optimizer, scheduler, per_batch,
+                                         job.rt, cfg, epoch)
+        val = evaluate(job.model, job.val_loader, job.loss_fn, job.rt, job.data)
+        value = evaluate_scores(val["scores"], t.targets[val["rows"]], t.ignore[val["rows"]], t.multi_label)[monitor]
         if scheduler is not None and not per_batch:
             scheduler.step(value)
         improved = value > state.best_value
@@ -233,35 +279,39 @@ def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=print) ->
             state.best_value, state.best_epoch, state.bad_epochs = value, epoch + 1, 0
         else:
             state.bad_epochs += 1
-        state.epoch = epoch + 1
+        state.epoch, state.stage_epoch = epoch + 1, state.stage_epoch + 1
         state.stopped = 0 < cfg.train.early_stop_patience <= state.bad_epochs
         seconds = time.perf_counter() - start
-        row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"], f"val_{monitor}": value,
-               "lr": lr, "seconds": seconds,
-               "train_img_per_s": len(train_loader) * train_loader.batch_size / seconds}
+        row = {"epoch": epoch + 1, "stage": stage.name, "train_loss": train_loss, "val_loss": val["loss"],
+               f"val_{monitor}": value, "lr": lr, "seconds": seconds,
+               "train_img_per_s": len(job.train_loader) * job.train_loader.batch_size / seconds}
         # Order matters for a kill at any point: the metrics line (dropped on resume if the checkpoint
         # did not follow), then the best weights, then the checkpoint that marks the epoch done.
-        with open(run / METRICS_FILE, "a") as f:
+        with open(job.run / METRICS_FILE, "a") as f:
             f.write(json.dumps(row) + "\n")
         if improved:
-            save_tensors(run / MODEL_WEIGHTS, model_state(model))
-            write_json(run / MODEL_META, model_meta(cfg, data, rt, state, n_params))
-        _save_checkpoint(run, model, optimizer, scheduler, state, rt)
-        log(f"epoch {epoch + 1}/{cfg.train.epochs}  train_loss {train_loss:.4f}  val_loss {val['loss']:.4f}  "
-            f"val_{monitor} {value:.4f}  lr {row['lr']:.2e}  {seconds:.1f}s"
-            + ("  *best*" if improved else "") + ("  (early stop)" if state.stopped else ""))
+            save_tensors(job.run / MODEL_WEIGHTS, model_state(job.model))
+            write_json(job.run / MODEL_META, model_meta(cfg, job.data, job.rt, state, job.n_params))
+        _save_checkpoint(job.run, job.model, optimizer, scheduler, state, job.rt)
+        job.log(f"epoch {epoch + 1}/{total_epochs}  train_loss {train_loss:.4f}  val_loss {val['loss']:.4f}  "
+                f"val_{monitor} {value:.4f}  lr {lr:.2e}  {seconds:.1f}s"
+                + ("  *best*" if improved else "") + ("  (early stop)" if state.stopped else ""))
 
-    # The result is the best epoch, never the last one: reload it, calibrate on val, score test.
-    load_model_state(model, load_tensors(run / MODEL_WEIGHTS), str(run / MODEL_WEIGHTS))
-    meta = read_json(run / MODEL_META)
-    val = evaluate(model, val_loader, loss_fn, rt, data)
+
+def finish(job: Job, state: TrainState) -> Path:
+    """The result is the best epoch, never the last one: reload it and calibrate thresholds on val."""
+    t = job.data.table
+    load_model_state(job.model, load_tensors(job.run / MODEL_WEIGHTS), str(job.run / MODEL_WEIGHTS))
+    meta = read_json(job.run / MODEL_META)
+    val = evaluate(job.model, job.val_loader, job.loss_fn, job.rt, job.data)
+    targets, ignore = t.targets[val["rows"]], t.ignore[val["rows"]]
     if t.multi_label:
-        meta["thresholds"] = fit_thresholds(val["scores"], t.targets[val["rows"]], t.ignore[val["rows"]]).tolist()
-    meta["metrics"] = {"val": evaluate_scores(val["scores"], t.targets[val["rows"]], t.ignore[val["rows"]],
-                                              t.multi_label, meta["thresholds"])}
-    write_json(run / MODEL_META, meta)
-    log(f"best epoch {state.best_epoch} (val {monitor} {state.best_value:.4f}); run directory: {run}")
-    return run
+        meta["thresholds"] = fit_thresholds(val["scores"], targets, ignore).tolist()
+    meta["metrics"] = {"val": evaluate_scores(val["scores"], targets, ignore, t.multi_label, meta["thresholds"])}
+    write_json(job.run / MODEL_META, meta)
+    job.log(f"best epoch {state.best_epoch} (val {monitor_name(t.multi_label)} {state.best_value:.4f}); "
+            f"run directory: {job.run}")
+    return job.run
 
 
 def _save_checkpoint(run: Path, model, optimizer, scheduler, state: TrainState, rt: Runtime) -> None:

@@ -1,42 +1,112 @@
 """Inference from a run directory: ``multitag.load(run_dir).predict(images)``.
 
-The model and its preprocessing are rebuilt from model.json + model.safetensors alone (nothing
-unpickled); images go through the same decode → squash-resize → normalise as in training.
+One predictor for every face (CLI, app, HTTP service, Python): it rebuilds the preprocessing
+and thresholds from model.json and runs the network on one of two backends:
+
+  torch        the PyTorch network rebuilt from model.safetensors (nothing unpickled)
+  onnx         ONNX Runtime on RUN_DIR/model.onnx, written by `multitag export RUN_DIR`
+  onnx-int8    ONNX Runtime on RUN_DIR/model.int8.onnx (`multitag export RUN_DIR --int8`); only
+               when asked for by name, since its accuracy cost is measured, not zero
+
+``backend="auto"`` picks onnx when model.onnx exists and ONNX Runtime can use the chosen device
+(a CPU-only onnxruntime must not turn a GPU run into a CPU one), else torch. Either way the images
+go through the same decode → squash-resize → normalise as in training, and the same per-class
+thresholds decide the labels, so the backends differ only by float rounding.
 """
 from __future__ import annotations
 
+import glob
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from multitag.checkpoint import MODEL_META, MODEL_WEIGHTS, load_model_state, load_tensors, read_json
-from multitag.data.decode import BadImageError, load_and_resize, resize_uint8, to_uint8_array
+from multitag.data.decode import BadImageError, load_image
 from multitag.data.transforms import normalize
-from multitag.errors import UserError
+from multitag.errors import UserError, did_you_mean
 from multitag.inference import logits_of, scores_from_logits
 from multitag.models import build_model
+from multitag.progress import track
 from multitag.runtime import Runtime, choose_device
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+ONNX_MODEL = "model.onnx"
+ONNX_INT8_MODEL = "model.int8.onnx"
+BACKENDS = ("auto", "torch", "onnx", "onnx-int8")
+_ONNX_FILES = {"onnx": ONNX_MODEL, "onnx-int8": ONNX_INT8_MODEL}
+_EXPORT_KEYS = {"onnx": "onnx", "onnx-int8": "int8"}     # backend → its record in model.json "export"
 
 
 @dataclass
 class Prediction:
     labels: list[str]                # predicted label set (multi-label) or [top-1] (single-label)
-    scores: dict[str, float]         # every class's score (sigmoid or softmax)
+    scores: dict[str, float]         # every class's score (sigmoid or softmax); empty when error is set
     source: str = ""
+    error: str | None = None         # why this image could not be read (predict_each only)
 
     def to_dict(self) -> dict:
-        return {"image": self.source, "labels": self.labels, "scores": self.scores}
+        return {"image": self.source, "labels": self.labels, "scores": self.scores, "error": self.error}
 
+
+def weights_digest(run_dir: str | Path) -> str:
+    """sha256 of the run's model.safetensors: ties an exported ONNX file to the weights it came from."""
+    h = hashlib.sha256()
+    with open(Path(run_dir) / MODEL_WEIGHTS, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --- backends: a normalised float32 batch (B, 3, S, S) → logits (B, C) float32 on the CPU ----------
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, network: torch.nn.Module, runtime: Runtime):
+        self.network, self.runtime = network, runtime
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return logits_of(self.network, [x], self.runtime)
+
+
+class OnnxBackend:
+    """An ONNX Runtime session on one exported file, using torch's thread count (one knob for both)."""
+
+    def __init__(self, path: Path, device: torch.device, name: str = "onnx"):
+        import onnxruntime as ort
+
+        self.name, self.path = name, path
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.log_severity_level = 3          # ORT's per-node placement notes are noise for users
+        providers = ["CUDAExecutionProvider"] if device.type == "cuda" else []
+        self.session = ort.InferenceSession(str(path), options, providers=providers + ["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+        return torch.from_numpy(self.session.run(None, {self.input.name: x})[0])
+
+
+def onnx_can_use(device: torch.device) -> bool:
+    """Whether the installed onnxruntime runs on ``device`` (the CPU always; CUDA with onnxruntime-gpu)."""
+    if device.type != "cuda":
+        return True
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+# --- the predictor --------------------------------------------------------------------------------
 
 class Model:
-    """A trained model with its class names, thresholds and preprocessing."""
+    """A trained model with its class names, thresholds and preprocessing, on a torch or ONNX backend."""
 
-    def __init__(self, run_dir: str | Path, device: str = "auto"):
+    def __init__(self, run_dir: str | Path, device: str = "auto", backend: str = "auto"):
         self.run_dir = Path(run_dir)
         if not (self.run_dir / MODEL_META).exists():
             raise UserError(f"{self.run_dir} has no {MODEL_META}; point to a run directory made by `multitag train`.")
@@ -46,10 +116,53 @@ class Model:
         self.multi_label: bool = m["multi_label"]
         self.input_size: int = m["input_size"]
         self.mean, self.std = m["mean"], m["std"]
-        self.network = build_model(m["model"]["name"], len(self.class_names), **m["model"]["args"])
-        load_model_state(self.network, load_tensors(self.run_dir / MODEL_WEIGHTS), str(self.run_dir / MODEL_WEIGHTS))
         self.runtime = Runtime(choose_device(device), "fp32", False)
-        self.network.to(self.runtime.device).eval()
+        self._network: torch.nn.Module | None = None
+        self.backend = self._resolve_backend(backend)
+        if self.backend == "torch":
+            self._engine = TorchBackend(self.network, self.runtime)
+        else:
+            self._engine = self._open_onnx(self.backend)
+
+    # -- backend choice ---------------------------------------------------------------------------
+
+    def _resolve_backend(self, backend: str) -> str:
+        if backend not in BACKENDS:
+            raise UserError(f'unknown backend "{backend}"{did_you_mean(backend, BACKENDS)}.')
+        if backend != "auto":
+            return backend
+        has_onnx = (self.run_dir / ONNX_MODEL).exists()
+        return "onnx" if has_onnx and onnx_can_use(self.runtime.device) else "torch"
+
+    def _open_onnx(self, backend: str) -> OnnxBackend:
+        """Open model.onnx / model.int8.onnx after checking it was exported from these very weights."""
+        path = self.run_dir / _ONNX_FILES[backend]
+        flag = " --int8" if backend == "onnx-int8" else ""
+        if not path.exists():
+            raise UserError(f"{path} does not exist; run `multitag export {self.run_dir}{flag}` first, "
+                            "or use the torch backend.")
+        record = self.meta.get("export", {}).get(_EXPORT_KEYS[backend], {})
+        if record.get("weights_sha256") != weights_digest(self.run_dir):
+            # A run retrained or resumed after export would otherwise predict with stale weights.
+            raise UserError(f"{path} was not exported from the current {MODEL_WEIGHTS}; run "
+                            f"`multitag export {self.run_dir}{flag}` again, or delete {path.name}.")
+        engine = OnnxBackend(path, self.runtime.device, backend)
+        shape = engine.input.shape        # ['batch', 3, S, S]
+        if list(shape[1:]) != [3, self.input_size, self.input_size]:
+            raise UserError(f"{path} takes input {shape}, but model.json says {self.input_size} px; "
+                            f"re-run `multitag export {self.run_dir}{flag}`.")
+        return engine
+
+    @property
+    def network(self) -> torch.nn.Module:
+        """The PyTorch network (eval mode, on the runtime's device); built on first use for ONNX
+        backends, since only Grad-CAM and training-side tools need it there."""
+        if self._network is None:
+            m = self.meta
+            net = build_model(m["model"]["name"], len(self.class_names), **m["model"]["args"])
+            load_model_state(net, load_tensors(self.run_dir / MODEL_WEIGHTS), str(self.run_dir / MODEL_WEIGHTS))
+            self._network = net.to(self.runtime.device).eval()
+        return self._network
 
     @property
     def thresholds(self) -> np.ndarray:
@@ -57,29 +170,65 @@ class Model:
         t = self.meta.get("thresholds")
         return np.asarray(t, dtype=np.float32) if t is not None else np.full(len(self.class_names), 0.5, np.float32)
 
+    # -- preprocessing and scoring ----------------------------------------------------------------
+
+    def pixels(self, image) -> torch.Tensor:
+        """One path, bytes, PIL image, HxWx3 array or (3,H,W) uint8 tensor → (3, S, S) uint8.
+        Raises BadImageError for a file that cannot be read."""
+        return load_image(image, self.input_size)
+
     def preprocess(self, images: Sequence) -> torch.Tensor:
-        """Paths, PIL images, HxWx3 arrays or (3,H,W) uint8 tensors → normalised (B, 3, S, S)."""
-        batch = [load_and_resize(im, self.input_size) if isinstance(im, (str, Path))
-                 else resize_uint8(to_uint8_array(im), self.input_size) for im in images]
-        return normalize(torch.stack(batch), self.mean, self.std)
+        """Images (anything ``pixels`` takes) → normalised float32 (B, 3, S, S)."""
+        return normalize(torch.stack([self.pixels(im) for im in images]), self.mean, self.std)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised (B, 3, S, S) → logits (B, C) float32 on the CPU, on this model's backend."""
+        return self._engine(x)
+
+    def scores(self, x: torch.Tensor) -> np.ndarray:
+        """Normalised (B, 3, S, S) → (B, C) scores: sigmoid per class (multi-label) or softmax."""
+        return scores_from_logits(self.logits(x), self.multi_label).numpy()
 
     def predict_scores(self, images: Sequence, batch_size: int = 64) -> np.ndarray:
-        """(N, C) class scores: sigmoid per class (multi-label) or softmax (single-label)."""
+        """(N, C) class scores of the images. Raises BadImageError on the first unreadable one."""
         images = list(images)
-        batches = (self.preprocess(images[i:i + batch_size]) for i in range(0, len(images), batch_size))
         if not images:
             return np.zeros((0, len(self.class_names)), np.float32)
-        return scores_from_logits(logits_of(self.network, batches, self.runtime), self.multi_label).numpy()
+        return np.concatenate([self.scores(self.preprocess(images[i:i + batch_size]))
+                               for i in range(0, len(images), batch_size)])
 
     def predict(self, images: Sequence, threshold: float | str = "calibrated", top_k: int | None = None,
                 batch_size: int = 64) -> list[Prediction]:
         """Label sets: scores ≥ the calibrated per-class thresholds (or a given float), or the top-k."""
         images = list(images)
         scores = self.predict_scores(images, batch_size)
-        return [self._decide(s, threshold, top_k, str(im) if isinstance(im, (str, Path)) else "")
-                for s, im in zip(scores, images)]
+        return [self.decide(s, threshold, top_k, _name_of(im)) for s, im in zip(scores, images)]
 
-    def _decide(self, s: np.ndarray, threshold, top_k, source: str) -> Prediction:
+    def predict_each(self, images: Iterable, threshold: float | str = "calibrated", top_k: int | None = None,
+                     batch_size: int = 32, progress: bool = False) -> Iterator[Prediction]:
+        """Like ``predict``, lazily and batch by batch, in input order; an image that cannot be read
+        yields a Prediction with ``error`` set (and no scores) instead of failing its batch."""
+        images = list(images)
+        chunks = (images[i:i + batch_size] for i in range(0, len(images), batch_size))
+        if progress:
+            chunks = track(chunks, -(-len(images) // batch_size), "predicting")
+        for chunk in chunks:
+            yield from self._predict_chunk(chunk, threshold, top_k)
+
+    def _predict_chunk(self, chunk: list, threshold, top_k) -> list[Prediction]:
+        pixels, errors = [], {}
+        for i, image in enumerate(chunk):          # decode one by one so a bad file fails alone
+            try:
+                pixels.append(self.pixels(image))
+            except BadImageError as e:
+                errors[i] = e.reason
+        scores = iter(self.scores(normalize(torch.stack(pixels), self.mean, self.std)) if pixels else [])
+        return [Prediction([], {}, _name_of(im), errors[i]) if i in errors
+                else self.decide(next(scores), threshold, top_k, _name_of(im)) for i, im in enumerate(chunk)]
+
+    def decide(self, s: np.ndarray, threshold: float | str = "calibrated", top_k: int | None = None,
+               source: str = "") -> Prediction:
+        """One image's scores (C,) → its Prediction (labels sorted by score)."""
         if top_k is not None or not self.multi_label:
             chosen = np.argsort(-s, kind="stable")[: (top_k or 1)]
         else:
@@ -90,24 +239,94 @@ class Model:
                           {c: float(v) for c, v in zip(self.class_names, s)}, source)
 
 
-def load(run_dir: str | Path, device: str = "auto") -> Model:
-    return Model(run_dir, device)
+Predictor = Model   # the name the issue uses; Model stays the public one
 
+
+def _name_of(image) -> str:
+    return str(image) if isinstance(image, (str, Path)) else ""
+
+
+def load(run_dir: str | Path, device: str = "auto", backend: str = "auto") -> Model:
+    """The predictor of a run directory; see the module docstring for ``backend``."""
+    return Model(run_dir, device, backend)
+
+
+# --- writing predictions -------------------------------------------------------------------------
+
+OUTPUT_FORMATS = ("text", "csv", "json")
+
+
+def write_predictions(predictions: Sequence[Prediction], class_names: Sequence[str], fmt: str, stream) -> None:
+    """Predictions to a text stream.
+
+    csv:  image, labels ("|"-separated, so class names may hold spaces or commas), one score
+          column per class, error (empty when the image was read)
+    json: a list of {"image", "labels", "scores", "error"}
+    text: one line per image for people: labels, then the three best scores
+    """
+    if fmt == "csv":
+        import csv
+
+        writer = csv.writer(stream)
+        writer.writerow(["image", "labels", *class_names, "error"])
+        for p in predictions:
+            scores = [f"{p.scores[c]:.6f}" for c in class_names] if p.error is None else [""] * len(class_names)
+            writer.writerow([p.source, "|".join(p.labels), *scores, p.error or ""])
+    elif fmt == "json":
+        import json
+
+        json.dump([p.to_dict() for p in predictions], stream, indent=2)
+        stream.write("\n")
+    elif fmt == "text":
+        for p in predictions:
+            stream.write(f"{p.source}: {_describe(p)}\n")
+    else:
+        raise UserError(f'unknown output format "{fmt}"{did_you_mean(fmt, OUTPUT_FORMATS)}.')
+
+
+def _describe(p: Prediction) -> str:
+    if p.error is not None:
+        return f"ERROR {p.error}"
+    top = sorted(p.scores.items(), key=lambda kv: -kv[1])[:3]
+    return f"{' '.join(p.labels) or '(none)'}   [" + ", ".join(f"{k} {v:.2f}" for k, v in top) + "]"
+
+
+# --- finding the files to predict -----------------------------------------------------------------
 
 def expand_images(items: Iterable[str]) -> list[str]:
-    """Image files named directly or found (recursively, sorted) in named folders."""
-    out = []
+    """Files named directly, every file (recursively, sorted) in named folders, and glob matches
+    (``"photos/**/*.jpg"`` quoted, so it reaches us unexpanded), in order, without duplicates.
+
+    Nothing is filtered by name: folders may hold non-images and a name may be missing; they are
+    kept so that ``predict_each`` reports each one with its reason instead of dropping it silently.
+    Hidden files and folders (".DS_Store", ".git/") are skipped. Raises UserError only when the
+    arguments name nothing at all.
+    """
+    out: dict[str, None] = {}        # insertion-ordered set
     for item in items:
-        p = Path(item)
-        if p.is_dir():
-            out += sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
-        elif p.exists():
-            out.append(str(p))
-        else:
-            raise UserError(f"{item} does not exist; give image files or folders of images.")
+        for path in _expand_one(item):
+            out.setdefault(path)
     if not out:
-        raise UserError("no images found in the given paths; give image files or folders with .jpg/.png images.")
-    return out
+        raise UserError("no files found in the given paths; give image files, folders or quoted globs.")
+    return list(out)
 
 
-__all__ = ["Model", "Prediction", "load", "expand_images", "BadImageError"]
+def _expand_one(item: str) -> list[str]:
+    p = Path(item)
+    if p.is_dir():
+        return _files_under(p)
+    if p.exists() or not any(c in item for c in "*?["):
+        return [item]                 # a missing file is reported by the decoder ("No such file")
+    matches = sorted(glob.glob(item, recursive=True))
+    if not matches:
+        return [item]                 # reported as missing, so a typo in a pattern is visible
+    return [f for m in matches for f in (_files_under(Path(m)) if Path(m).is_dir() else [m])]
+
+
+def _files_under(folder: Path) -> list[str]:
+    return sorted(str(f) for f in folder.rglob("*")
+                  if f.is_file() and not any(part.startswith(".") for part in f.relative_to(folder).parts))
+
+
+__all__ = ["Model", "Predictor", "Prediction", "load", "expand_images", "write_predictions", "BadImageError", "BACKENDS",
+           "ONNX_MODEL", "ONNX_INT8_MODEL", "weights_digest"]

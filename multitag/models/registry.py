@@ -86,6 +86,13 @@ def inception_resnet_v1(num_classes: int, **kw) -> nn.Module:
     return InceptionResNetV1(num_classes, **kw)
 
 
+@register("inception_resnet_v1_small", "Inception-ResNet-v1, CPU-sized: blocks (1, 2, 1), width 0.25 (≥ 75 px input)", 160)
+def inception_resnet_v1_small(num_classes: int, blocks=(1, 2, 1), width: float = 0.25, **kw) -> nn.Module:
+    from multitag.models.inception_resnet import InceptionResNetV1
+
+    return InceptionResNetV1(num_classes, blocks=blocks, width=width, **kw)
+
+
 def _efficientnet_lite(variant: int):
     def build(num_classes: int, **kw) -> nn.Module:
         from multitag.models.efficientnet_lite import build_efficientnet_lite

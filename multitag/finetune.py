@@ -1,0 +1,99 @@
+"""Fine-tuning parts: stages, freezing by name pattern, discriminative learning rates, frozen BatchNorm.
+
+A run is a list of stages (a plain run is one stage built from train/optim/sched). Each stage
+freezes what it says, builds its own optimizer with a head group at ``lr`` and a backbone group
+at ``lr × backbone_lr_mult``, and its own schedule whose peak/constant LR is exactly ``lr``.
+"""
+from __future__ import annotations
+
+from fnmatch import fnmatch
+
+from torch import nn
+
+from multitag.config import Config, StageConfig
+from multitag.errors import UserError
+
+BACKBONE = "backbone"
+
+
+def resolve_stages(cfg: Config) -> list[StageConfig]:
+    """The configured stages, or one stage equivalent to the flat train/optim/sched settings."""
+    if cfg.stages:
+        for i, s in enumerate(cfg.stages):
+            if s.epochs < 1:
+                raise UserError(f"stages.{i}.epochs must be at least 1, got {s.epochs}.")
+        return [s if s.name else StageConfig(**{**vars(s), "name": f"stage{i + 1}"}) for i, s in enumerate(cfg.stages)]
+    return [StageConfig(name="train", epochs=cfg.train.epochs, lr=cfg.optim.lr, sched=cfg.sched.name)]
+
+
+def head_module(model: nn.Module) -> nn.Module:
+    """The classifier head: timm's get_classifier() where available, else the last nn.Linear."""
+    model = getattr(model, "_orig_mod", model)
+    if hasattr(model, "get_classifier"):
+        head = model.get_classifier()
+        if isinstance(head, nn.Module) and any(True for _ in head.parameters()):
+            return head
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise UserError(f"cannot find the classifier head of {type(model).__name__}; freeze by name patterns instead.")
+    return linears[-1]
+
+
+def head_parameter_names(model: nn.Module) -> set[str]:
+    head = head_module(model)
+    ids = {id(p) for p in head.parameters()}
+    return {n for n, p in getattr(model, "_orig_mod", model).named_parameters() if id(p) in ids}
+
+
+def apply_freeze(model: nn.Module, patterns) -> int:
+    """Set requires_grad from the stage's freeze patterns; returns the number of frozen tensors.
+
+    "backbone" freezes everything except the head. A pattern that matches nothing is an error
+    (a typo would otherwise silently train everything).
+    """
+    base = getattr(model, "_orig_mod", model)
+    names = [n for n, _ in base.named_parameters()]
+    head = head_parameter_names(model)
+    frozen: set[str] = set()
+    for pat in patterns:
+        hits = {n for n in names if n not in head} if pat == BACKBONE else {n for n in names if fnmatch(n, pat)}
+        if not hits:
+            raise UserError(f'freeze pattern "{pat}" matches no parameter (e.g. {names[0]}, {names[-1]}); '
+                            'use fnmatch patterns such as "layer1.*" or "backbone".')
+        frozen |= hits
+    for n, p in base.named_parameters():
+        p.requires_grad_(n not in frozen)
+    return len(frozen)
+
+
+def frozen_batchnorm_to_eval(model: nn.Module) -> None:
+    """Keep BatchNorm layers whose parameters are all frozen in eval mode (call after model.train()).
+
+    A frozen layer must not drift: in train mode BN would keep updating its running statistics
+    from the new data even though its affine weights are fixed.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            params = list(m.parameters())
+            if params and not any(p.requires_grad for p in params):
+                m.eval()
+
+
+def param_groups(model: nn.Module, stage: StageConfig, weight_decay: float) -> list[dict]:
+    """Trainable parameters in two groups: head at stage.lr, backbone at stage.lr × backbone_lr_mult.
+
+    Biases and normalisation weights (1-D tensors) get no weight decay, as in timm/fastai.
+    """
+    base = getattr(model, "_orig_mod", model)
+    head = head_parameter_names(model)
+    groups: dict[tuple[str, bool], list] = {}
+    for n, p in base.named_parameters():
+        if p.requires_grad:
+            groups.setdefault(("head" if n in head else "backbone", p.ndim > 1), []).append(p)
+    out = []
+    for (part, decay), params in sorted(groups.items()):
+        lr = stage.lr if part == "head" else stage.lr * stage.backbone_lr_mult
+        out.append({"params": params, "lr": lr, "weight_decay": weight_decay if decay else 0.0, "name": part})
+    if not out:
+        raise UserError(f'stage "{stage.name}" freezes every parameter; leave something to train.')
+    return out

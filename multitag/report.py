@@ -1,0 +1,424 @@
+"""`multitag report`: RUN_DIR/report/index.html with its PNG figures beside it, and metrics.json.
+
+The page is static HTML with inline CSS and relative links to the PNGs in its own folder: it opens
+offline, fetching no script, stylesheet or font. Its numbers are those `multitag eval` prints
+(``summary.evaluate_scores`` on ``evaluation.score_split``); counts come from ``metrics``.
+
+Sections, in order: summary (run facts, headline metrics), learning curves, per-class table and
+bar charts, precision–recall curves (multi-label), confusion view, label statistics, worst false
+positives and negatives, Grad-CAM overlays.
+"""
+from __future__ import annotations
+
+import html
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from multitag import plots
+from multitag.checkpoint import write_json
+from multitag.data.decode import decode_image
+from multitag.data.prepare import PreparedData
+from multitag.evaluation import prepare_for, score_split
+from multitag.explain import explain_images
+from multitag.metrics import binarize, counts, rank_by_class
+from multitag.predict import Model, load
+from multitag.summary import SET_METRICS, TOP3_METRICS, evaluate_scores
+
+REPORT_DIR = "report"
+HISTORY_FILE = "metrics.jsonl"
+GALLERY_SIZE = 8          # images per error gallery
+CAM_IMAGES = 4            # images in the Grad-CAM section
+CAM_TOP_K = 3             # classes explained per image
+METRIC_LABELS = {"mAP": "mAP", "CP": "CP (per-class precision)", "CR": "CR (per-class recall)",
+                 "CF1": "CF1", "OP": "OP (overall precision)", "OR": "OR (overall recall)", "OF1": "OF1",
+                 "micro_f1": "micro F1", "macro_f1": "macro F1", "samples_f1": "sample F1",
+                 "samples_jaccard": "sample Jaccard", "accuracy": "accuracy (top-1)", "top5": "top-5 accuracy"}
+
+
+# ----------------------------------------------------------------------------- the data
+
+@dataclass
+class ReportData:
+    """One model scored on one split: what every section draws from."""
+
+    model: Model
+    prepared: PreparedData
+    split: str
+    rows: np.ndarray             # (N,) table rows of the split
+    scores: np.ndarray           # (N, C) sigmoid (multi-label) or softmax (single-label) scores
+    result: dict                 # evaluate_scores(...) plus split facts; becomes metrics.json
+    out: Path                    # the report folder
+    notes: list[str]
+    figures: list[Path] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        t = self.prepared.table
+        self.ignore = t.ignore[self.rows]                                    # (N, C) bool
+        self.positive = (t.targets[self.rows] > 0.5) & ~self.ignore          # (N, C) true labels
+        if self.model.multi_label:   # the labels the model outputs: calibrated thresholds (0.5 if none)
+            self.predicted = binarize(self.scores, self.model.thresholds).astype(bool)
+        else:                        # single-label: the top class
+            self.predicted = np.eye(self.scores.shape[1], dtype=bool)[self.scores.argmax(1)]
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.model.class_names
+
+    def labels_of(self, i: int) -> str:
+        """The true labels of split row i, comma-separated."""
+        return ", ".join(self.class_names[j] for j in np.flatnonzero(self.positive[i])) or "(none)"
+
+    def figure(self, path: Path) -> Path:
+        """Record a written figure (for metrics.json and the tests) and return its path."""
+        self.figures.append(path)
+        return path
+
+
+def choose_split(prepared: PreparedData, requested: str, calibrated: bool) -> tuple[str, list[str]]:
+    """The split to report on and notes on how to read it: falls back from test to val when there is no test."""
+    split, notes = requested, []
+    if requested == "test" and len(prepared.rows("test")) == 0:
+        split = "val"
+        notes.append("The data has no test split, so this report is on the validation split instead.")
+    if split in ("val", "all"):
+        notes.append("The best epoch was chosen on the validation split"
+                     + (" and the calibrated thresholds were fitted on it, so the 'calibrated' column is "
+                        "optimistic here; mAP, @0.5 and top-3 do not depend on the thresholds." if calibrated else "."))
+    if split in ("train", "all"):
+        notes.append("The model was trained on the training images: their numbers are optimistic.")
+    return split, notes
+
+
+def read_history(run_dir: Path) -> list[dict]:
+    """metrics.jsonl rows (one per epoch), or [] when the run has none."""
+    path = Path(run_dir) / HISTORY_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def pr_points(scores: np.ndarray, targets: np.ndarray, ignore: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per class (recall, precision) at every distinct score, best score first; empty without positives.
+
+    Read off metrics.rank_by_class, the ranking AP itself is computed from (ignored pairs excluded).
+    """
+    r = rank_by_class(scores, targets, ignore)
+    curves = []
+    for c in range(scores.shape[1]):
+        if r.num_pos[c] == 0:
+            curves.append((np.empty(0), np.empty(0)))
+            continue
+        keep = r.is_end[c] & np.isfinite(r.scores[c])                        # thresholds; ignored pairs are -inf
+        tp, fp = r.tp[c][keep].astype(np.float64), r.fp[c][keep]
+        curves.append((tp / r.num_pos[c], tp / np.maximum(tp + fp, 1)))
+    return curves
+
+
+def worst_errors(d: ReportData, kind: str, n: int = GALLERY_SIZE) -> list[tuple[int, int]]:
+    """(split row, class) of the n most confident errors, one per image.
+
+    kind "fp": predicted but not true, highest score first; "fn": true but not predicted, lowest first.
+    """
+    if kind == "fp":
+        mask, key = d.predicted & ~d.positive & ~d.ignore, -d.scores
+    else:
+        mask, key = ~d.predicted & d.positive, d.scores
+    pairs = np.argwhere(mask)                                                # (E, 2) row, class
+    pairs = pairs[np.argsort(key[mask], kind="stable")]                      # argwhere and mask share order
+    _, first = np.unique(pairs[:, 0], return_index=True)                     # each image's worst pair
+    return [tuple(p) for p in pairs[np.sort(first)][:n]]
+
+
+def _original(d: ReportData, i: int) -> np.ndarray:
+    """Split row i's image as decoded (EXIF-upright RGB), (H, W, 3) uint8."""
+    return decode_image(d.prepared.table.paths[d.rows[i]]).permute(1, 2, 0).numpy()
+
+
+# ----------------------------------------------------------------------------- HTML pieces
+
+def _esc(text) -> str:
+    return html.escape(str(text))
+
+
+def _pct(value) -> str:
+    """A fraction as a percentage with two decimals; a dash for missing or NaN."""
+    return "—" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{100 * value:.2f}"
+
+
+def _table(header: list[str], rows: list[list], cls: str = "") -> str:
+    """An HTML table; cells are escaped text."""
+    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_esc(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _figure(path: Path, caption: str) -> str:
+    """An <img> of a figure in the report folder (relative link) with its caption."""
+    return (f'<figure><img src="{_esc(path.name)}" alt="{_esc(caption)}">'
+            f"<figcaption>{_esc(caption)}</figcaption></figure>")
+
+
+def _paragraph(text: str, cls: str = "") -> str:
+    return f'<p class="{cls}">{_esc(text)}</p>'
+
+
+# ----------------------------------------------------------------------------- sections
+
+def summary_section(d: ReportData) -> str:
+    """Run facts, notes on the split and the headline metrics."""
+    m, r = d.model.meta, d.result
+    thresholds = ("per-class, fitted on the validation split" if m.get("thresholds") is not None
+                  else "none fitted: 0.5 for every class")
+    facts = [["run", d.model.run_dir.name], ["model", f"{m['model']['name']} "
+                                                      f"({m['model'].get('num_parameters', 0):,} parameters)"],
+             ["input", f"{d.model.input_size}×{d.model.input_size} px, squash-resized"],
+             ["classes", f"{len(d.class_names)} ({'multi' if d.model.multi_label else 'single'}-label)"],
+             ["best epoch", f"{m.get('best_epoch')} (val {m.get('monitor')} {_pct(m.get('best_value'))})"],
+             ["data", r.get("data", "")], ["split", f"{d.split}: {r['num_images']} images"]]
+    if d.model.multi_label:
+        facts.append(["thresholds", thresholds])
+    parts = [_table(["", ""], facts, "facts")] + [_paragraph(n, "note") for n in d.notes]
+    return "\n".join(parts + [_headline_table(r)])
+
+
+def _headline_table(r: dict) -> str:
+    """Multi-label: mAP and the set metrics @0.5, calibrated and top-3 side by side; single: accuracy."""
+    if "accuracy" in r:
+        return _table(["metric", "%"], [[METRIC_LABELS[k], _pct(r.get(k))] for k in ("accuracy", "top5", "macro_f1")],
+                      "metrics")
+    cols = ["at_0.5", "calibrated", "top3"] if "calibrated" in r else ["at_0.5", "top3"]
+    header = ["metric (%)"] + [{"at_0.5": "@0.5", "calibrated": "calibrated", "top3": "top-3"}[c] for c in cols]
+    rows = [["mAP", _pct(r["mAP"])] + [""] * (len(cols) - 1)]
+    rows += [[METRIC_LABELS[k]] + [_pct(r[c][k]) if c != "top3" or k in TOP3_METRICS else "" for c in cols]
+             for k in SET_METRICS]
+    return _table(header, rows, "metrics")
+
+
+def curves_section(d: ReportData) -> str:
+    history = read_history(d.model.run_dir)
+    if not history:
+        return _paragraph(f"No {HISTORY_FILE} in the run directory: no learning curves.", "note")
+    staged = " Dashed lines separate training stages." if plots.stage_spans(history) else ""
+    path = d.figure(plots.learning_curves(history, d.out / "learning_curves.png", d.model.meta.get("best_epoch")))
+    return _figure(path, "Loss, validation metric and learning rate per epoch; the dotted line is the best "
+                         "epoch, whose weights are the model." + staged)
+
+
+def _per_class_columns(d: ReportData) -> dict[str, np.ndarray]:
+    """Per-class quantities to chart, the sort key first."""
+    pc = d.result["per_class"]
+    keys = ("ap", "f1", "precision", "recall") if d.model.multi_label else ("accuracy", "f1", "precision")
+    columns = {k: np.array([row[k] for row in pc], dtype=np.float64) for k in keys}
+    columns["support"] = np.array([row["support"] for row in pc], dtype=np.int64)
+    if d.model.multi_label:
+        columns["threshold"] = np.array([row["threshold"] for row in pc], dtype=np.float64)
+    return columns
+
+
+def per_class_section(d: ReportData) -> str:
+    """Per-class table (sorted, worst last) and one bar chart per quantity."""
+    columns = _per_class_columns(d)
+    order = plots.descending_order(next(iter(columns.values())))
+    header = ["class"] + list(columns)
+    rows = [[d.class_names[i]] + [v[i] if k == "support" else (f"{v[i]:.3f}" if k == "threshold" else _pct(v[i]))
+                                  for k, v in columns.items()] for i in order]
+    what = "calibrated thresholds" if "calibrated" in d.result else "the model's decision rule"
+    path = d.figure(plots.per_class_bars(d.class_names, columns, d.out / "per_class.png"))
+    return "\n".join([_figure(path, f"Per-class metrics on {d.split}, sorted by {header[1]}; F1, precision and recall "
+                                    f"at {what}; support = positive images."),
+                      _table(header, rows, "per-class")])
+
+
+def pr_section(d: ReportData) -> str | None:
+    """Precision–recall curve per class with the operating point (multi-label only)."""
+    if not d.model.multi_label:
+        return None
+    pc = d.result["per_class"]
+    curves = pr_points(d.scores, d.positive, d.ignore)
+    marks = [(row["recall"], row["precision"], row["threshold"]) for row in pc]
+    path = d.figure(plots.pr_curves(d.class_names, curves, [row["ap"] for row in pc], marks, d.out / "pr_curves.png"))
+    return _figure(path, "Precision–recall curve of each class; the red dot is the threshold the model uses.")
+
+
+def confusion_counts(d: ReportData) -> dict[str, np.ndarray]:
+    """Per-class TP, FP, FN, TN of the model's predicted label sets (ignored pairs in none)."""
+    c = counts(d.predicted, d.positive, d.ignore)
+    tn = (~d.ignore).sum(0) - c.tp - c.fp - c.fn
+    return {"TP": c.tp, "FP": c.fp, "FN": c.fn, "TN": tn}
+
+
+def predicted_vs_true(d: ReportData) -> np.ndarray:
+    """(C, C) row i = images where class i is true: (i, i) is i's recall, (i, j) the fraction in which
+    j was predicted although j is absent. Off the diagonal it counts only wrong predictions, so a
+    pair of labels that merely occur together (person, chair) does not look like a confusion.
+    """
+    wrong = d.predicted & ~d.positive & ~d.ignore                            # (N, C) false positives
+    pos = d.positive.astype(np.float64)
+    m = pos.T @ wrong                                                        # (C, C) i true and j wrongly predicted
+    np.fill_diagonal(m, (d.positive & d.predicted).sum(0))
+    n_true = d.positive.sum(0)[:, None]
+    return np.where(n_true > 0, m / np.maximum(n_true, 1), np.nan)
+
+
+def confusion_section(d: ReportData) -> str:
+    names = d.class_names
+    if not d.model.multi_label:
+        cm = np.asarray(d.result["confusion_matrix"], dtype=np.float64)
+        norm = cm / np.where(cm.sum(1, keepdims=True) > 0, cm.sum(1, keepdims=True), np.nan)
+        path = d.figure(plots.matrix_heatmap(norm, names, names, d.out / "confusion_matrix.png",
+                                             title="confusion matrix (rows sum to 1)", xlabel="predicted",
+                                             ylabel="true"))
+        return _figure(path, "Row i: where the images of class i went; the diagonal is per-class accuracy.")
+    cnt = confusion_counts(d)
+    table = _table(["class"] + list(cnt), [[n] + [int(v[i]) for v in cnt.values()] for i, n in enumerate(names)],
+                   "per-class")
+    path = d.figure(plots.matrix_heatmap(predicted_vs_true(d), names, names, d.out / "predicted_vs_true.png",
+                                         title="predicted vs true", xlabel="predicted (wrongly, off the diagonal)",
+                                         ylabel="true"))
+    return "\n".join([_figure(path, "Row i: images where class i is true. Diagonal: recall of i. Cell (i, j): "
+                                    "fraction of them in which j was predicted although absent — which labels "
+                                    "are confused with which."),
+                      _paragraph("Per-class counts of the predicted label sets (TP, FP, FN, TN):"), table])
+
+
+def label_stats_section(d: ReportData) -> str:
+    """Label counts per class and split, label co-occurrence and labels per image, over all usable images."""
+    p, t = d.prepared, d.prepared.table
+    rows = p.rows("all")
+    positive = (t.targets[rows] > 0.5) & ~t.ignore[rows]                     # (M, C)
+    splits = p.split[rows]
+    by_split = {str(s or "no split"): positive[splits == s].sum(0) for s in dict.fromkeys(splits)}
+    parts = [_figure(d.figure(plots.label_counts(d.class_names, by_split, d.out / "label_counts.png")),
+                     f"Images per class in the data ({len(rows)} usable images), by split.")]
+    if d.model.multi_label:
+        together = positive.T.astype(np.float64) @ positive                  # (C, C) images with both
+        n = np.diag(together).copy()
+        cond = np.where(n[:, None] > 0, together / np.maximum(n[:, None], 1), np.nan)
+        np.fill_diagonal(cond, np.nan)                                       # trivially 1
+        parts.append(_figure(d.figure(plots.matrix_heatmap(
+            cond, d.class_names, d.class_names, d.out / "label_cooccurrence.png",
+            title="label co-occurrence P(j | i)", xlabel="j", ylabel="i")),
+            "Row i: fraction of the images labelled i that are also labelled j (true labels)."))
+        parts.append(_figure(d.figure(plots.labels_per_image(np.bincount(positive.sum(1)),
+                                                             d.out / "labels_per_image.png")),
+                             "How many labels the images carry."))
+    return "\n".join(parts)
+
+
+def _gallery(d: ReportData, kind: str) -> str:
+    pairs = worst_errors(d, kind)
+    what = {"fp": "false positives", "fn": "false negatives"}[kind]
+    if not pairs:
+        return _paragraph(f"No {what} on this split.")
+    thr = d.model.thresholds
+
+    def caption(i: int, c: int) -> str:
+        rule = f" {'≥' if kind == 'fp' else '<'} {thr[c]:.2f}" if d.model.multi_label else ""
+        return f"{d.class_names[c]}: {d.scores[i, c]:.2f}{rule}\ntrue: {d.labels_of(i)}"[:80]
+
+    items = [(_original(d, i), caption(i, c)) for i, c in pairs]
+    path = d.figure(plots.image_grid(items, d.out / f"worst_{kind}.png", title=f"worst {what}"))
+    rule = ("score of a class the image does not have, highest first" if kind == "fp"
+            else "score of a class the image has but the model missed, lowest first")
+    return _figure(path, f"Worst {what} (one per image): {rule}.")
+
+
+def errors_section(d: ReportData) -> str:
+    return "\n".join(_gallery(d, kind) for kind in ("fp", "fn"))
+
+
+def gradcam_section(d: ReportData) -> str:
+    """Grad-CAM of each of a few images' top classes, overlaid on the original image."""
+    picks = np.unique(np.linspace(0, len(d.rows) - 1, min(CAM_IMAGES, len(d.rows))).astype(int))
+    originals = [_original(d, i) for i in picks]
+    k = min(CAM_TOP_K, len(d.class_names))
+    cams = explain_images(d.model, originals, top_k=k, method="gradcam")
+    items = []
+    for i, original, row in zip(picks, originals, cams):
+        items.append((original, f"{Path(d.prepared.table.paths[d.rows[i]]).name}\ntrue: {d.labels_of(i)}"[:80]))
+        items += [(cam.overlay, f"{cam.class_name}: {cam.score:.2f}"
+                   + (" (true)" if d.positive[i, d.class_names.index(cam.class_name)] else "")) for cam in row]
+    path = d.figure(plots.image_grid(items, d.out / "gradcam.png", ncols=k + 1))
+    return _figure(path, f"Grad-CAM of each image's top {k} classes (red = most evidence), computed on the exact "
+                         "model input and resized back onto the original image.")
+
+
+SECTIONS: list[tuple[str, str, Callable[[ReportData], str | None]]] = [
+    ("summary", "Summary", summary_section),
+    ("curves", "Learning curves", curves_section),
+    ("per-class", "Per class", per_class_section),
+    ("pr", "Precision–recall curves", pr_section),
+    ("confusion", "Confusion", confusion_section),
+    ("labels", "Label statistics", label_stats_section),
+    ("errors", "Worst errors", errors_section),
+    ("gradcam", "Grad-CAM", gradcam_section),
+]
+
+CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 0 auto; max-width: 1200px;
+       padding: 0 1.5em 3em; color: #222; background: #fff; }
+nav a { margin-right: 1em; }
+h1 { font-size: 1.5em; } h2 { border-bottom: 1px solid #ddd; padding-top: 0.6em; }
+table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ddd; padding: 0.25em 0.6em; } td { text-align: right; }
+td:first-child, th:first-child { text-align: left; } thead th { background: #f3f3f3; }
+table.facts td { text-align: left; }
+figure { margin: 1em 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
+figcaption { color: #555; font-size: 0.9em; }
+.note { background: #fff6d6; border-left: 4px solid #e0b000; padding: 0.4em 0.8em; }
+"""
+
+
+def render_page(d: ReportData, sections: list[tuple[str, str, str]]) -> str:
+    """The whole index.html from (anchor, title, body HTML) sections."""
+    nav = " ".join(f'<a href="#{a}">{_esc(t)}</a>' for a, t, _ in sections)
+    body = "\n".join(f'<section id="{a}"><h2>{_esc(t)}</h2>\n{b}\n</section>' for a, t, b in sections)
+    title = f"multitag report: {d.model.run_dir.name} ({d.split})"
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">\n<title>{_esc(title)}</title>\n'
+            f"<style>{CSS}</style>\n</head>\n<body>\n<h1>{_esc(title)}</h1>\n<nav>{nav}</nav>\n{body}\n</body>\n</html>\n")
+
+
+# ----------------------------------------------------------------------------- entry point
+
+def _report_folder(run_dir: Path) -> Path:
+    """RUN_DIR/report, emptied of figures of an earlier report."""
+    out = Path(run_dir) / REPORT_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.png"):
+        old.unlink()
+    return out
+
+
+def write_report(run_dir, data: str | None = None, split: str = "test", log=print) -> Path:
+    """Score the run on a split (test, or val when the data has none) and write report/index.html.
+
+    Also writes report/metrics.json (the metrics, per-class counts, notes and figure names).
+    Returns the path of index.html.
+    """
+    start = time.perf_counter()
+    model = load(run_dir)
+    prepared = prepare_for(model, data, log)
+    split, notes = choose_split(prepared, split, model.meta.get("thresholds") is not None)
+    rows, scores = score_split(model, prepared, split)
+    t = prepared.table
+    result = evaluate_scores(scores, t.targets[rows], t.ignore[rows], model.multi_label,
+                             model.meta.get("thresholds"), t.class_names)
+    result.update(split=split, num_images=int(len(rows)), data=t.source)
+    d = ReportData(model, prepared, split, rows, scores, result, _report_folder(model.run_dir), notes)
+
+    sections = [(a, title, body) for a, title, build in SECTIONS if (body := build(d)) is not None]
+    index = d.out / "index.html"
+    index.write_text(render_page(d, sections), encoding="utf-8")
+    extra = {"notes": notes, "figures": [p.name for p in d.figures]}
+    if model.multi_label:
+        extra["counts"] = {k: v.tolist() for k, v in confusion_counts(d).items()}
+    write_json(d.out / "metrics.json", {**result, **extra})
+    log(f"report on {split} ({len(rows)} images, {len(d.figures)} figures) in "
+        f"{time.perf_counter() - start:.1f}s: {index}")
+    return index

@@ -1,0 +1,294 @@
+"""HTTP prediction service: ``multitag serve RUN_DIR`` or ``create_app(run_dir)`` for any ASGI server.
+
+Endpoints (OpenAPI docs at /docs, schema at /openapi.json):
+
+    POST /predict   multipart field ``file`` (one image) and/or ``files`` (a batch);
+                    query ``threshold`` ("calibrated" or a float in [0, 1]) and ``top_k``
+                    -> {"predictions": [{"filename", "labels", "scores"}]}
+    GET  /labels    -> {"class_names", "thresholds", "multi_label"}
+    GET  /health    -> {"status", "model", "backend", "run"}
+
+Every error is JSON ``{"error": "one sentence"}`` with a 4xx status for bad input:
+400 no image / empty file / bad parameter, 413 request, image or batch too large,
+415 not a readable image. A bad image never gives a 500.
+
+Limits, checked in this order so that no work is spent on input that will be refused:
+1. request body <= ``max_bytes``: the body is read up to that size before any parsing
+   (Content-Length is checked first, so a declared oversize body is refused unread);
+2. number of images <= ``max_batch``;
+3. pixels <= ``max_pixels`` per image, read from the image header before decoding
+   (decompression bombs: a few KB of PNG can declare gigapixels; a GIF counts every
+   frame, because the decoder decodes every frame);
+4. then the image is decoded by the same ``decode_image`` as training.
+A batch is all or nothing: one refused image refuses the request, naming that file.
+
+Concurrency: decoding runs in the thread pool, in parallel; inference runs in the thread
+pool too (never on the event loop) but one call at a time, under a lock. Not every
+backend is safe to call from several threads at once, and on CPU one call already uses
+every core, so a micro-batching queue would add latency and code for little throughput;
+clients that want throughput send a batch in ``files``.
+"""
+
+import io
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import FastAPI, File, Query, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from PIL import Image
+from starlette.exceptions import HTTPException
+
+from multitag.data.decode import BadImageError, decode_image
+from multitag.errors import UserError
+
+MB = 1 << 20
+DEFAULT_MAX_BYTES = 20 * MB
+DEFAULT_MAX_PIXELS = 40_000_000
+DEFAULT_MAX_BATCH = 32
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Upload limits shared by the HTTP service and the Streamlit app."""
+
+    max_bytes: int = DEFAULT_MAX_BYTES    # the whole request (service) or one file (app)
+    max_pixels: int = DEFAULT_MAX_PIXELS  # per image (all frames of a GIF)
+    max_batch: int = DEFAULT_MAX_BATCH    # images per request / shown at once
+
+
+class RejectedInput(UserError):
+    """Input refused with a reason for the user; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# --- image checks (no web framework needed; the app uses these too) ---------------------------
+
+def header_pixels(data: bytes, name: str) -> int:
+    """Pixel count declared by the image header, without decoding the pixels.
+
+    PIL's ``Image.open`` parses only the header. Raises RejectedInput (415) when the bytes
+    are not an image, (413) when PIL itself refuses the size as a decompression bomb.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+            # torchvision decodes every frame of a GIF (decode_image then keeps the first),
+            # so all frames cost memory. n_frames on a GIF skips frame data without decoding.
+            frames = im.n_frames if im.format == "GIF" else 1
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise RejectedInput(f"{name} is too large to decode: {e}", 413) from None
+    except (OSError, SyntaxError, ValueError, EOFError):
+        # UnidentifiedImageError is an OSError; broken headers raise the others.
+        raise RejectedInput(f"{name} is not an image (JPEG, PNG, WEBP, GIF, BMP or TIFF expected)", 415) from None
+    return width * height * frames
+
+
+def decode_upload(data: bytes, name: str, limits: Limits = Limits()) -> np.ndarray:
+    """Encoded upload -> (H, W, 3) uint8 RGB, refused with RejectedInput when it breaks a limit.
+
+    The checks run from cheapest to dearest: emptiness, byte size, header pixel count, decode.
+    """
+    if not data:
+        raise RejectedInput(f"{name} is empty; send the image file's bytes", 400)
+    if len(data) > limits.max_bytes:
+        raise RejectedInput(f"{name} is {_bytes(len(data))}; the limit is {_bytes(limits.max_bytes)}", 413)
+    pixels = header_pixels(data, name)
+    if pixels > limits.max_pixels:
+        raise RejectedInput(f"{name} has {pixels:,} pixels; the limit is {limits.max_pixels:,}; downscale it first", 413)
+    try:
+        chw = decode_image(data, name=name)
+    except BadImageError as e:
+        raise RejectedInput(f"{name} is not a readable image: {e.reason}", 415) from None
+    return chw.permute(1, 2, 0).numpy()  # decode_image's tensor is a view of HWC memory: no copy
+
+
+def _bytes(n: int) -> str:
+    """A byte count for people: '20.0 MB', or exact bytes below 1 MB."""
+    return f"{n / MB:.1f} MB" if n >= MB else f"{n:,} bytes"
+
+
+def parse_threshold(value: str | float) -> str | float:
+    """'calibrated' (the run's per-class thresholds) or one float in [0, 1] for every class."""
+    if isinstance(value, str) and value.strip().lower() == "calibrated":
+        return "calibrated"
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        t = float("nan")
+    if not 0.0 <= t <= 1.0:  # also false for NaN
+        raise RejectedInput(f"threshold={value!r} is invalid; use 'calibrated' or a number in [0, 1]", 400)
+    return t
+
+
+def _load_model(run_dir_or_model):
+    """A run directory (loaded here) or an already loaded model (anything with ``predict``)."""
+    if hasattr(run_dir_or_model, "predict"):
+        return run_dir_or_model
+    from multitag.predict import load
+
+    return load(run_dir_or_model)
+
+
+class LockedModel:
+    """A model whose inference runs one call at a time (see the module docstring for why)."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self._lock = threading.Lock()
+
+    def predict(self, images: Sequence[np.ndarray], threshold: str | float, top_k: int | None):
+        with self._lock:
+            return self.model.predict(list(images), threshold=threshold, top_k=top_k)
+
+
+# --- the FastAPI application ---------------------------------------------------------------------
+
+class BodySizeLimit:
+    """ASGI middleware: refuse a request body over ``max_bytes`` with 413 before any parsing.
+
+    The body is read (at most ``max_bytes``) before the app sees it, then replayed, so the
+    multipart parser never spools an oversize upload to disk and the refusal is always JSON.
+    """
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._refuse(scope, receive, send)
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if len(body) > self.max_bytes:
+                return await self._refuse(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:  # after the body, the app only waits for a disconnect
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, receive, send) -> None:
+        message = f"request body over the limit of {_bytes(self.max_bytes)}; send fewer or smaller images"
+        await JSONResponse({"error": message}, status_code=413)(scope, receive, send)
+
+
+def create_app(run_dir_or_model, *, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
+               max_batch: int = DEFAULT_MAX_BATCH):
+    """The FastAPI app serving one model (a run directory or a loaded ``multitag.predict.Model``)."""
+    model = _load_model(run_dir_or_model)
+    locked = LockedModel(model)
+    limits = Limits(max_bytes, max_pixels, max_batch)
+    run_name = Path(str(getattr(model, "run_dir", "") or "model")).name
+    meta = getattr(model, "meta", {}) or {}
+    model_name = (meta.get("model") or {}).get("name", "unknown")
+
+    app = FastAPI(title="multitag", version=str(meta.get("multitag_version", "0")),
+                  description=f"Image tagging with `{model_name}` from run `{run_name}`. Errors are `{{\"error\": ...}}`.")
+    app.add_middleware(BodySizeLimit, max_bytes=max_bytes)
+
+    # One error shape for every failure, so clients parse a single format.
+    @app.exception_handler(RejectedInput)
+    async def _rejected(request: Request, exc: RejectedInput):
+        return JSONResponse({"error": str(exc)}, status_code=exc.status)
+
+    @app.exception_handler(UserError)
+    async def _user_error(request: Request, exc: UserError):
+        return JSONResponse({"error": str(exc)}, status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException):
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        return JSONResponse({"error": describe_validation_error(exc.errors())}, status_code=400)
+
+    @app.post("/predict", summary="Labels and per-class scores for one image (`file`) or a batch (`files`)")
+    async def predict(
+        request: Request,
+        file: Annotated[UploadFile | None, File(description="one image")] = None,
+        files: Annotated[list[UploadFile] | None, File(description=f"a batch of up to {max_batch} images")] = None,
+        threshold: Annotated[str, Query(description="'calibrated' (per-class, from the run) or a float in [0, 1]")]
+        = "calibrated",
+        top_k: Annotated[int | None, Query(ge=1, le=len(model.class_names),
+                                           description="return the k best classes instead")] = None,
+    ) -> dict[str, Any]:
+        uploads = ([file] if file is not None else []) + list(files or [])
+        if not uploads:
+            raise RejectedInput(f"no image in the request{await _fields_seen(request)}; send multipart/form-data "
+                                "with field 'file' (one image) or 'files' (several)", 400)
+        if len(uploads) > max_batch:
+            raise RejectedInput(f"{len(uploads)} images in one request; the limit is {max_batch}", 413)
+        named = [(u.filename or f"image{i}", await u.read()) for i, u in enumerate(uploads)]
+        chosen = parse_threshold(threshold)
+        preds = await run_in_threadpool(_decode_and_predict, locked, named, limits, chosen, top_k)
+        return {"predictions": [{"filename": name, "labels": p.labels, "scores": p.scores}
+                                for (name, _), p in zip(named, preds)]}
+
+    @app.get("/labels", summary="Class names and the calibrated per-class thresholds")
+    def labels() -> dict[str, Any]:
+        return {"class_names": list(model.class_names), "thresholds": [float(t) for t in model.thresholds],
+                "multi_label": bool(model.multi_label)}
+
+    @app.get("/health", summary="Liveness, with the model and inference backend in use")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "model": model_name, "run": run_name, "backend": getattr(model, "backend", "torch")}
+
+    return app
+
+
+async def _fields_seen(request) -> str:
+    """' (got fields: a, b)' naming the form fields that were sent, to point at a misspelt field name."""
+    form = await request.form()  # already parsed (and cached) by FastAPI; empty for non-form bodies
+    return f" (got field{'s' if len(form) > 1 else ''}: {', '.join(sorted(set(form.keys())))})" if form else ""
+
+
+def _decode_and_predict(locked: LockedModel, named: list[tuple[str, bytes]], limits: Limits,
+                        threshold: str | float, top_k: int | None):
+    """Runs in a worker thread: decode every image (in parallel with other requests), then infer under the lock."""
+    images = [decode_upload(data, name, limits) for name, data in named]
+    return locked.predict(images, threshold, top_k)
+
+
+def describe_validation_error(errors: Sequence[dict]) -> str:
+    """FastAPI's list of validation errors -> one sentence, e.g. "top_k: Input should be ... "."""
+    parts = []
+    for err in errors:
+        where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("query", "body"))
+        parts.append(f"{where}: {err.get('msg', 'invalid')}" if where else str(err.get("msg", "invalid")))
+    return "; ".join(parts) or "invalid request"
+
+
+def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *, max_bytes: int = DEFAULT_MAX_BYTES,
+          max_pixels: int = DEFAULT_MAX_PIXELS, max_batch: int = DEFAULT_MAX_BATCH) -> None:
+    """Load the run and serve it with uvicorn until interrupted (Ctrl-C)."""
+    import uvicorn
+
+    app = create_app(run_dir, max_bytes=max_bytes, max_pixels=max_pixels, max_batch=max_batch)
+    print(f"serving {run_dir} on http://{host}:{port} (docs: http://{host}:{port}/docs)")
+    uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+__all__ = ["Limits", "RejectedInput", "create_app", "decode_upload", "header_pixels", "parse_threshold", "serve"]

@@ -1,0 +1,183 @@
+"""The Streamlit app: simulated with streamlit.testing (upload, slider), then once in real headless Chromium."""
+import io
+import shutil
+import socket
+import struct
+import subprocess
+import time
+import zlib
+
+import httpx
+import pytest
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+import multitag.app as app
+from multitag.api import train
+from multitag.predict import load
+
+CHROMEDRIVER = "/usr/bin/chromedriver"
+
+
+@pytest.fixture(scope="module")
+def run_dir(digits_csv, tmp_path_factory):
+    out = tmp_path_factory.mktemp("app") / "run"
+    return train("demo", data=str(digits_csv), out=out,
+                 overrides=["train.epochs=1", "train.batch_size=32", "train.precision=fp32"], log=lambda *a: None)
+
+
+@pytest.fixture(scope="module")
+def model(run_dir):
+    return load(run_dir)
+
+
+@pytest.fixture(scope="module")
+def image_paths(digits_csv):
+    return sorted((digits_csv.parent / "images").glob("test_*.png"))[:2]
+
+
+@pytest.fixture()
+def app_test(run_dir, monkeypatch):
+    monkeypatch.setenv(app.RUN_ENV, str(run_dir))
+    return AppTest.from_file(app.__file__, default_timeout=60)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares width x height but carries almost no data: a decompression-bomb shape."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def shown_labels(at) -> list[list[str]]:
+    """The label list printed for each uploaded image, in upload order."""
+    lines = [m.value for m in at.markdown if m.value.startswith(app.LABELS_PREFIX)]
+    return [[part.strip(" `") for part in line[len(app.LABELS_PREFIX):].split(",")]
+            if "`" in line else [] for line in lines]
+
+
+def test_without_a_run_the_app_says_how_to_start_it(monkeypatch):
+    monkeypatch.delenv(app.RUN_ENV, raising=False)
+    at = AppTest.from_file(app.__file__, default_timeout=60).run()
+    assert not at.exception
+    assert "multitag app RUN_DIR" in at.error[0].value
+
+
+def test_upload_slider_gradcam_and_model_card(app_test, model, image_paths):
+    at = app_test.run()
+    assert not at.exception and at.title[0].value.startswith(app.TITLE)
+    uploads = [(p.name, p.read_bytes(), "image/png") for p in image_paths]
+    uploads += [("notes.png", b"not an image", "image/png"), ("bomb.png", png_header_only(7000, 7000), "image/png")]
+    at.file_uploader(key="images").set_value(uploads).run()
+    assert not at.exception
+
+    # calibrated per-class thresholds by default, exactly what the predictor decides
+    assert shown_labels(at) == [p.labels for p in model.predict(image_paths)]
+    errors = [e.value for e in at.error]
+    assert any("notes.png is not an image" in e for e in errors)
+    assert any("bomb.png has 49,000,000 pixels" in e for e in errors)
+
+    # one global threshold from the slider: labels follow it
+    at.checkbox(key="override").check().run()
+    seen = {}
+    for t in (0.0, 0.3, 1.0):
+        at.slider(key="threshold").set_value(t).run()
+        seen[t] = shown_labels(at)
+        assert seen[t] == [p.labels for p in model.predict(image_paths, threshold=t)]
+    assert all(set(labels) == set(model.class_names) for labels in seen[0.0])
+    assert seen[0.0] != seen[0.3]
+
+    # Grad-CAM next to each readable image when multitag.explain is there, else a note saying why not
+    if app.explain_missing() is None:
+        boxes = at.selectbox
+        assert len(boxes) == len(image_paths) and len(at.image) == 2 * len(image_paths)
+        scores = model.predict(image_paths[:1])[0].scores
+        assert boxes[0].options == sorted(scores, key=scores.get, reverse=True)
+        boxes[0].set_value(boxes[0].options[-1]).run()
+        assert not at.exception and len(at.image) == 2 * len(image_paths)
+    else:
+        assert any("multitag.explain" in i.value for i in at.info)
+
+    # the model card lists every class with its threshold
+    assert len(at.tabs[1].dataframe[0].value) == len(model.class_names)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_healthy(url: str, proc: subprocess.Popen, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"streamlit exited with {proc.returncode}: {proc.stdout.read()}"
+        try:
+            if httpx.get(f"{url}/_stcore/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"streamlit did not answer at {url} within {seconds:.0f} s")
+
+
+@pytest.fixture()
+def streamlit_server(run_dir):
+    """`streamlit run` of the app (the exact command `multitag app` runs), stopped at the end."""
+    port = free_port()
+    proc = subprocess.Popen(app.streamlit_command(run_dir, port), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until_healthy(url, proc)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture()
+def browser(tmp_path):
+    """Debian's headless Chromium through its own chromedriver (selenium-manager never downloads one)."""
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        pytest.skip("needs Debian chromium and chromium-driver (apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1280,1000",
+                 f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=shutil.which("chromedriver") or CHROMEDRIVER),
+                              options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def test_real_browser_renders_the_app_and_a_prediction(streamlit_server, browser, image_paths, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(streamlit_server)
+    wait = WebDriverWait(browser, 60)
+    wait.until(ec.text_to_be_present_in_element((By.TAG_NAME, "h1"), app.TITLE))
+    # the uploader appears once the model has loaded
+    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "input[type=file]"))).send_keys(str(image_paths[0]))
+    wait.until(ec.text_to_be_present_in_element((By.TAG_NAME, "body"), "Labels:"))
+    for drawn in ("[data-testid=stImage] img", ".vega-embed"):  # the image and its score chart
+        wait.until(ec.visibility_of_element_located((By.CSS_SELECTOR, drawn)))
+    shot = tmp_path / "app.png"  # kept in pytest's tmp dir for a look when this fails
+    assert browser.save_screenshot(str(shot))
+    image = Image.open(io.BytesIO(shot.read_bytes())).convert("RGB")
+    colours = image.getcolors(maxcolors=1 << 16)
+    assert colours is None or len(colours) > 10, "the screenshot is (nearly) one colour: nothing rendered"

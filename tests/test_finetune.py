@@ -1,0 +1,111 @@
+"""Staged fine-tuning: stage LRs as configured, freezing, frozen BatchNorm, best across stages, resume."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import multitag.engine as engine
+from multitag.api import train
+from multitag.config import StageConfig
+from multitag.errors import UserError
+from multitag.finetune import apply_freeze, frozen_batchnorm_to_eval, head_parameter_names, param_groups
+from multitag.models import build_model
+
+BASE = ["train.batch_size=16", "train.precision=fp32", "train.channels_last=false", "optim.name=adamw"]
+STAGES = ("stages=[{name: head, epochs: 1, lr: 0.01, sched: onecycle, freeze: [backbone]},"
+          " {name: all, epochs: 2, lr: 0.002, sched: cosine, backbone_lr_mult: 0.1},"
+          " {name: polish, epochs: 1, lr: 0.0003, sched: none}]")
+
+
+def test_head_and_freeze_patterns():
+    model = build_model("simple_cnn", 5)
+    assert head_parameter_names(model) == {"fc.weight", "fc.bias"}
+    n = apply_freeze(model, ["backbone"])
+    assert n == sum(1 for _ in model.parameters()) - 2
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["fc.weight", "fc.bias"]
+    apply_freeze(model, ["features.0.*"])
+    assert not model.features[0][0].weight.requires_grad and model.features[1][0].weight.requires_grad
+    with pytest.raises(UserError, match='freeze pattern "layer9.*" matches no parameter'):
+        apply_freeze(model, ["layer9.*"])
+
+
+def test_frozen_batchnorm_stays_in_eval():
+    model = build_model("simple_cnn", 5)
+    apply_freeze(model, ["features.0.*"])
+    model.train()
+    frozen_batchnorm_to_eval(model)
+    bn0, bn1 = model.features[0][1], model.features[1][1]
+    assert not bn0.training and bn1.training
+    before = bn0.running_mean.clone()
+    model(torch.randn(4, 3, 32, 32))
+    assert torch.equal(before, bn0.running_mean)
+
+
+def test_param_groups_discriminative_lr_and_no_decay_on_1d():
+    model = build_model("simple_cnn", 5)
+    groups = param_groups(model, StageConfig(lr=0.01, backbone_lr_mult=0.1), weight_decay=0.05)
+    by = {(g["name"], g["weight_decay"]): g for g in groups}
+    assert by[("head", 0.05)]["lr"] == 0.01 and by[("backbone", 0.05)]["lr"] == pytest.approx(0.001)
+    assert all(p.ndim == 1 for p in by[("backbone", 0.0)]["params"])
+
+
+def test_staged_run_applies_each_stage_lr_and_keeps_best(digits_csv, tmp_path, monkeypatch):
+    seen = []   # (stage index, head lr, backbone lr or None, trainable count) at the first batch of each epoch
+    real = engine.train_one_epoch
+
+    def spy(model, loader, loss_fn, optimizer, scheduler, per_batch, rt, cfg, epoch):
+        groups = {g["name"]: g["lr"] for g in optimizer.param_groups}
+        peaks = {g["name"]: g.get("max_lr") for g in optimizer.param_groups}   # OneCycle's peak per group
+        trainable = sum(p.requires_grad for p in model.parameters())
+        seen.append((epoch, groups.get("head"), groups.get("backbone"), trainable, peaks))
+        return real(model, loader, loss_fn, optimizer, scheduler, per_batch, rt, cfg, epoch)
+
+    monkeypatch.setattr(engine, "train_one_epoch", spy)
+    run = train("demo", data=digits_csv, out=tmp_path / "staged", overrides=BASE + [STAGES], log=lambda *a: None)
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in rows] == ["head", "all", "all", "polish"]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    n_all = sum(1 for _ in build_model("simple_cnn", 10).parameters())
+    # stage 1: head only; OneCycle peaks at the stage's LR and starts at peak / 25 (torch's div_factor)
+    assert seen[0][4] == {"head": 0.01}
+    assert seen[0][1] == pytest.approx(0.01 / 25) and seen[0][2] is None and seen[0][3] == 2
+    # stage 2: cosine warm-up from the stage's own LR, backbone at a tenth of the head
+    assert seen[1][3] == n_all and seen[1][2] == pytest.approx(seen[1][1] * 0.1)
+    assert seen[1][1] <= 0.002
+    # stage 3 ("polish", no scheduler): exactly the configured LR for every batch, head and backbone
+    assert seen[3][1] == pytest.approx(0.0003) and seen[3][2] == pytest.approx(0.0003)
+    assert rows[3]["lr"] == pytest.approx(0.0003)
+    meta = json.loads((run / "model.json").read_text())
+    best = max(rows, key=lambda r: r["val_mAP"])
+    assert meta["best_epoch"] == best["epoch"]
+
+
+def test_head_stage_leaves_backbone_untouched(digits_csv, tmp_path):
+    over = BASE + ["stages=[{name: head, epochs: 1, lr: 0.01, freeze: [backbone]}]"]
+    run = train("demo", data=digits_csv, out=tmp_path / "head", overrides=over, log=lambda *a: None)
+    torch.manual_seed(0)
+    init = build_model("simple_cnn", 10).state_dict()   # the engine builds the model after seeding with 0 too
+    trained = load_file(str(run / "checkpoint.safetensors"))
+    assert torch.equal(trained["model.features.0.0.weight"], init["features.0.0.weight"])
+    assert torch.equal(trained["model.features.0.1.running_mean"], init["features.0.1.running_mean"])
+    assert not torch.equal(trained["model.fc.weight"], init["fc.weight"])
+
+
+def test_resume_across_stage_boundary(digits_csv, tmp_path, monkeypatch):
+    full = train("demo", data=digits_csv, out=tmp_path / "full", overrides=BASE + [STAGES], log=lambda *a: None)
+    real_save = engine._save_checkpoint
+
+    def die_after_epoch_2(run, model, optimizer, scheduler, state, rt):
+        real_save(run, model, optimizer, scheduler, state, rt)
+        if state.epoch == 2:             # inside stage "all", after its first epoch
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "_save_checkpoint", die_after_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train("demo", data=digits_csv, out=tmp_path / "killed", overrides=BASE + [STAGES], log=lambda *a: None)
+    monkeypatch.setattr(engine, "_save_checkpoint", real_save)
+    resumed = train(resume=tmp_path / "killed", log=lambda *a: None)
+    a, b = load_file(str(full / "checkpoint.safetensors")), load_file(str(resumed / "checkpoint.safetensors"))
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k

@@ -1,0 +1,78 @@
+"""`multitag predict` over files, folders and globs: CSV/JSON output, unreadable files listed, not fatal."""
+import csv
+import io
+import json
+import shutil
+
+import pytest
+
+from multitag import api
+from multitag.cli import main
+
+FAST = ["train.epochs=1", "train.batch_size=32", "train.precision=fp32"]
+CLASSES = [f"d{i}" for i in range(10)]
+
+
+@pytest.fixture(scope="module")
+def trained(digits_csv, tmp_path_factory):
+    out = tmp_path_factory.mktemp("predict_cli") / "run"
+    return api.train("demo", data=digits_csv, out=out, overrides=FAST, log=lambda *a: None)
+
+
+@pytest.fixture
+def folder(digits_csv, tmp_path):
+    """3 good images (one in a subfolder), a truncated PNG, a text file and a hidden file."""
+    images = digits_csv.parent / "images"
+    (tmp_path / "sub").mkdir()
+    for i, dst in enumerate(["a.png", "b.png", "sub/c.png"]):
+        shutil.copy(images / f"test_{i:05d}.png", tmp_path / dst)
+    (tmp_path / "broken.png").write_bytes((images / "test_00003.png").read_bytes()[:100])
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / ".DS_Store").write_bytes(b"\0")
+    return tmp_path
+
+
+def predict(capsys, *argv):
+    rc = main(["predict", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_folder_to_csv_lists_unreadable_files(trained, folder, capsys):
+    # batch size 2 puts the broken file in a batch with a good one: that one must still be predicted
+    rc, out, err = predict(capsys, trained, folder, "--format", "csv", "--batch-size", "2")
+    assert rc == 0 and "2 of 5 files could not be read" in err
+    reader = csv.DictReader(io.StringIO(out))
+    assert reader.fieldnames == ["image", "labels", *CLASSES, "error"]
+    rows = {r["image"].removeprefix(str(folder) + "/"): r for r in reader}
+    assert set(rows) == {"a.png", "b.png", "sub/c.png", "broken.png", "notes.txt"}   # hidden file skipped
+    assert "truncated" in rows["broken.png"]["error"] and rows["notes.txt"]["error"]
+    for name in ("a.png", "b.png", "sub/c.png"):
+        r = rows[name]
+        assert r["error"] == "" and all(0 <= float(r[c]) <= 1 for c in CLASSES)
+        assert set(r["labels"].split("|")) - {""} <= set(CLASSES)
+
+
+def test_glob_and_json_output(trained, folder, capsys):
+    rc, out, _ = predict(capsys, trained, f"{folder}/*.png", folder / "missing.png", "--format", "json")
+    rows = json.loads(out)
+    assert rc == 0 and [r["image"].rsplit("/", 1)[1] for r in rows] == ["a.png", "b.png", "broken.png", "missing.png"]
+    assert rows[0]["error"] is None and set(rows[0]["scores"]) == set(CLASSES)
+    assert rows[3]["error"] == "No such file or directory" and rows[3]["scores"] == {}
+    # --json is kept as a synonym, and --top-k still applies
+    rc, out, _ = predict(capsys, trained, folder / "a.png", "--json", "--top-k", "2")
+    assert rc == 0 and len(json.loads(out)[0]["labels"]) == 2
+
+
+def test_out_file_format_from_suffix(trained, folder, tmp_path, capsys):
+    target = tmp_path / "preds.json"
+    rc, out, err = predict(capsys, trained, folder / "a.png", "--out", target, "--threshold", "0.0")
+    assert rc == 0 and out == "" and str(target) in err
+    (row,) = json.loads(target.read_text())
+    assert row["labels"] and len(row["labels"]) == 10               # threshold 0 keeps every class
+
+
+def test_nothing_readable_is_an_error(trained, folder, capsys):
+    rc, out, err = predict(capsys, trained, folder / "notes.txt", "--format", "csv")
+    assert rc == 2 and "none of the 1 file could be read" in err
+    assert "notes.txt" in out                                        # the reason is still written
