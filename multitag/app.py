@@ -83,13 +83,13 @@ def load_model(run_dir: str):
     return load(run_dir, device="auto")
 
 
-@st.cache_data(max_entries=512, show_spinner=False)
+@st.cache_resource(max_entries=512, show_spinner=False)
 def cached_prediction(run_dir: str, digest: str, threshold: str | float, _model, _image: np.ndarray):
     """``model.predict`` for one image, keyed by the image's digest: moving the slider back is free."""
     return _model.predict([_image], threshold=threshold)[0]
 
 
-@st.cache_data(max_entries=128, show_spinner="Grad-CAM ...")
+@st.cache_resource(max_entries=128, show_spinner="Grad-CAM ...")
 def cached_gradcam(run_dir: str, digest: str, class_name: str, _model, _image: np.ndarray):
     """(overlay (H0, W0, 3) uint8, score) of Grad-CAM for ``class_name`` on one image."""
     from multitag.explain import gradcam

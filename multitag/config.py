@@ -37,8 +37,8 @@ class DataConfig:
     cache_dir: str = ""               # empty = <cache root>/images; root = $MULTITAG_CACHE or ~/.cache/multitag
     on_bad_image: str = "error"       # error | skip (skipped images are listed, never silent)
     split_seed: int = 0               # seed of the 70/15/15 iterative stratification
-    mean: tuple = (0.485, 0.456, 0.406)  # normalisation, stored in model.json with the weights
-    std: tuple = (0.229, 0.224, 0.225)
+    mean: tuple = ()                  # normalisation; empty = the model's own (ImageNet stats unless the
+    std: tuple = ()                   # model's weights expect others); stored in model.json with the weights
 
 
 @dataclass

@@ -6,6 +6,7 @@ Every epoch ends with an atomic checkpoint, and all randomness of an epoch deriv
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -28,7 +29,8 @@ from multitag.errors import UserError, did_you_mean
 from multitag.finetune import apply_freeze, frozen_batchnorm_to_eval, param_groups, resolve_stages
 from multitag.inference import logits_of, scores_from_logits
 from multitag.losses import build_loss
-from multitag.models import build_model, count_parameters
+from multitag.models import build_model, count_parameters, get_spec
+from multitag.models.weights import init_from_file
 from multitag.progress import track
 from multitag.summary import evaluate_scores, monitor_name
 from multitag.runtime import Runtime, choose_runtime
@@ -194,6 +196,7 @@ def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=print) ->
     """Train per the config into ``out_dir``; with resume=True continue from its last checkpoint."""
     run = Path(out_dir)
     run.mkdir(parents=True, exist_ok=True)
+    cfg = with_model_normalisation(cfg)
     (run / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
@@ -209,6 +212,16 @@ def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=print) ->
         run_stage(job, stages, state, saved if saved and saved["state"]["stage"] == state.stage else None)
         state.stage, state.stage_epoch, state.bad_epochs, state.stopped = state.stage + 1, 0, 0, False
     return finish(job, state)
+
+
+def with_model_normalisation(cfg: Config) -> Config:
+    """Fill an unset data.mean/std with the model's own (e.g. [-1, 1] scaling for EfficientNet-Lite
+    weights), so training, model.json and inference all use what the weights expect."""
+    spec = get_spec(cfg.model.name)
+    cfg = copy.deepcopy(cfg)
+    cfg.data.mean = tuple(cfg.data.mean) or spec.mean
+    cfg.data.std = tuple(cfg.data.std) or spec.std
+    return cfg
 
 
 def setup_job(cfg: Config, run: Path, saved: dict | None, log) -> Job:
@@ -227,9 +240,9 @@ def setup_job(cfg: Config, run: Path, saved: dict | None, log) -> Job:
         f"val {len(val_loader.rows)}, test {len(data.rows('test'))}")
 
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model.name, t.num_classes, **cfg.model.args)
+    model = build_model(cfg.model.name, t.num_classes, pretrained=not cfg.model.weights, **cfg.model.args)
     if cfg.model.weights:
-        load_model_state(model, load_tensors(Path(cfg.model.weights)), cfg.model.weights)
+        init_from_file(model, cfg.model.name, cfg.model.weights, log=log)
     loss_fn = build_loss(cfg.train.loss, t.multi_label, cfg.train.label_smoothing)
     if saved:   # the choice made at the start of the run, so a resumed run computes the same way
         rt = Runtime(torch.device(saved["runtime"]["device"]), saved["runtime"]["precision"],

