@@ -36,6 +36,7 @@ class DataConfig:
     image_size: int = 64              # working size: images are squashed to size×size once, in the cache
     cache_dir: str = ""               # empty = <cache root>/images; root = $MULTITAG_CACHE or ~/.cache/multitag
     on_bad_image: str = "error"       # error | skip (skipped images are listed, never silent)
+    oversample_to: int = 0            # repeat train images with rare labels until each label has ~this many (0 = off)
     split_seed: int = 0               # seed of the 70/15/15 iterative stratification
     mean: tuple = ()                  # normalisation; empty = the model's own (ImageNet stats unless the
     std: tuple = ()                   # model's weights expect others); stored in model.json with the weights
@@ -73,6 +74,7 @@ class TrainConfig:
     batch_size: int = 64
     loss: str = "auto"                # auto (bce for multi-label, ce for single-label) | bce | ce
     label_smoothing: float = 0.0      # ce only
+    class_weights: str = "none"       # none | balanced (BCE pos_weight = negatives/positives per class, ≤ 50)
     grad_clip: float = 0.0            # max gradient norm; 0 = off
     early_stop_patience: int = 0      # epochs without val improvement before stopping; 0 = off
     seed: int = 0
@@ -90,6 +92,7 @@ class AugConfig:
     scale: tuple = (0.7, 1.0)         # random-resized-crop area range; (1, 1) = no crop
     ratio: tuple = (0.75, 1.3333)     # random-resized-crop aspect range
     rotate: float = 0.0               # max degrees of random rotation
+    translate: float = 0.0            # max shift as a fraction of the side (CIFAR's pad-4 crop ≈ 0.125)
     color_jitter: float = 0.0         # brightness/contrast/saturation strength (0 = off)
     erasing: float = 0.0              # probability of random erasing per image
 

@@ -22,7 +22,7 @@ from multitag.checkpoint import (MODEL_META, MODEL_WEIGHTS, TRAIN_META, TRAIN_ST
                                  load_tensors, model_state, optimizer_tensors, read_json, restore_optimizer,
                                  save_tensors, write_json)
 from multitag.config import Config, StageConfig, config_from_dict
-from multitag.data.loader import BatchLoader
+from multitag.data.loader import BatchLoader, repeat_factors
 from multitag.data.prepare import PreparedData, prepare
 from multitag.data.transforms import BatchAugment
 from multitag.errors import UserError, did_you_mean
@@ -118,7 +118,9 @@ def build_scheduler(cfg: Config, optimizer, stage: StageConfig, steps_per_epoch:
 def make_loaders(cfg: Config, data: PreparedData) -> tuple[BatchLoader, BatchLoader]:
     t, mean, std = data.table, cfg.data.mean, cfg.data.std
     common = dict(targets=t.targets, ignore=t.ignore, mean=mean, std=std)
-    train = BatchLoader(data.cache, data.rows("train"), batch_size=cfg.train.batch_size, shuffle=True,
+    rows = data.rows("train")
+    repeats = repeat_factors(t.targets[rows], t.ignore[rows], cfg.data.oversample_to) if cfg.data.oversample_to else None
+    train = BatchLoader(data.cache, rows, batch_size=cfg.train.batch_size, shuffle=True, repeats=repeats,
                         augment=BatchAugment(cfg.aug, mean, std), drop_last=True, **common)
     val = BatchLoader(data.cache, data.rows("val"), batch_size=cfg.train.eval_batch_size, **common)
     return train, val
@@ -243,7 +245,9 @@ def setup_job(cfg: Config, run: Path, saved: dict | None, log) -> Job:
     model = build_model(cfg.model.name, t.num_classes, pretrained=not cfg.model.weights, **cfg.model.args)
     if cfg.model.weights:
         init_from_file(model, cfg.model.name, cfg.model.weights, log=log)
-    loss_fn = build_loss(cfg.train.loss, t.multi_label, cfg.train.label_smoothing)
+    train_rows = train_loader.rows
+    loss_fn = build_loss(cfg.train.loss, t.multi_label, cfg.train.label_smoothing, cfg.train.class_weights,
+                         t.targets[train_rows], t.ignore[train_rows])
     if saved:   # the choice made at the start of the run, so a resumed run computes the same way
         rt = Runtime(torch.device(saved["runtime"]["device"]), saved["runtime"]["precision"],
                      saved["runtime"]["channels_last"])

@@ -19,8 +19,8 @@ class MaskedBCE(nn.Module):
         self.register_buffer("pos_weight", pos_weight, persistent=False)
 
     def forward(self, logits, targets, ignore):
-        loss = F.binary_cross_entropy_with_logits(logits.float(), targets, pos_weight=self.pos_weight,
-                                                  reduction="none")
+        pos_weight = None if self.pos_weight is None else self.pos_weight.to(logits.device)
+        loss = F.binary_cross_entropy_with_logits(logits.float(), targets, pos_weight=pos_weight, reduction="none")
         keep = (~ignore).float()
         return (loss * keep).sum() / keep.sum().clamp(min=1)
 
@@ -37,15 +37,34 @@ class SmoothedCE(nn.Module):
 
 
 LOSSES = ("bce", "ce")
+CLASS_WEIGHTS = ("none", "balanced")
+MAX_POS_WEIGHT = 50.0      # a class with 3 positives in 10,000 images must not dominate the loss
 
 
-def build_loss(name: str, multi_label: bool, label_smoothing: float = 0.0) -> nn.Module:
+def balanced_pos_weight(targets, ignore) -> torch.Tensor:
+    """(C,) BCE pos_weight = negatives / positives per class on the training rows, clipped to [1, 50]."""
+    t = torch.as_tensor(targets, dtype=torch.float32)
+    keep = ~torch.as_tensor(ignore, dtype=torch.bool)
+    pos = (t * keep).sum(0)
+    neg = ((1 - t) * keep).sum(0)
+    return (neg / pos.clamp(min=1)).clamp(1.0, MAX_POS_WEIGHT)
+
+
+def build_loss(name: str, multi_label: bool, label_smoothing: float = 0.0, class_weights: str = "none",
+               targets=None, ignore=None) -> nn.Module:
+    """The training loss; class_weights="balanced" needs the training targets/ignore to count positives."""
     if name == "auto":
         name = "bce" if multi_label else "ce"
+    if class_weights not in CLASS_WEIGHTS:
+        raise UserError(f'unknown train.class_weights "{class_weights}"{did_you_mean(class_weights, CLASS_WEIGHTS)}.')
     if name == "bce":
-        return MaskedBCE()
+        weights = balanced_pos_weight(targets, ignore) if class_weights == "balanced" else None
+        return MaskedBCE(weights)
     if name == "ce":
         if multi_label:
             raise UserError('train.loss=ce needs single-label data (one class per image); use train.loss=bce.')
+        if class_weights != "none":
+            raise UserError("train.class_weights applies to the multi-label BCE loss; for single-label data use "
+                            "data.oversample_to to rebalance.")
         return SmoothedCE(label_smoothing)
     raise UserError(f'unknown loss "{name}"{did_you_mean(name, LOSSES)}.')

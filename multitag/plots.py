@@ -20,9 +20,9 @@ THUMB = 192              # longest side of a thumbnail in a grid, in pixels
 ROW_INCH = 0.2           # height per class in per-class charts: every name stays readable
 
 
-def _save(fig: Figure, path) -> Path:
-    """Write the figure as PNG; returns its path."""
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+def _save(fig: Figure, path, tight: bool = True) -> Path:
+    """Write the figure as PNG (cropped to its contents unless tight=False: one drawing pass less); returns its path."""
+    fig.savefig(path, dpi=DPI, bbox_inches="tight" if tight else None)
     return Path(path)
 
 
@@ -137,14 +137,17 @@ def pr_curves(class_names: Sequence[str], curves: Sequence[tuple[np.ndarray, np.
     ncols = min(ncols, c)
     nrows = math.ceil(c / ncols)
     fig = Figure(figsize=(2.3 * ncols, 2.0 * nrows))
-    axes = np.atleast_1d(fig.subplots(nrows, ncols, sharex=True, sharey=True)).ravel()
+    # Axes are not shared: matplotlib's shared-axis bookkeeping grows quadratically with the panels.
+    axes = np.atleast_1d(fig.subplots(nrows, ncols)).ravel()
+    ticks = [0, 0.5, 1]
     for i, ax in enumerate(axes):
         if i >= c:
             ax.set_axis_off()
             continue
         recall, precision = curves[i]
         if len(recall):
-            ax.step(np.r_[0.0, recall], np.r_[precision[0], precision], where="post", linewidth=1.2)
+            # "pre": precision p_k holds on (r_{k-1}, r_k], the rectangles whose area is AP
+            ax.step(np.r_[0.0, recall], np.r_[precision[0], precision], where="pre", linewidth=1.2)
             r, p, thr = marks[i]
             ax.plot([r], [p], "o", color="tab:red", markersize=5)
             ax.annotate(f"thr {thr:.2f}", (r, p), textcoords="offset points", xytext=(-4, -10), ha="right",
@@ -153,16 +156,18 @@ def pr_curves(class_names: Sequence[str], curves: Sequence[tuple[np.ndarray, np.
         else:
             title = f"{class_names[i]}  (no positives)"
         ax.set_title(title, fontsize=7)
-        ax.set_xlim(0, 1.02)
-        ax.set_ylim(0, 1.05)
+        ax.set(xlim=(0, 1.02), ylim=(0, 1.05))
+        ax.set_xticks(ticks, ticks if i + ncols >= c else [])           # numbers on the outer panels only
+        ax.set_yticks(ticks, ticks if i % ncols == 0 else [])
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=6)
-    fig.supxlabel("recall", fontsize=8)
-    fig.supylabel("precision", fontsize=8)
-    # fixed spacing: tight_layout measures every panel's text, seconds for 80 panels
-    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.5 / fig.get_figheight(), top=1 - 0.3 / fig.get_figheight(),
+    # fixed spacing in inches: tight_layout measures every panel's text, seconds for 80 panels
+    height = fig.get_figheight()
+    fig.subplots_adjust(left=0.5 / fig.get_figwidth(), right=0.98, bottom=0.6 / height, top=1 - 0.3 / height,
                         wspace=0.12, hspace=0.35)
-    return _save(fig, out)
+    fig.supxlabel("recall", fontsize=8, y=0.05 / height, va="bottom")
+    fig.supylabel("precision", fontsize=8, x=0.05 / fig.get_figwidth(), ha="left")
+    return _save(fig, out, tight=False)
 
 
 # ----------------------------------------------------------------------------- matrices, counts

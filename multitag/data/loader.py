@@ -27,6 +27,36 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 100_003 + epoch)
 
 
+def repeat_factors(targets: np.ndarray, ignore: np.ndarray, target_per_class: int) -> np.ndarray:
+    """(N,) how often each training row is shown per epoch so every label reaches ~target_per_class.
+
+    Multi-label oversampling: a row's factor is the largest need among its labels,
+    max(1, target / count(label)); rows without labels keep 1. Frequent labels are oversampled
+    too when they co-occur with rare ones — the usual price of multi-label oversampling.
+    """
+    positives = (targets > 0.5) & ~ignore                      # (N, C)
+    counts = positives.sum(0).clip(min=1)                      # (C,)
+    need = np.maximum(1.0, target_per_class / counts)          # (C,)
+    factors = np.where(positives, need[None, :], 1.0).max(1)   # (N,)
+    return factors.astype(np.float64)
+
+
+def epoch_rows(rows: np.ndarray, repeats: np.ndarray, g: torch.Generator) -> np.ndarray:
+    """Rows repeated per their factors with a fixed total, round(sum(repeats)), every epoch.
+
+    Each row appears floor(r) times; the fractional parts decide, by weighted sampling without
+    replacement, which rows get one more copy. A fixed length keeps per-batch schedules exact.
+    """
+    whole = np.floor(repeats).astype(np.int64)
+    frac = repeats - whole
+    extra = int(round(repeats.sum())) - int(whole.sum())
+    out = np.repeat(rows, whole)
+    if extra > 0:
+        pick = torch.multinomial(torch.from_numpy(frac), extra, replacement=False, generator=g).numpy()
+        out = np.concatenate([out, rows[pick]])
+    return out
+
+
 class BatchLoader:
     """Iterates over ``rows`` of an image cache in batches.
 
@@ -36,27 +66,32 @@ class BatchLoader:
 
     def __init__(self, cache, rows: np.ndarray, targets: np.ndarray, ignore: np.ndarray, *,
                  batch_size: int, mean, std, augment: Callable | None = None, shuffle: bool = False,
-                 drop_last: bool = False):
+                 drop_last: bool = False, repeats: np.ndarray | None = None):
         self.cache, self.rows = cache, np.asarray(rows)
+        self.repeats = repeats            # (len(rows),) oversampling factors, or None
         self.targets = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.float32))
         self.ignore = torch.from_numpy(np.ascontiguousarray(ignore, dtype=bool))
         self.batch_size, self.mean, self.std = batch_size, mean, std
         self.augment, self.shuffle = augment, shuffle
         # Dropping a last tiny batch keeps BatchNorm statistics sane in training.
-        self.drop_last = drop_last and len(self.rows) > batch_size
+        self.drop_last = drop_last and self.epoch_size > batch_size
+
+    @property
+    def epoch_size(self) -> int:
+        return len(self.rows) if self.repeats is None else int(round(self.repeats.sum()))
 
     def __len__(self) -> int:
-        n = len(self.rows)
+        n = self.epoch_size
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def iterate(self, epoch: int = 0, seed: int = 0) -> Iterator[Batch]:
         g = epoch_generator(seed, epoch)
-        order = self.rows[torch.randperm(len(self.rows), generator=g).numpy()] if self.shuffle else self.rows
+        rows = self.rows if self.repeats is None else epoch_rows(self.rows, self.repeats, g)
+        order = rows[torch.randperm(len(rows), generator=g).numpy()] if self.shuffle else rows
         for k in range(len(self)):
             index = order[k * self.batch_size:(k + 1) * self.batch_size]
-            # Sorted reads are sequential in the memory map; the batch content is unchanged.
-            pixels = self.cache.get_batch(np.sort(index))
-            index = np.sort(index)
+            index = np.sort(index)    # sorted reads are sequential in the memory map; same batch content
+            pixels = self.cache.get_batch(index)
             images = self.augment(pixels, g) if self.augment else normalize(pixels, self.mean, self.std)
             t = torch.from_numpy(index)
             yield Batch(images, self.targets[t], self.ignore[t], index)

@@ -59,7 +59,7 @@ class BatchAugment:
         b = x.shape[0]
         a = self.aug
         flip = torch.where(torch.rand(b, generator=g) < 0.5, -1.0, 1.0) if a.hflip else torch.ones(b)
-        needs_resample = tuple(a.scale) != (1.0, 1.0) or a.rotate > 0
+        needs_resample = tuple(a.scale) != (1.0, 1.0) or a.rotate > 0 or a.translate > 0
         if not needs_resample:
             return torch.where((flip < 0).view(-1, 1, 1, 1), x.flip(3), x)
         # Crop of area fraction s and aspect r: width w = sqrt(s·r), height h = sqrt(s/r) in
@@ -70,6 +70,9 @@ class BatchAugment:
         h = torch.sqrt(area / torch.exp(log_r)).clamp(max=1.0)
         cx = (torch.rand(b, generator=g) * 2 - 1) * (1 - w)
         cy = (torch.rand(b, generator=g) * 2 - 1) * (1 - h)
+        if a.translate > 0:     # a shift of t·side is 2t in the (-1..1) grid units; edges reflect
+            cx = cx + _uniform(b, -2 * a.translate, 2 * a.translate, g)
+            cy = cy + _uniform(b, -2 * a.translate, 2 * a.translate, g)
         angle = _uniform(b, -a.rotate, a.rotate, g) * math.pi / 180 if a.rotate > 0 else torch.zeros(b)
         cos, sin = torch.cos(angle), torch.sin(angle)
         # theta maps output coords (-1..1) to input coords: R · diag(flip·w, h) · p + (cx, cy).
