@@ -14,6 +14,9 @@ processes on a shared machine hits them alike; each figure is a median.
 On a machine shared with other jobs the median moves with their load (a 2-thread op waits for
 its slower thread whenever another process holds a core), so the load average is printed and
 the fastest call is shown beside the median: it is what the backend does when it has the cores.
+PyTorch's OpenMP threads busy-wait by default, and on a loaded machine that made its median
+latency 100x its best here (ResNet-18 @128, load 6 on 2 CPUs); `OMP_WAIT_POLICY=PASSIVE` (set
+before Python starts) avoids it. ORT's sessions are opened with spinning off (multitag/predict.py).
 
 Rows: "onnx int8" is `multitag export --int8` (static QDQ); "onnx int8 dynamic" is ORT's dynamic
 quantisation of the same file, shown because it is what the issue first asked for. The val column
@@ -127,7 +130,9 @@ def main(argv=None) -> None:
     print(f"run: {source}  model: {meta['model']['name']} ({meta['model'].get('num_parameters', '?'):,} params) "
           f"@{meta['input_size']}px, {len(meta['class_names'])} classes")
     print(f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, threads {torch.get_num_threads()}, "
-          f"CPU flags: {cpu_flags()}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+          f"CPU flags: {cpu_flags()}")
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
     metric_name = "val mAP" if meta["multi_label"] else "val acc"
     print(f"{'':<20} {'batch 1 ms':>17} {'batch 32 img/s':>17}")
     print(f"{'backend':<20} {'median':>8} {'best':>8} {'median':>8} {'best':>8} {metric_name:>8} {'max|Δlogit|':>12}")

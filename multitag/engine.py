@@ -264,7 +264,10 @@ def setup_job(cfg: Config, run: Path, saved: dict | None, log) -> Job:
     n_params = count_parameters(model)
     if cfg.train.compile:
         model = torch.compile(model)
-    log(f"model: {cfg.model.name} ({n_params:,} parameters) on {rt.describe()}")
+    init = (f"weights from {cfg.model.weights}" if cfg.model.weights
+            else "packaged pretrained weights" if get_spec(cfg.model.name).pretrained
+            and cfg.model.args.get("pretrained", True) else "random init")
+    log(f"model: {cfg.model.name} ({n_params:,} parameters, {init}) on {rt.describe()}")
     return Job(cfg, run, data, train_loader, val_loader, model, loss_fn, rt, n_params, log)
 
 
@@ -324,7 +327,8 @@ def finish(job: Job, state: TrainState) -> Path:
     targets, ignore = t.targets[val["rows"]], t.ignore[val["rows"]]
     if t.multi_label:
         meta["thresholds"] = fit_thresholds(val["scores"], targets, ignore).tolist()
-    meta["metrics"] = {"val": evaluate_scores(val["scores"], targets, ignore, t.multi_label, meta["thresholds"])}
+    meta["metrics"] = {"val": evaluate_scores(val["scores"], targets, ignore, t.multi_label, meta["thresholds"],
+                                              t.class_names)}
     write_json(job.run / MODEL_META, meta)
     job.log(f"best epoch {state.best_epoch} (val {monitor_name(t.multi_label)} {state.best_value:.4f}); "
             f"run directory: {job.run}")

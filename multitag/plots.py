@@ -49,8 +49,8 @@ def stage_spans(history: Sequence[dict]) -> list[tuple[str, int, int]]:
 
 
 def _mark_epochs(ax, spans, best_epoch: int | None) -> None:
-    """Stage boundaries (dashed, with names) and the best epoch (dotted) on one axis."""
-    for i, (name, first, last) in enumerate(spans):
+    """Stage boundaries (dashed, with names; none for a single stage) and the best epoch (dotted) on one axis."""
+    for i, (name, first, last) in enumerate(spans if len(spans) > 1 else []):
         if i > 0:
             ax.axvline(first - 0.5, color="0.4", linestyle="--", linewidth=1)
         ax.text((first + last) / 2, 0.98, str(name), transform=ax.get_xaxis_transform(),
@@ -104,7 +104,7 @@ def per_class_bars(class_names: Sequence[str], values: dict[str, np.ndarray], ou
     names = list(class_names)
     c = len(names)
     order = descending_order(next(iter(values.values())))[::-1]      # barh draws bottom-up
-    fig = Figure(figsize=(2.6 * len(values) + 1.5, ROW_INCH * c + 1.2))
+    fig = Figure(figsize=(2.1 * len(values) + 1.5, ROW_INCH * c + 1.2))
     axes = np.atleast_1d(fig.subplots(1, len(values), sharey=True))
     y = np.arange(c)
     for ax, (key, v) in zip(axes, values.items()):

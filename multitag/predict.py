@@ -1,7 +1,7 @@
 """Inference from a run directory: ``multitag.load(run_dir).predict(images)``.
 
 One predictor for every face (CLI, app, HTTP service, Python): it rebuilds the preprocessing
-and thresholds from model.json and runs the network on one of two backends:
+and thresholds from model.json and runs the network on one backend:
 
   torch        the PyTorch network rebuilt from model.safetensors (nothing unpickled)
   onnx         ONNX Runtime on RUN_DIR/model.onnx, written by `multitag export RUN_DIR`
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -133,27 +134,38 @@ class Model:
         if backend not in BACKENDS:
             raise UserError(f'unknown backend "{backend}"{did_you_mean(backend, BACKENDS)}.')
         if backend != "auto":
+            problem = self._onnx_problem(backend) if backend != "torch" else None
+            if problem:
+                raise UserError(problem)
             return backend
-        has_onnx = (self.run_dir / ONNX_MODEL).exists()
-        return "onnx" if has_onnx and onnx_can_use(self.runtime.device) else "torch"
+        if not (self.run_dir / ONNX_MODEL).exists() or not onnx_can_use(self.runtime.device):
+            return "torch"
+        problem = self._onnx_problem("onnx")
+        if problem:
+            # eval, report and explain load runs this way too; they must keep working after a resume
+            warnings.warn(f"{problem} Using the torch backend.", stacklevel=3)
+            return "torch"
+        return "onnx"
 
-    def _open_onnx(self, backend: str) -> OnnxBackend:
-        """Open model.onnx / model.int8.onnx after checking it was exported from these very weights."""
+    def _onnx_problem(self, backend: str) -> str | None:
+        """Why model.onnx / model.int8.onnx cannot be used (missing, or exported from other weights
+        than model.safetensors, e.g. before a resumed run improved them), or None."""
         path = self.run_dir / _ONNX_FILES[backend]
-        flag = " --int8" if backend == "onnx-int8" else ""
+        redo = f"`multitag export {self.run_dir}{' --int8' if backend == 'onnx-int8' else ''}`"
         if not path.exists():
-            raise UserError(f"{path} does not exist; run `multitag export {self.run_dir}{flag}` first, "
-                            "or use the torch backend.")
+            return f"{path} does not exist; run {redo} first, or use the torch backend."
         record = self.meta.get("export", {}).get(_EXPORT_KEYS[backend], {})
         if record.get("weights_sha256") != weights_digest(self.run_dir):
-            # A run retrained or resumed after export would otherwise predict with stale weights.
-            raise UserError(f"{path} was not exported from the current {MODEL_WEIGHTS}; run "
-                            f"`multitag export {self.run_dir}{flag}` again, or delete {path.name}.")
+            return f"{path} was not exported from the current {MODEL_WEIGHTS}; run {redo} again, or delete it."
+        return None
+
+    def _open_onnx(self, backend: str) -> OnnxBackend:
+        path = self.run_dir / _ONNX_FILES[backend]
         engine = OnnxBackend(path, self.runtime.device, backend)
         shape = engine.input.shape        # ['batch', 3, S, S]
         if list(shape[1:]) != [3, self.input_size, self.input_size]:
             raise UserError(f"{path} takes input {shape}, but model.json says {self.input_size} px; "
-                            f"re-run `multitag export {self.run_dir}{flag}`.")
+                            f"re-run `multitag export {self.run_dir}`.")
         return engine
 
     @property

@@ -150,11 +150,11 @@ def _pct(value) -> str:
     return "—" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{100 * value:.2f}"
 
 
-def _table(header: list[str], rows: list[list], cls: str = "") -> str:
-    """An HTML table; cells are escaped text."""
-    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
+def _table(header: list[str] | None, rows: list[list], cls: str = "") -> str:
+    """An HTML table (no header row when header is None); cells are escaped text."""
+    head = "" if header is None else "<thead><tr>" + "".join(f"<th>{_esc(h)}</th>" for h in header) + "</tr></thead>"
     body = "".join("<tr>" + "".join(f"<td>{_esc(v)}</td>" for v in row) + "</tr>" for row in rows)
-    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    return f'<table class="{cls}">{head}<tbody>{body}</tbody></table>'
 
 
 def _figure(path: Path, caption: str) -> str:
@@ -182,7 +182,7 @@ def summary_section(d: ReportData) -> str:
              ["data", r.get("data", "")], ["split", f"{d.split}: {r['num_images']} images"]]
     if d.model.multi_label:
         facts.append(["thresholds", thresholds])
-    parts = [_table(["", ""], facts, "facts")] + [_paragraph(n, "note") for n in d.notes]
+    parts = [_table(None, facts, "facts")] + [_paragraph(n, "note") for n in d.notes]
     return "\n".join(parts + [_headline_table(r)])
 
 
@@ -203,7 +203,7 @@ def curves_section(d: ReportData) -> str:
     history = read_history(d.model.run_dir)
     if not history:
         return _paragraph(f"No {HISTORY_FILE} in the run directory: no learning curves.", "note")
-    staged = " Dashed lines separate training stages." if plots.stage_spans(history) else ""
+    staged = " Dashed lines separate the training stages." if len(plots.stage_spans(history)) > 1 else ""
     path = d.figure(plots.learning_curves(history, d.out / "learning_curves.png", d.model.meta.get("best_epoch")))
     return _figure(path, "Loss, validation metric and learning rate per epoch; the dotted line is the best "
                          "epoch, whose weights are the model." + staged)
@@ -227,10 +227,13 @@ def per_class_section(d: ReportData) -> str:
     header = ["class"] + list(columns)
     rows = [[d.class_names[i]] + [v[i] if k == "support" else (f"{v[i]:.3f}" if k == "threshold" else _pct(v[i]))
                                   for k, v in columns.items()] for i in order]
-    what = "calibrated thresholds" if "calibrated" in d.result else "the model's decision rule"
+    if d.model.multi_label:
+        rule = "the calibrated thresholds" if "calibrated" in d.result else "threshold 0.5"
+        what = f"F1, precision and recall at {rule}; support = images with the label"
+    else:
+        what = "accuracy = recall of the class; precision and F1 of the top-1 predictions; support = images"
     path = d.figure(plots.per_class_bars(d.class_names, columns, d.out / "per_class.png"))
-    return "\n".join([_figure(path, f"Per-class metrics on {d.split}, sorted by {header[1]}; F1, precision and recall "
-                                    f"at {what}; support = positive images."),
+    return "\n".join([_figure(path, f"Per-class metrics on {d.split}, sorted by {header[1]}; {what}."),
                       _table(header, rows, "per-class")])
 
 
@@ -332,17 +335,22 @@ def errors_section(d: ReportData) -> str:
     return "\n".join(_gallery(d, kind) for kind in ("fp", "fn"))
 
 
+def _cam_caption(d: ReportData, i: int, cam) -> str:
+    """Class, score, whether the label is true, and a word when the map is empty."""
+    true = " (true)" if d.positive[i, d.class_names.index(cam.class_name)] else ""
+    empty = "\nno positive evidence" if cam.heatmap.max() == 0 else ""
+    return f"{cam.class_name}: {cam.score:.2f}{true}{empty}"
+
+
 def gradcam_section(d: ReportData) -> str:
     """Grad-CAM of each of a few images' top classes, overlaid on the original image."""
-    picks = np.unique(np.linspace(0, len(d.rows) - 1, min(CAM_IMAGES, len(d.rows))).astype(int))
+    picks = np.unique(np.linspace(0, len(d.rows) - 1, min(CAM_IMAGES, len(d.rows))).astype(int))  # spread out
     originals = [_original(d, i) for i in picks]
     k = min(CAM_TOP_K, len(d.class_names))
-    cams = explain_images(d.model, originals, top_k=k, method="gradcam")
     items = []
-    for i, original, row in zip(picks, originals, cams):
+    for i, original, cams in zip(picks, originals, explain_images(d.model, originals, top_k=k)):
         items.append((original, f"{Path(d.prepared.table.paths[d.rows[i]]).name}\ntrue: {d.labels_of(i)}"[:80]))
-        items += [(cam.overlay, f"{cam.class_name}: {cam.score:.2f}"
-                   + (" (true)" if d.positive[i, d.class_names.index(cam.class_name)] else "")) for cam in row]
+        items += [(cam.overlay, _cam_caption(d, i, cam)) for cam in cams]
     path = d.figure(plots.image_grid(items, d.out / "gradcam.png", ncols=k + 1))
     return _figure(path, f"Grad-CAM of each image's top {k} classes (red = most evidence), computed on the exact "
                          "model input and resized back onto the original image.")

@@ -16,10 +16,6 @@ from multitag import app
 from multitag.api import train
 from multitag.predict import load
 
-# multitag.data.decode silences this torchvision deprecation at import; pytest's per-test
-# "always show DeprecationWarning" filter would otherwise re-enable it on every decode.
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning")
 CHROMEDRIVER = "/usr/bin/chromedriver"
 
 

@@ -14,7 +14,6 @@ from multitag.data.cache import ImageCache, build_cache, cache_key, default_cach
 from multitag.data.decode import BadImageError, load_and_resize
 from multitag.errors import UserError
 
-pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 
 S = 16  # working size for the tests
 

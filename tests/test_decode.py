@@ -20,7 +20,6 @@ from multitag.data.decode import (
 from multitag.errors import UserError
 
 # torchvision 0.29 warns that its codecs are deprecated (decode.py silences it; pytest resets filters).
-pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 
 H, W = 20, 30
 

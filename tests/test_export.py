@@ -92,14 +92,16 @@ def test_forcing_onnx_without_export_is_a_user_error(trained):
         load(trained, backend="onxx")
 
 
-def test_stale_onnx_is_refused(exported, tmp_path):
+def test_stale_onnx_is_never_used(exported, tmp_path):
     run = copy_run(exported[0], tmp_path / "run")
     shutil.copy(exported[0] / ONNX_MODEL, run / ONNX_MODEL)
     meta = json.loads((run / "model.json").read_text())
     meta["export"]["onnx"]["weights_sha256"] = "0" * 64           # as if the run was retrained after export
     (run / "model.json").write_text(json.dumps(meta))
     with pytest.raises(UserError, match="export .* again"):
-        load(run)
+        load(run, backend="onnx")
+    with pytest.warns(UserWarning, match="export .* again"):       # eval/report keep working, loudly
+        assert load(run).backend == "torch"
 
 
 def test_parity_failure_is_loud_and_leaves_no_file(trained, tmp_path, monkeypatch):

@@ -14,10 +14,6 @@ from multitag.api import train
 from multitag.predict import load
 from multitag.serve import create_app
 
-# multitag.data.decode silences this torchvision deprecation at import; pytest's per-test
-# "always show DeprecationWarning" filter would otherwise re-enable it on every decode.
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning")
 MAX_PIXELS = 64 * 64  # the digit mosaics are 32x32; anything bigger than 64x64 is "huge" here
 MAX_BATCH = 4
 MAX_BYTES = 100_000
