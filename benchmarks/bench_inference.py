@@ -105,7 +105,7 @@ def time_calls(fns: dict, x: torch.Tensor, rounds: int) -> dict[str, tuple[float
 
 def cpu_flags() -> str:
     out = subprocess.run("grep -o -w -E 'avx512_bf16|amx_bf16|avx2|avx512_vnni|avx_vnni' /proc/cpuinfo | sort -u",
-                         shell=True, capture_output=True, text=True).stdout.split()
+                         shell=True, capture_output=True, text=True, check=False).stdout.split()
     return " ".join(out) or "(none found)"
 
 
@@ -115,7 +115,9 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    log = lambda *a: print(*a, file=sys.stderr)  # noqa: E731
+    def log(*a):
+        print(*a, file=sys.stderr)       # stdout keeps only the table
+
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         source = Path(args.run) if args.run else demo_run(tmp)

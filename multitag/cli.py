@@ -159,6 +159,15 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
+def _predict_format(args) -> str:
+    """--json, else --format, else from the --out suffix (.json → json, anything else csv), else text."""
+    if args.json or args.format:
+        return "json" if args.json else args.format
+    if args.out:
+        return "json" if args.out.lower().endswith(".json") else "csv"
+    return "text"
+
+
 def cmd_predict(args):
     from multitag.checkpoint import atomic_write
     from multitag.predict import expand_images, load, write_predictions
@@ -172,11 +181,10 @@ def cmd_predict(args):
           file=sys.stderr)
     preds = list(model.predict_each(paths, threshold=threshold, top_k=args.top_k, batch_size=args.batch_size,
                                     progress=True))
-    fmt = "json" if args.json else args.format or (
-        ("json" if args.out.lower().endswith(".json") else "csv") if args.out else "text")
+    fmt = _predict_format(args)
     if args.out:
         def write(tmp):
-            with open(tmp, "w", newline="") as f:
+            with open(tmp, "w", newline="") as f:      # newline="": the csv module writes its own
                 write_predictions(preds, model.class_names, fmt, f)
         atomic_write(args.out, write)
         print(f"wrote {len(preds)} predictions to {args.out} ({fmt})", file=sys.stderr)
@@ -188,7 +196,7 @@ def cmd_predict(args):
     if failed:
         print(f"multitag predict: {failed} of {_count(len(preds), 'file')} could not be read; "
               "they are listed in the output with the reason", file=sys.stderr)
-    return None     # printed above, in the asked-for format
+    # returns None: the predictions were printed above in the asked-for format, not by main()
 
 
 def cmd_models(args):

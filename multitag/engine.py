@@ -28,7 +28,7 @@ from multitag.data.transforms import BatchAugment
 from multitag.errors import UserError, did_you_mean
 from multitag.finetune import apply_freeze, frozen_batchnorm_to_eval, param_groups, resolve_stages
 from multitag.inference import logits_of, scores_from_logits
-from multitag.losses import build_loss
+from multitag.losses import build_loss, training_loss
 from multitag.models import build_model, count_parameters, get_spec
 from multitag.models.weights import init_from_file
 from multitag.progress import track
@@ -164,8 +164,7 @@ def train_one_epoch(model, loader: BatchLoader, loss_fn, optimizer, scheduler, p
         x = rt.prepare_input(batch.images)
         y, ignore = batch.targets.to(rt.device), batch.ignore.to(rt.device)
         with rt.autocast():
-            logits = model(x)
-        loss = loss_fn(logits, y, ignore)
+            loss = training_loss(model, loss_fn, x, y, ignore)
         if not torch.isfinite(loss):
             raise TrainingDiverged(
                 f"the training loss became {loss.item()} at epoch {epoch + 1}, batch {i + 1}; the last good "
@@ -242,7 +241,14 @@ def setup_job(cfg: Config, run: Path, saved: dict | None, log) -> Job:
         f"val {len(val_loader.rows)}, test {len(data.rows('test'))}")
 
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model.name, t.num_classes, pretrained=not cfg.model.weights, **cfg.model.args)
+    args = dict(cfg.model.args)
+    if get_spec(cfg.model.name).wants_label_counts:
+        # e.g. CNN-RNN orders label sequences by training-set frequency; the counts travel in
+        # model.json's args so a reloaded model decodes in the same order.
+        rows = train_loader.rows
+        args["label_counts"] = ((t.targets[rows] > 0.5) & ~t.ignore[rows]).sum(0).astype(int).tolist()
+        cfg.model.args = args
+    model = build_model(cfg.model.name, t.num_classes, pretrained=not cfg.model.weights, **args)
     if cfg.model.weights:
         init_from_file(model, cfg.model.name, cfg.model.weights, log=log)
     train_rows = train_loader.rows

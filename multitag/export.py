@@ -67,13 +67,13 @@ def export_onnx(run_dir: str | Path, int8: bool = False, log=print, data: str | 
     record = {**write_onnx(model, onnx_path, checked), "weights_sha256": digest}
     log(f"wrote {onnx_path}: max |logit difference| vs PyTorch {record['max_abs_diff']:.2e} "
         f"on {record['images']} images of the run")
-    export = {"onnx": record}
+    # An earlier int8 export of these same weights stays valid; records of other weights are dropped.
+    export = {k: v for k, v in model.meta.get("export", {}).items() if v.get("weights_sha256") == digest}
+    export["onnx"] = record
     if int8:
         int8_record = write_int8(model, onnx_path, model.run_dir / ONNX_INT8_MODEL, prepared, int8_method, log)
         export["int8"] = {**int8_record, "weights_sha256": digest}
-    meta = dict(model.meta)
-    meta["export"] = export
-    write_json(model.run_dir / MODEL_META, meta)
+    write_json(model.run_dir / MODEL_META, {**model.meta, "export": export})
     return {"onnx": str(onnx_path), **{k: v for k, v in record.items() if k != "file"},
             **({"int8": export["int8"]} if int8 else {})}
 
@@ -142,7 +142,7 @@ def parity(model: Model, onnx_path: str | Path, images: torch.Tensor) -> dict:
         raise UserError(f"ONNX Runtime disagrees with PyTorch by {diff:.3g} (max abs logit, tolerance "
                         f"{PARITY_TOLERANCE:g}) on {len(images)} images; model.onnx was not written. "
                         "Use the torch backend and report the model name.")
-    return {"max_abs_diff": diff, "images": int(len(images)), "batch_sizes": [int(len(images)), 1]}
+    return {"max_abs_diff": diff, "images": len(images), "batch_sizes": [len(images), 1]}
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -156,7 +156,7 @@ def write_int8(model: Model, onnx_path: Path, int8_path: Path, prepared, method:
     calibration = check_images(model, prepared, "train", CALIBRATION_IMAGES, seed=0) if method == "static" else None
     atomic_write(int8_path, lambda tmp: quantize(onnx_path, tmp, calibration))
     record = {"file": int8_path.name, "method": method,
-              **({"calibration_images": int(len(calibration))} if calibration is not None else {}),
+              **({"calibration_images": len(calibration)} if calibration is not None else {}),
               **quantised_convs(onnx_path, int8_path), **int8_accuracy(model, onnx_path, int8_path, prepared)}
     log(f"wrote {int8_path}: {record['convs_quantised']} of {record['convs']} convolutions run in int8; "
         f"val {record['metric']} fp32 {record['val_fp32']:.4f} → int8 {record['val_int8']:.4f}")
@@ -227,6 +227,6 @@ def int8_accuracy(model: Model, onnx_path: Path, int8_path: Path, prepared) -> d
         metric, value = "mAP", {k: mean_average_precision(s, t.targets[rows], t.ignore[rows]) for k, s in scores.items()}
     else:
         metric, value = "accuracy", {k: accuracy(s, t.targets[rows].argmax(1)) for k, s in scores.items()}
-    return {"metric": metric, "val_images": int(len(rows)), "val_fp32": float(value["fp32"]),
+    return {"metric": metric, "val_images": len(rows), "val_fp32": float(value["fp32"]),
             "val_int8": float(value["int8"]), "val_change": float(value["int8"] - value["fp32"]),
             "max_abs_diff": _max_diff(outputs["int8"], outputs["fp32"])}

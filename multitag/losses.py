@@ -68,3 +68,12 @@ def build_loss(name: str, multi_label: bool, label_smoothing: float = 0.0, class
                             "data.oversample_to to rebalance.")
         return SmoothedCE(label_smoothing)
     raise UserError(f'unknown loss "{name}"{did_you_mean(name, LOSSES)}.')
+
+
+def training_loss(model, loss_fn, x, y, ignore) -> torch.Tensor:
+    """The loss of one batch. Sequence models (CNN-RNN) train on their own objective (teacher-forced
+    label sequences) through ``sequence_loss``; every other model through the configured loss on logits."""
+    base = getattr(model, "_orig_mod", model)
+    if hasattr(base, "sequence_loss"):
+        return model.sequence_loss(x, y, ignore) if model is base else base.sequence_loss(x, y, ignore)
+    return loss_fn(model(x), y, ignore)

@@ -55,14 +55,17 @@ class ReportData:
     out: Path                    # the report folder
     notes: list[str]
     figures: list[Path] = field(default_factory=list)
+    ignore: np.ndarray = field(init=False)      # (N, C) bool: pairs neither positive nor negative
+    positive: np.ndarray = field(init=False)    # (N, C) bool: true labels, ignored pairs excluded
+    predicted: np.ndarray = field(init=False)   # (N, C) bool: the labels the model outputs
 
     def __post_init__(self) -> None:
         t = self.prepared.table
-        self.ignore = t.ignore[self.rows]                                    # (N, C) bool
-        self.positive = (t.targets[self.rows] > 0.5) & ~self.ignore          # (N, C) true labels
-        if self.model.multi_label:   # the labels the model outputs: calibrated thresholds (0.5 if none)
+        self.ignore = t.ignore[self.rows]
+        self.positive = (t.targets[self.rows] > 0.5) & ~self.ignore
+        if self.model.multi_label:   # at the calibrated thresholds (0.5 where none were fitted)
             self.predicted = binarize(self.scores, self.model.thresholds).astype(bool)
-        else:                        # single-label: the top class
+        else:                        # the top class
             self.predicted = np.eye(self.scores.shape[1], dtype=bool)[self.scores.argmax(1)]
 
     @property
@@ -131,7 +134,13 @@ def worst_errors(d: ReportData, kind: str, n: int = GALLERY_SIZE) -> list[tuple[
     pairs = np.argwhere(mask)                                                # (E, 2) row, class
     pairs = pairs[np.argsort(key[mask], kind="stable")]                      # argwhere and mask share order
     _, first = np.unique(pairs[:, 0], return_index=True)                     # each image's worst pair
-    return [tuple(p) for p in pairs[np.sort(first)][:n]]
+    return [(int(i), int(c)) for i, c in pairs[np.sort(first)][:n]]
+
+
+def per_row(m: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """(R, K) counts divided row by row by (R,) totals; a row with total 0 is NaN (nothing to show)."""
+    n = np.asarray(n, dtype=np.float64)[:, None]
+    return np.divide(m, n, out=np.full(np.shape(m), np.nan), where=n > 0)
 
 
 def _original(d: ReportData, i: int) -> np.ndarray:
@@ -148,6 +157,13 @@ def _esc(text) -> str:
 def _pct(value) -> str:
     """A fraction as a percentage with two decimals; a dash for missing or NaN."""
     return "—" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{100 * value:.2f}"
+
+
+def _cell(key: str, value) -> str:
+    """A per-class table cell: counts as integers, thresholds as scores, the rest as percentages."""
+    if key == "support":
+        return str(int(value))
+    return f"{value:.3f}" if key == "threshold" else _pct(value)
 
 
 def _table(header: list[str] | None, rows: list[list], cls: str = "") -> str:
@@ -174,12 +190,15 @@ def summary_section(d: ReportData) -> str:
     m, r = d.model.meta, d.result
     thresholds = ("per-class, fitted on the validation split" if m.get("thresholds") is not None
                   else "none fitted: 0.5 for every class")
-    facts = [["run", d.model.run_dir.name], ["model", f"{m['model']['name']} "
-                                                      f"({m['model'].get('num_parameters', 0):,} parameters)"],
+    model = f"{m['model']['name']} ({m['model'].get('num_parameters', 0):,} parameters)"
+    kind = "multi" if d.model.multi_label else "single"
+    facts = [["run", d.model.run_dir.name],
+             ["model", model],
              ["input", f"{d.model.input_size}×{d.model.input_size} px, squash-resized"],
-             ["classes", f"{len(d.class_names)} ({'multi' if d.model.multi_label else 'single'}-label)"],
+             ["classes", f"{len(d.class_names)} ({kind}-label)"],
              ["best epoch", f"{m.get('best_epoch')} (val {m.get('monitor')} {_pct(m.get('best_value'))})"],
-             ["data", r.get("data", "")], ["split", f"{d.split}: {r['num_images']} images"]]
+             ["data", r.get("data", "")],
+             ["split", f"{d.split}: {r['num_images']} images"]]
     if d.model.multi_label:
         facts.append(["thresholds", thresholds])
     parts = [_table(None, facts, "facts")] + [_paragraph(n, "note") for n in d.notes]
@@ -225,8 +244,7 @@ def per_class_section(d: ReportData) -> str:
     columns = _per_class_columns(d)
     order = plots.descending_order(next(iter(columns.values())))
     header = ["class"] + list(columns)
-    rows = [[d.class_names[i]] + [v[i] if k == "support" else (f"{v[i]:.3f}" if k == "threshold" else _pct(v[i]))
-                                  for k, v in columns.items()] for i in order]
+    rows = [[d.class_names[i]] + [_cell(k, v[i]) for k, v in columns.items()] for i in order]
     if d.model.multi_label:
         rule = "the calibrated thresholds" if "calibrated" in d.result else "threshold 0.5"
         what = f"F1, precision and recall at {rule}; support = images with the label"
@@ -264,16 +282,14 @@ def predicted_vs_true(d: ReportData) -> np.ndarray:
     pos = d.positive.astype(np.float64)
     m = pos.T @ wrong                                                        # (C, C) i true and j wrongly predicted
     np.fill_diagonal(m, (d.positive & d.predicted).sum(0))
-    n_true = d.positive.sum(0)[:, None]
-    return np.where(n_true > 0, m / np.maximum(n_true, 1), np.nan)
+    return per_row(m, d.positive.sum(0))
 
 
 def confusion_section(d: ReportData) -> str:
     names = d.class_names
     if not d.model.multi_label:
         cm = np.asarray(d.result["confusion_matrix"], dtype=np.float64)
-        norm = cm / np.where(cm.sum(1, keepdims=True) > 0, cm.sum(1, keepdims=True), np.nan)
-        path = d.figure(plots.matrix_heatmap(norm, names, names, d.out / "confusion_matrix.png",
+        path = d.figure(plots.matrix_heatmap(per_row(cm, cm.sum(1)), names, names, d.out / "confusion_matrix.png",
                                              title="confusion matrix (rows sum to 1)", xlabel="predicted",
                                              ylabel="true"))
         return _figure(path, "Row i: where the images of class i went; the diagonal is per-class accuracy.")
@@ -300,8 +316,7 @@ def label_stats_section(d: ReportData) -> str:
                      f"Images per class in the data ({len(rows)} usable images), by split.")]
     if d.model.multi_label:
         together = positive.T.astype(np.float64) @ positive                  # (C, C) images with both
-        n = np.diag(together).copy()
-        cond = np.where(n[:, None] > 0, together / np.maximum(n[:, None], 1), np.nan)
+        cond = per_row(together, np.diag(together))
         np.fill_diagonal(cond, np.nan)                                       # trivially 1
         parts.append(_figure(d.figure(plots.matrix_heatmap(
             cond, d.class_names, d.class_names, d.out / "label_cooccurrence.png",
@@ -417,7 +432,7 @@ def write_report(run_dir, data: str | None = None, split: str = "test", log=prin
     t = prepared.table
     result = evaluate_scores(scores, t.targets[rows], t.ignore[rows], model.multi_label,
                              model.meta.get("thresholds"), t.class_names)
-    result.update(split=split, num_images=int(len(rows)), data=t.source)
+    result.update(split=split, num_images=len(rows), data=t.source)
     d = ReportData(model, prepared, split, rows, scores, result, _report_folder(model.run_dir), notes)
 
     sections = [(a, title, body) for a, title, build in SECTIONS if (body := build(d)) is not None]

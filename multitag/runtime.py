@@ -21,6 +21,7 @@ import torch
 
 from multitag.config import cache_root
 from multitag.errors import UserError, did_you_mean
+from multitag.losses import training_loss
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,7 @@ def time_train_step(model, loss_fn, example: torch.Tensor, targets: torch.Tensor
     for i in range(steps + 1):
         t0 = time.perf_counter()
         with rt.autocast():
-            loss = loss_fn(model(x), y, ignore)
+            loss = training_loss(model, loss_fn, x, y, ignore)
         loss.backward()
         model.zero_grad(set_to_none=True)
         if rt.device.type == "cuda":

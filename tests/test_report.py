@@ -16,7 +16,7 @@ from multitag import api, plots
 from multitag.cli import main
 from multitag.report import predicted_vs_true, worst_errors, write_report
 
-QUIET = dict(log=lambda *a, **k: None)
+QUIET = {"log": lambda *a, **k: None}
 FAST = ["train.epochs=2", "train.batch_size=32", "train.precision=fp32", "train.channels_last=false"]
 MULTI_LABEL_FIGURES = {"learning_curves.png", "per_class.png", "pr_curves.png", "predicted_vs_true.png",
                        "label_counts.png", "label_cooccurrence.png", "labels_per_image.png", "worst_fp.png",

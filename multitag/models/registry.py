@@ -26,6 +26,7 @@ class ModelSpec:
     mean: tuple = IMAGENET_MEAN  # the input normalisation the model (and its pretrained weights) expect
     std: tuple = IMAGENET_STD
     pretrained: bool = False     # the builder loads packaged pretrained weights unless pretrained=False
+    wants_label_counts: bool = False  # the builder takes label_counts=[per-class training positives]
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
