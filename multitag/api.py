@@ -23,12 +23,18 @@ def train(config: str | Config | None = None, data: str | None = None, out: str 
     if resume is not None:
         if config is not None or data is not None or overrides:
             raise UserError("--resume continues a run with its own config; drop the recipe, --data and --set.")
-        return fit(load_run_config(Path(resume)), resume, resume=True, log=log)
-    cfg = config if isinstance(config, Config) else load_config(config, list(overrides))
-    if data is not None:
-        cfg.data.path = str(data)
-    run = Path(out) if out else default_run_dir(cfg)
-    return fit(cfg, run, log=log)
+        cfg, run = load_run_config(Path(resume)), Path(resume)
+    else:
+        cfg = config if isinstance(config, Config) else load_config(config, list(overrides))
+        if data is not None:
+            cfg.data.path = str(data)
+        run = Path(out) if out else default_run_dir(cfg)
+    fit(cfg, run, resume=resume is not None, log=log)
+    if cfg.train.report:
+        from multitag.report import write_report
+
+        write_report(run, log=log)
+    return run
 
 
 def evaluate(run_dir: str | Path, data: str | None = None, split: str = "test", log=print) -> dict:

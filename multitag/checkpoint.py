@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,25 +15,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from multitag.errors import UserError
+from multitag.fileio import atomic_write, atomic_write_text
 
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_META = "model.json"
 TRAIN_STATE = "checkpoint.safetensors"
 TRAIN_META = "checkpoint.json"
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``: a killed process never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _json_safe(value: Any) -> Any:
@@ -54,8 +39,7 @@ def _json_safe(value: Any) -> Any:
 
 
 def write_json(path: Path, data: dict) -> None:
-    text = json.dumps(_json_safe(data), indent=2)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write_text(path, json.dumps(_json_safe(data), indent=2))
 
 
 def read_json(path: Path) -> dict:

@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--data", help="dataset to evaluate on (default: the training data)")
     p.add_argument("--split", default="test", help="train, val, test or all (default test)")
+    p.add_argument("--no-report", dest="report", action="store_false", help="do not write RUN_DIR/report/")
     _add_json(p)
 
     p = sub.add_parser("calibrate", help="fit per-class thresholds on the validation split")
@@ -129,11 +130,17 @@ def cmd_train(args):
 
 
 def cmd_eval(args):
-    from multitag import api
+    from multitag.evaluation import score_run
 
-    result = api.evaluate(args.run_dir, data=args.data, split=args.split, log=_log_for(args))
+    scored = score_run(args.run_dir, data=args.data, split=args.split, log=_log_for(args))
+    result = scored.result
     if not args.json:
         _print_metrics(result, f"{args.run_dir}: {result['split']} split, {result['num_images']} images")
+    if args.report:
+        from multitag.report import write_report
+
+        index = write_report(args.run_dir, log=_log_for(args), scored=scored)
+        result["report"] = str(index)
     return result
 
 
@@ -169,7 +176,7 @@ def _predict_format(args) -> str:
 
 
 def cmd_predict(args):
-    from multitag.checkpoint import atomic_write
+    from multitag.fileio import atomic_write
     from multitag.predict import expand_images, load, write_predictions
 
     if args.batch_size < 1:

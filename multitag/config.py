@@ -84,6 +84,7 @@ class TrainConfig:
     compile: bool = False             # torch.compile the model
     threads: int = 0                  # torch CPU threads; 0 = torch's default
     eval_batch_size: int = 256
+    report: bool = True               # write RUN_DIR/report/index.html (test split, else val) after training
 
 
 @dataclass

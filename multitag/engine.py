@@ -216,10 +216,12 @@ def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=print) ->
 
 
 def with_model_normalisation(cfg: Config) -> Config:
-    """Fill an unset data.mean/std with the model's own (e.g. [-1, 1] scaling for EfficientNet-Lite
-    weights), so training, model.json and inference all use what the weights expect."""
+    """A copy with an absolute data path and an unset data.mean/std filled with the model's own
+    (e.g. [-1, 1] scaling for EfficientNet-Lite weights), so training, model.json and inference
+    all use what the weights expect."""
     spec = get_spec(cfg.model.name)
     cfg = copy.deepcopy(cfg)
+    cfg.data.path = str(Path(cfg.data.path).resolve()) if cfg.data.path else ""   # eval/report work from any cwd
     cfg.data.mean = tuple(cfg.data.mean) or spec.mean
     cfg.data.std = tuple(cfg.data.std) or spec.std
     return cfg

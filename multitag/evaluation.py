@@ -5,6 +5,7 @@ never tuned on test.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,6 @@ from multitag.config import DataConfig, data_config_from_dict
 from multitag.data.loader import BatchLoader
 from multitag.data.prepare import PreparedData, prepare
 from multitag.errors import UserError
-from multitag.inference import logits_of, scores_from_logits
 from multitag.predict import Model, load
 from multitag.summary import evaluate_scores
 
@@ -34,27 +34,44 @@ def prepare_for(model: Model, data: str | None, log=print) -> PreparedData:
 
 
 def score_split(model: Model, prepared: PreparedData, split: str, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, scores (N, C)) of the model on one split of the prepared data."""
+    """(rows, scores (N, C)) of the model on one split of the prepared data, on the model's backend."""
     rows = prepared.rows(split)
     if len(rows) == 0:
         raise UserError(f'the data has no usable "{split}" images; use --split all, or data with a split column.')
     t = prepared.table
     loader = BatchLoader(prepared.cache, rows, t.targets, t.ignore, batch_size=batch_size,
                          mean=model.mean, std=model.std)
-    logits = logits_of(model.network, (b.images for b in loader.iterate()), model.runtime)
-    return rows, scores_from_logits(logits, model.multi_label).numpy()
+    scores = [model.scores(b.images) for b in loader.iterate()]
+    return rows, np.concatenate(scores)
+
+
+@dataclass
+class Scored:
+    """A run scored on one split: what eval prints and what the report draws."""
+    model: Model
+    prepared: PreparedData
+    split: str
+    rows: np.ndarray          # (N,) table rows of the split
+    scores: np.ndarray        # (N, C)
+    result: dict              # summary.evaluate_scores + split, num_images, data
+
+
+def score_run(run_dir: str | Path | Model, data: str | None = None, split: str = "test", log=print,
+              prepared: PreparedData | None = None) -> Scored:
+    """Score a trained run on a split: metrics at 0.5, at the calibrated thresholds and top-3."""
+    model = run_dir if isinstance(run_dir, Model) else load(run_dir)
+    prepared = prepared or prepare_for(model, data, log)
+    rows, scores = score_split(model, prepared, split)
+    t = prepared.table
+    result = evaluate_scores(scores, t.targets[rows], t.ignore[rows], model.multi_label,
+                             model.meta.get("thresholds"), t.class_names)
+    result.update(split=split, num_images=int(len(rows)), data=t.source)
+    return Scored(model, prepared, split, rows, scores, result)
 
 
 def evaluate_run(run_dir: str | Path, data: str | None = None, split: str = "test", log=print) -> dict:
-    """Metrics of a trained run on a split: at 0.5, at the calibrated thresholds and top-3."""
-    model = load(run_dir)
-    prepared = prepare_for(model, data, log)
-    rows, scores = score_split(model, prepared, split)
-    t = prepared.table
-    thresholds = model.meta.get("thresholds")
-    result = evaluate_scores(scores, t.targets[rows], t.ignore[rows], model.multi_label, thresholds, t.class_names)
-    result.update(split=split, num_images=int(len(rows)), data=t.source)
-    return result
+    """Metrics of a trained run on a split (see score_run)."""
+    return score_run(run_dir, data, split, log).result
 
 
 def calibrate_run(run_dir: str | Path, data: str | None = None, log=print) -> list[float]:

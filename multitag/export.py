@@ -36,7 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from multitag.checkpoint import MODEL_META, atomic_write, write_json
+from multitag.checkpoint import MODEL_META, write_json
+from multitag.fileio import atomic_write
 from multitag.errors import UserError, did_you_mean
 from multitag.predict import ONNX_INT8_MODEL, ONNX_MODEL, Model, OnnxBackend, load, weights_digest
 

@@ -23,11 +23,11 @@ from multitag import plots
 from multitag.checkpoint import write_json
 from multitag.data.decode import decode_image
 from multitag.data.prepare import PreparedData
-from multitag.evaluation import prepare_for, score_split
+from multitag.evaluation import Scored, prepare_for, score_run
 from multitag.explain import explain_images
 from multitag.metrics import binarize, counts, rank_by_class
 from multitag.predict import Model, load
-from multitag.summary import SET_METRICS, TOP3_METRICS, evaluate_scores
+from multitag.summary import SET_METRICS, TOP3_METRICS
 
 REPORT_DIR = "report"
 HISTORY_FILE = "metrics.jsonl"
@@ -418,21 +418,24 @@ def _report_folder(run_dir: Path) -> Path:
     return out
 
 
-def write_report(run_dir, data: str | None = None, split: str = "test", log=print) -> Path:
+def write_report(run_dir, data: str | None = None, split: str = "test", log=print,
+                 scored: Scored | None = None) -> Path:
     """Score the run on a split (test, or val when the data has none) and write report/index.html.
 
+    ``scored`` reuses scores already computed (by `multitag eval`) instead of scoring again.
     Also writes report/metrics.json (the metrics, per-class counts, notes and figure names).
     Returns the path of index.html.
     """
     start = time.perf_counter()
-    model = load(run_dir)
-    prepared = prepare_for(model, data, log)
-    split, notes = choose_split(prepared, split, model.meta.get("thresholds") is not None)
-    rows, scores = score_split(model, prepared, split)
-    t = prepared.table
-    result = evaluate_scores(scores, t.targets[rows], t.ignore[rows], model.multi_label,
-                             model.meta.get("thresholds"), t.class_names)
-    result.update(split=split, num_images=len(rows), data=t.source)
+    if scored is None:
+        model = load(run_dir)
+        prepared = prepare_for(model, data, log)
+        split, notes = choose_split(prepared, split, model.meta.get("thresholds") is not None)
+        scored = score_run(model, data, split, log, prepared=prepared)
+    else:
+        _, notes = choose_split(scored.prepared, scored.split, scored.model.meta.get("thresholds") is not None)
+    model, prepared, split, rows, scores, result = (scored.model, scored.prepared, scored.split, scored.rows,
+                                                    scored.scores, scored.result)
     d = ReportData(model, prepared, split, rows, scores, result, _report_folder(model.run_dir), notes)
 
     sections = [(a, title, body) for a, title, build in SECTIONS if (body := build(d)) is not None]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -31,6 +30,7 @@ import numpy as np
 from multitag.data.formats import normalize_split
 from multitag.data.table import SPLITS, LabelTable
 from multitag.errors import UserError
+from multitag.fileio import atomic_write
 
 Log = Callable[[str], None]
 
@@ -166,19 +166,12 @@ def write_split_csv(path: str | Path, table: LabelTable, split: list[str]) -> No
     bad = sorted(set(split) - set(SPLITS))
     if bad:
         raise ValueError(f"split values {bad} are not in {SPLITS}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Write beside the target then rename, so a crash never leaves a half-written split.csv.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(["image", "split"])
-            writer.writerows([os.path.abspath(p), s] for p, s in zip(table.paths, split))
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    rows = [["image", "split"]] + [[os.path.abspath(p), s] for p, s in zip(table.paths, split)]
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows(rows)
+    atomic_write(path, write)
 
 
 def read_split_csv(path: str | Path) -> dict[str, str]:
