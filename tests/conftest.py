@@ -4,7 +4,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
+# Idle OpenMP threads must sleep, not spin: several torch/onnxruntime pools live in one test process
+# (and other jobs may share the 2 cores), and spinning pools make each other 10-100x slower.
+# Must be set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -28,3 +33,14 @@ def digits_csv(tmp_path_factory) -> Path:
     from multitag.demo_data import make_digit_mosaics
 
     return make_digit_mosaics(tmp_path_factory.mktemp("digits"), {"train": 120, "val": 40, "test": 40}, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(digits_csv, tmp_path_factory) -> Path:
+    """A 1-epoch demo run (with its report) shared by tests that only read it. Tests that change a
+    run directory (export, calibrate, resume) train their own."""
+    from multitag.api import train
+
+    out = tmp_path_factory.mktemp("tiny_run") / "run"
+    return train("demo", data=str(digits_csv), out=out,
+                 overrides=["train.epochs=1", "train.batch_size=32", "train.precision=fp32"], log=lambda *a: None)

@@ -13,17 +13,14 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from multitag import app
-from multitag.api import train
 from multitag.predict import load
 
 CHROMEDRIVER = "/usr/bin/chromedriver"
 
 
 @pytest.fixture(scope="module")
-def run_dir(digits_csv, tmp_path_factory):
-    out = tmp_path_factory.mktemp("app") / "run"
-    return train("demo", data=str(digits_csv), out=out,
-                 overrides=["train.epochs=1", "train.batch_size=32", "train.precision=fp32"], log=lambda *a: None)
+def run_dir(tiny_run):
+    return tiny_run
 
 
 @pytest.fixture(scope="module")

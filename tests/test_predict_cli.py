@@ -6,17 +6,14 @@ import shutil
 
 import pytest
 
-from multitag import api
 from multitag.cli import main
 
-FAST = ["train.epochs=1", "train.batch_size=32", "train.precision=fp32"]
 CLASSES = [f"d{i}" for i in range(10)]
 
 
 @pytest.fixture(scope="module")
-def trained(digits_csv, tmp_path_factory):
-    out = tmp_path_factory.mktemp("predict_cli") / "run"
-    return api.train("demo", data=digits_csv, out=out, overrides=FAST, log=lambda *a: None)
+def trained(tiny_run):
+    return tiny_run
 
 
 @pytest.fixture

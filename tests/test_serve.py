@@ -10,7 +10,6 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from multitag.api import train
 from multitag.predict import load
 from multitag.serve import create_app
 
@@ -20,10 +19,8 @@ MAX_BYTES = 100_000
 
 
 @pytest.fixture(scope="module")
-def run_dir(digits_csv, tmp_path_factory):
-    out = tmp_path_factory.mktemp("serve") / "run"
-    return train("demo", data=str(digits_csv), out=out,
-                 overrides=["train.epochs=1", "train.batch_size=32", "train.precision=fp32"], log=lambda *a: None)
+def run_dir(tiny_run):
+    return tiny_run
 
 
 @pytest.fixture(scope="module")
