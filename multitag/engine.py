@@ -154,7 +154,7 @@ def model_meta(cfg: Config, data: PreparedData, rt: Runtime, state: TrainState, 
 
 def train_one_epoch(model, loader: BatchLoader, loss_fn, optimizer, scheduler, per_batch: bool, rt: Runtime,
                     cfg: Config, epoch: int) -> tuple[float, float]:
-    """One pass over the training rows; returns (mean loss, learning rate of the last batch)."""
+    """One pass over the training rows; returns (mean loss, (head) learning rate of the last batch)."""
     model.train()
     frozen_batchnorm_to_eval(model)
     torch.manual_seed(cfg.train.seed * 100_003 + epoch)     # dropout etc.: a function of (seed, epoch)
@@ -173,7 +173,7 @@ def train_one_epoch(model, loader: BatchLoader, loss_fn, optimizer, scheduler, p
         loss.backward()
         if cfg.train.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        lr = optimizer.param_groups[0]["lr"]
+        lr = max(g["lr"] for g in optimizer.param_groups)      # the head's LR when backbone LRs are lower
         optimizer.step()
         if scheduler is not None and per_batch:
             scheduler.step()

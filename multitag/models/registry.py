@@ -119,6 +119,15 @@ for _v, _size in ((0, 224), (1, 240), (2, 260)):
              _size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), pretrained=True)(_efficientnet_lite(_v))
 
 
+@register("cnn_rnn", "CNN-RNN (Wang et al. 2016): CNN + label LSTM emitting labels in frequency order, beam search",
+          224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), pretrained=True, wants_label_counts=True)
+def cnn_rnn(num_classes: int, **kw) -> nn.Module:
+    # mean/std 0.5: what the default backbone (efficientnet_lite0) expects; set data.mean/std for others.
+    from multitag.models.cnn_rnn import CNNRNN
+
+    return CNNRNN(num_classes, **kw)
+
+
 def describe_models(num_classes: int = 10) -> list[dict]:
     """Name, parameter count (with ``num_classes`` outputs), input size and description of each model."""
     return [{"name": s.name, "parameters": count_parameters(build_model(s.name, num_classes, pretrained=False)),
