@@ -44,3 +44,11 @@ def tiny_run(digits_csv, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny_run") / "run"
     return train("demo", data=str(digits_csv), out=out,
                  overrides=["train.epochs=1", "train.batch_size=32", "train.precision=fp32"], log=lambda *a: None)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_run):
+    """The tiny run loaded for inference (multitag.predict.load)."""
+    from multitag.predict import load
+
+    return load(tiny_run)

@@ -13,19 +13,8 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from multitag import app
-from multitag.predict import load
 
 CHROMEDRIVER = "/usr/bin/chromedriver"
-
-
-@pytest.fixture(scope="module")
-def run_dir(tiny_run):
-    return tiny_run
-
-
-@pytest.fixture(scope="module")
-def model(run_dir):
-    return load(run_dir)
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +23,8 @@ def image_paths(digits_csv):
 
 
 @pytest.fixture()
-def app_test(run_dir, monkeypatch):
-    monkeypatch.setenv(app.RUN_ENV, str(run_dir))
+def app_test(tiny_run, monkeypatch):
+    monkeypatch.setenv(app.RUN_ENV, str(tiny_run))
     return AppTest.from_file(app.__file__, default_timeout=60)
 
 
@@ -61,7 +50,7 @@ def test_without_a_run_the_app_says_how_to_start_it(monkeypatch):
     assert "multitag app RUN_DIR" in at.error[0].value
 
 
-def test_upload_slider_gradcam_and_model_card(app_test, model, image_paths):
+def test_upload_slider_gradcam_and_model_card(app_test, tiny_model, image_paths):
     at = app_test.run()
     assert not at.exception and at.title[0].value.startswith(app.TITLE)
     uploads = [(p.name, p.read_bytes(), "image/png") for p in image_paths]
@@ -70,7 +59,7 @@ def test_upload_slider_gradcam_and_model_card(app_test, model, image_paths):
     assert not at.exception
 
     # calibrated per-class thresholds by default, exactly what the predictor decides
-    assert shown_labels(at) == [p.labels for p in model.predict(image_paths)]
+    assert shown_labels(at) == [p.labels for p in tiny_model.predict(image_paths)]
     errors = [e.value for e in at.error]
     assert any("notes.png is not an image" in e for e in errors)
     assert any("bomb.png has 49,000,000 pixels" in e for e in errors)
@@ -81,15 +70,15 @@ def test_upload_slider_gradcam_and_model_card(app_test, model, image_paths):
     for t in (0.0, 0.3, 1.0):
         at.slider(key="threshold").set_value(t).run()
         seen[t] = shown_labels(at)
-        assert seen[t] == [p.labels for p in model.predict(image_paths, threshold=t)]
-    assert all(set(labels) == set(model.class_names) for labels in seen[0.0])
+        assert seen[t] == [p.labels for p in tiny_model.predict(image_paths, threshold=t)]
+    assert all(set(labels) == set(tiny_model.class_names) for labels in seen[0.0])
     assert seen[0.0] != seen[0.3]
 
     # Grad-CAM next to each readable image when multitag.explain is there, else a note saying why not
     if app.explain_missing() is None:
         boxes = at.selectbox
         assert len(boxes) == len(image_paths) and len(at.image) == 2 * len(image_paths)
-        scores = model.predict(image_paths[:1])[0].scores
+        scores = tiny_model.predict(image_paths[:1])[0].scores
         assert boxes[0].options == sorted(scores, key=scores.get, reverse=True)
         boxes[0].set_value(boxes[0].options[-1]).run()
         assert not at.exception and len(at.image) == 2 * len(image_paths)
@@ -97,7 +86,7 @@ def test_upload_slider_gradcam_and_model_card(app_test, model, image_paths):
         assert any("multitag.explain" in i.value for i in at.info)
 
     # the model card lists every class with its threshold
-    assert len(at.tabs[1].dataframe[0].value) == len(model.class_names)
+    assert len(at.tabs[1].dataframe[0].value) == len(tiny_model.class_names)
 
 
 def free_port() -> int:
@@ -120,10 +109,10 @@ def wait_until_healthy(url: str, proc: subprocess.Popen, seconds: float = 60) ->
 
 
 @pytest.fixture()
-def streamlit_server(run_dir):
+def streamlit_server(tiny_run):
     """`streamlit run` of the app (the exact command `multitag app` runs), stopped at the end."""
     port = free_port()
-    proc = subprocess.Popen(app.streamlit_command(run_dir, port), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(app.streamlit_command(tiny_run, port), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -168,7 +157,7 @@ def test_real_browser_renders_the_app_and_a_prediction(streamlit_server, browser
     browser.get(streamlit_server)
     wait = WebDriverWait(browser, 60)
     wait.until(ec.text_to_be_present_in_element((By.TAG_NAME, "h1"), app.TITLE))
-    # the uploader appears once the model has loaded
+    # the uploader appears once the tiny_model has loaded
     wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "input[type=file]"))).send_keys(str(image_paths[0]))
     wait.until(ec.text_to_be_present_in_element((By.TAG_NAME, "body"), "Labels:"))
     for drawn in ("[data-testid=stImage] img", ".vega-embed"):  # the image and its score chart

@@ -10,7 +10,6 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from multitag.predict import load
 from multitag.serve import create_app
 
 MAX_PIXELS = 64 * 64  # the digit mosaics are 32x32; anything bigger than 64x64 is "huge" here
@@ -19,23 +18,13 @@ MAX_BYTES = 100_000
 
 
 @pytest.fixture(scope="module")
-def run_dir(tiny_run):
-    return tiny_run
-
-
-@pytest.fixture(scope="module")
-def model(run_dir):
-    return load(run_dir)
-
-
-@pytest.fixture(scope="module")
 def image_paths(digits_csv):
     return sorted((digits_csv.parent / "images").glob("test_*.png"))[:8]
 
 
 @pytest.fixture(scope="module")
-def client(model):
-    with TestClient(create_app(model, max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS, max_batch=MAX_BATCH)) as c:
+def client(tiny_model):
+    with TestClient(create_app(tiny_model, max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS, max_batch=MAX_BATCH)) as c:
         yield c
 
 
@@ -62,34 +51,34 @@ def assert_matches(response_pred, expected, name):
     np.testing.assert_allclose(got, list(expected.scores.values()), atol=1e-5)
 
 
-def test_predict_one_image_matches_the_model(client, model, image_paths):
+def test_predict_one_image_matches_the_model(client, tiny_model, image_paths):
     r = client.post("/predict", files=one(image_paths[0]))
     assert r.status_code == 200, r.text
     [pred] = r.json()["predictions"]
-    assert_matches(pred, model.predict([image_paths[0]])[0], image_paths[0].name)
+    assert_matches(pred, tiny_model.predict([image_paths[0]])[0], image_paths[0].name)
 
 
-def test_predict_batch_threshold_and_top_k(client, model, image_paths):
+def test_predict_batch_threshold_and_top_k(client, tiny_model, image_paths):
     paths = image_paths[:3]
     r = client.post("/predict", files=many(paths))
     assert r.status_code == 200, r.text
-    for pred, expected, p in zip(r.json()["predictions"], model.predict(paths), paths):
+    for pred, expected, p in zip(r.json()["predictions"], tiny_model.predict(paths), paths):
         assert_matches(pred, expected, p.name)
 
     everything = client.post("/predict", params={"threshold": 0}, files=one(paths[0])).json()["predictions"][0]
-    assert set(everything["labels"]) == set(model.class_names)
+    assert set(everything["labels"]) == set(tiny_model.class_names)
     custom = client.post("/predict", params={"threshold": 0.3}, files=one(paths[0])).json()["predictions"][0]
-    assert custom["labels"] == model.predict([paths[0]], threshold=0.3)[0].labels
+    assert custom["labels"] == tiny_model.predict([paths[0]], threshold=0.3)[0].labels
 
     top = client.post("/predict", params={"top_k": 2}, files=one(paths[0])).json()["predictions"][0]
     scores = top["scores"]
     assert top["labels"] == sorted(scores, key=scores.get, reverse=True)[:2]
 
 
-def test_labels_health_and_docs(client, model):
+def test_labels_health_and_docs(client, tiny_model):
     labels = client.get("/labels").json()
-    assert labels["class_names"] == list(model.class_names) and labels["multi_label"] is True
-    np.testing.assert_allclose(labels["thresholds"], model.thresholds, atol=1e-6)
+    assert labels["class_names"] == list(tiny_model.class_names) and labels["multi_label"] is True
+    np.testing.assert_allclose(labels["thresholds"], tiny_model.thresholds, atol=1e-6)
     health = client.get("/health").json()
     assert health["status"] == "ok" and health["model"] == "simple_cnn" and health["backend"]
     assert client.get("/docs").status_code == 200
@@ -152,9 +141,9 @@ class ConcurrencyProbe:
                 self.active -= 1
 
 
-def test_concurrent_requests_succeed_agree_and_never_overlap_inference(model, image_paths):
-    probe = ConcurrencyProbe(model)
-    expected = model.predict(image_paths)
+def test_concurrent_requests_succeed_agree_and_never_overlap_inference(tiny_model, image_paths):
+    probe = ConcurrencyProbe(tiny_model)
+    expected = tiny_model.predict(image_paths)
     with TestClient(create_app(probe)) as c, ThreadPoolExecutor(max_workers=4) as pool:
         responses = list(pool.map(lambda p: c.post("/predict", files=one(p)), image_paths))
     assert [r.status_code for r in responses] == [200] * len(image_paths)
@@ -164,11 +153,11 @@ def test_concurrent_requests_succeed_agree_and_never_overlap_inference(model, im
 
 
 @pytest.fixture()
-def live_server(model):
+def live_server(tiny_model):
     """uvicorn on 127.0.0.1 with an OS-chosen port, in a thread; stopped when the test ends."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(create_app(model), host="127.0.0.1", port=0, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(tiny_model), host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -182,8 +171,8 @@ def live_server(model):
     assert not thread.is_alive(), "uvicorn did not stop"
 
 
-def test_real_server_over_http(live_server, image_paths, model):
+def test_real_server_over_http(live_server, image_paths, tiny_model):
     assert httpx.get(f"{live_server}/health", timeout=10).json()["status"] == "ok"
     r = httpx.post(f"{live_server}/predict", files=one(image_paths[0]), timeout=30)
     assert r.status_code == 200
-    assert r.json()["predictions"][0]["labels"] == model.predict([image_paths[0]])[0].labels
+    assert r.json()["predictions"][0]["labels"] == tiny_model.predict([image_paths[0]])[0].labels
