@@ -45,9 +45,9 @@ Other notes:
 - The backbone is any registry model (``backbone``, ``backbone_args``); its input normalisation
   applies. The default efficientnet_lite0 wants mean = std = 0.5, which is this model's registry
   default; with another backbone set data.mean/std to what it expects (recipes set them explicitly).
-- The beam search is Python control flow over decoding steps: ONNX export of ``forward`` is not
-  supported (``multitag export`` will fail for this model); torch.compile is optional and
-  will break the graph at the loop.
+- The beam search is data-dependent Python control flow: a trace would fix the number of
+  decoding steps, so tracing / ONNX export raise (``multitag export`` reports that the model
+  cannot be exported; use the torch backend). torch.compile works with graph breaks at the loop.
 """
 from __future__ import annotations
 
@@ -182,7 +182,7 @@ def beam_search(step: StepFn, state: tuple, num_classes: int, max_len: int, beam
 
     for t in range(max_len + 1):
         logits, state = step(tokens, state)
-        logp = _next_log_probs(logits.view(B, K, C + 1), emitted, t, max_len)         # (B, K, C+1)
+        logp = _next_log_probs(logits.reshape(B, K, C + 1), emitted, t, max_len)         # (B, K, C+1)
         max_prob = torch.maximum(max_prob, logp[..., :C].exp())
         total, idx = (alive[..., None] + logp).view(B, K * (C + 1)).topk(2 * K, dim=1)  # (B, 2K) best first
         parent, token = idx // (C + 1), idx % (C + 1)
@@ -243,6 +243,8 @@ class LabelDecoder(nn.Module):
         self.rnn_proj = nn.Linear(hidden, embed_dim)                 # W_o
         self.out_bias = nn.Parameter(torch.zeros(num_classes + 1))
         self.drop = nn.Dropout(drop_rate)
+        # nn.Embedding's N(0, 1) would make the tied output scores ~sqrt(E) times too large at the start
+        nn.init.normal_(self.label_embed.weight, std=embed_dim ** -0.5)
 
     def scores(self, o: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """RNN outputs (..., H) and image embeddings (..., E) → scores over C labels + END (..., C+1)."""
@@ -342,6 +344,10 @@ class CNNRNN(nn.Module):
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         """Feature map → per-class logits (B, C) of the beam-search scores (module docstring)."""
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            # a trace would bake in the number of decoding steps of the example: wrong on other images
+            raise RuntimeError("CNN-RNN's beam search is data-dependent Python control flow and cannot be "
+                               "traced or exported to ONNX")
         score = self.search(features).class_scores()
         return torch.logit(score.clamp(1e-6, 1 - 1e-6))
 
