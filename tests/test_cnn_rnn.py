@@ -12,9 +12,16 @@ from multitag.errors import UserError
 from multitag.export import _torch_export
 from multitag.finetune import apply_freeze
 from multitag.models import build_model
-from multitag.models.cnn_rnn import (PAD, CNNRNN, beam_search, greedy_search, label_order, target_sequences)
+from multitag.models.cnn_rnn import (
+    CNNRNN,
+    PAD,
+    beam_search,
+    greedy_search,
+    label_order,
+    target_sequences,
+)
 
-SMALL = dict(backbone="simple_cnn", embed_dim=32, hidden=64)   # fast CPU-sized CNN-RNN
+SMALL = {"backbone": "simple_cnn", "embed_dim": 32, "hidden": 64}   # fast CPU-sized CNN-RNN
 
 
 @pytest.fixture(autouse=True)
