@@ -111,6 +111,8 @@ class StageConfig:
     sched: str = "onecycle"           # onecycle | cosine | plateau | none (constant LR)
     freeze: tuple = ()                # parameter-name patterns to freeze (fnmatch); "backbone" = all but the head
     backbone_lr_mult: float = 1.0     # discriminative LR: backbone LR = lr × this
+    cache_features: bool = False      # frozen backbone: compute the head's input features once (no
+                                      # augmentation) and train only the linear head on them — seconds per epoch
 
 
 @dataclass

@@ -26,7 +26,8 @@ from multitag.data.loader import BatchLoader, repeat_factors
 from multitag.data.prepare import PreparedData, prepare
 from multitag.data.transforms import BatchAugment
 from multitag.errors import UserError, did_you_mean
-from multitag.finetune import apply_freeze, frozen_batchnorm_to_eval, param_groups, resolve_stages
+from multitag.finetune import (FeatureTable, apply_freeze, check_feature_cache, frozen_batchnorm_to_eval,
+                               head_inputs, param_groups, resolve_stages)
 from multitag.inference import logits_of, scores_from_logits
 from multitag.losses import build_loss, training_loss
 from multitag.models import build_model, count_parameters, get_spec
@@ -292,13 +293,16 @@ def run_stage(job: Job, stages: list[StageConfig], state: TrainState, saved: dic
     if len(stages) > 1:
         job.log(f"stage {state.stage + 1}/{len(stages)} \"{stage.name}\": {stage.epochs} epochs, lr {stage.lr:g}, "
                 f"schedule {stage.sched}, {frozen} parameter tensors frozen")
+    # What an epoch runs on: the whole model on images, or (cache_features) the head on features.
+    net, train_loader, val_loader, rt = (feature_stage(job, stage) if stage.cache_features else
+                                         (job.model, job.train_loader, job.val_loader, job.rt))
     monitor = monitor_name(t.multi_label)
     total_epochs = sum(s.epochs for s in stages)
     while state.stage_epoch < stage.epochs and not state.stopped:
         epoch, start = state.epoch, time.perf_counter()
-        train_loss, lr = train_one_epoch(job.model, job.train_loader, job.loss_fn, optimizer, scheduler, per_batch,
-                                         job.rt, cfg, epoch)
-        val = evaluate(job.model, job.val_loader, job.loss_fn, job.rt, job.data)
+        train_loss, lr = train_one_epoch(net, train_loader, job.loss_fn, optimizer, scheduler, per_batch,
+                                         rt, cfg, epoch)
+        val = evaluate(net, val_loader, job.loss_fn, rt, job.data)
         value = evaluate_scores(val["scores"], t.targets[val["rows"]], t.ignore[val["rows"]], t.multi_label)[monitor]
         if scheduler is not None and not per_batch:
             scheduler.step(value)
@@ -324,6 +328,30 @@ def run_stage(job: Job, stages: list[StageConfig], state: TrainState, saved: dic
         job.log(f"epoch {epoch + 1}/{total_epochs}  train_loss {train_loss:.4f}  val_loss {val['loss']:.4f}  "
                 f"val_{monitor} {value:.4f}  lr {lr:.2e}  {seconds:.1f}s"
                 + ("  *best*" if improved else "") + ("  (early stop)" if state.stopped else ""))
+
+
+def feature_stage(job: Job, stage: StageConfig):
+    """(head, train loader, val loader, runtime) for a stage that trains the linear head on features
+    computed once: a frozen backbone gives the same features every epoch (without augmentation),
+    so its forward pass is paid once instead of every epoch."""
+    head = check_feature_cache(job.model, stage)
+    start = time.perf_counter()
+    t, mean, std = job.data.table, job.cfg.data.mean, job.cfg.data.std
+    loaders = []
+    for images in (job.train_loader, job.val_loader):
+        plain = BatchLoader(job.data.cache, images.rows, t.targets, t.ignore, batch_size=job.cfg.train.eval_batch_size,
+                            mean=mean, std=std)
+        feats = head_inputs(job.model, (b.images for b in plain.iterate()), job.rt)      # (N, F)
+        loaders.append(BatchLoader(FeatureTable(images.rows, feats), images.rows, t.targets, t.ignore,
+                                   batch_size=images.batch_size, mean=mean, std=std, augment=_as_is,
+                                   shuffle=images.shuffle, drop_last=images.drop_last, repeats=images.repeats))
+    job.log(f"features of {len(job.train_loader.rows)} train + {len(job.val_loader.rows)} val images computed "
+            f"once in {time.perf_counter() - start:.1f}s; training the head on them")
+    return head, loaders[0], loaders[1], Runtime(job.rt.device, job.rt.precision, channels_last=False)
+
+
+def _as_is(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    return x
 
 
 def finish(job: Job, state: TrainState) -> Path:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from fnmatch import fnmatch
 
+import numpy as np
+import torch
 from torch import nn
 
 from multitag.config import Config, StageConfig
@@ -97,3 +99,44 @@ def param_groups(model: nn.Module, stage: StageConfig, weight_decay: float) -> l
     if not out:
         raise UserError(f'stage "{stage.name}" freezes every parameter; leave something to train.')
     return out
+
+
+class FeatureTable:
+    """Head-input features of some table rows, served like the image cache (``get_batch``)."""
+
+    def __init__(self, rows: np.ndarray, features: torch.Tensor):
+        self.features = features                                   # (N, F) float32, one per row
+        self.position = {int(r): i for i, r in enumerate(rows)}
+        self.valid = None
+
+    def get_batch(self, index) -> torch.Tensor:
+        return self.features[[self.position[int(r)] for r in index]]   # (B, F)
+
+
+@torch.no_grad()
+def head_inputs(model: nn.Module, batches, rt) -> torch.Tensor:
+    """(N, F) float32: what the classifier head receives, for eval-mode forward passes of the batches."""
+    head = head_module(model)
+    captured: list[torch.Tensor] = []
+    hook = head.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0].float().cpu()))
+    model.eval()
+    try:
+        for x in batches:
+            with rt.autocast():
+                model(rt.prepare_input(x))
+    finally:
+        hook.remove()
+    return torch.cat(captured)
+
+
+def check_feature_cache(model: nn.Module, stage: StageConfig) -> nn.Linear:
+    """The linear head a cache_features stage trains; a clear error when the stage cannot cache."""
+    head = head_module(model)
+    if not isinstance(head, nn.Linear):
+        raise UserError(f'stage "{stage.name}": cache_features needs a linear classifier head, and '
+                        f"{type(head).__name__} is not one; set cache_features: false.")
+    head_ids = {id(p) for p in head.parameters()}
+    base = getattr(model, "_orig_mod", model)
+    if any(p.requires_grad and id(p) not in head_ids for p in base.parameters()):
+        raise UserError(f'stage "{stage.name}": cache_features needs a frozen backbone; add freeze: [backbone].')
+    return head

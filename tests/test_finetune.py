@@ -109,3 +109,26 @@ def test_resume_across_stage_boundary(digits_csv, tmp_path, monkeypatch):
     a, b = load_file(str(full / "checkpoint.safetensors")), load_file(str(resumed / "checkpoint.safetensors"))
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
+
+
+def test_cached_feature_head_stage_matches_full_model(digits_csv, tmp_path):
+    """Training the head on features computed once is the same model: the val mAP measured on
+    features during training equals the full network's on images afterwards."""
+    over = BASE + ["stages=[{name: probe, epochs: 3, lr: 0.01, freeze: [backbone], cache_features: true}]"]
+    logs = []
+    run = train("demo", data=digits_csv, out=tmp_path / "probe", overrides=over, log=logs.append)
+    assert any("computed once" in line for line in logs)
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    meta = json.loads((run / "model.json").read_text())
+    assert meta["metrics"]["val"]["mAP"] == pytest.approx(max(r["val_mAP"] for r in rows), abs=1e-5)
+    torch.manual_seed(0)
+    init = build_model("simple_cnn", 10).state_dict()
+    trained = load_file(str(run / "model.safetensors"))
+    assert torch.equal(trained["features.2.0.weight"], init["features.2.0.weight"])
+    assert not torch.equal(trained["fc.weight"], init["fc.weight"])
+
+
+def test_cached_features_need_a_frozen_backbone(digits_csv, tmp_path):
+    over = BASE + ["stages=[{name: bad, epochs: 1, cache_features: true}]"]
+    with pytest.raises(UserError, match="cache_features needs a frozen backbone"):
+        train("demo", data=digits_csv, out=tmp_path / "bad", overrides=over, log=lambda *a: None)
