@@ -92,6 +92,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--port", type=int, default=8501)
 
+    p = sub.add_parser("ablate", help="train variants of a recipe (same seed and budget) and tabulate their metrics")
+    p.add_argument("config", nargs="?", help="recipe name (see `multitag recipes`) or a YAML config file")
+    p.add_argument("--data", help="dataset: CSV, COCO JSON, VOC/YOLO folder or folder per class")
+    p.add_argument("--vary", action="append", default=[], metavar="KEY=A,B",
+                   help="a config key and its values, e.g. --vary loss=bce,asl --vary data.oversample_to=0,600 "
+                        "(repeatable; the variants are all combinations; loss= means train.loss)")
+    p.add_argument("--grid", metavar="GRID.yaml",
+                   help="YAML with vary: {key: [values]} and/or variants: {name: {key: value}} (named bundles)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value in every variant (repeatable)")
+    p.add_argument("--out", metavar="DIR",
+                   help="ablation directory (default runs/ablate-<recipe>-<time>); run again with the same "
+                        "--out to resume: finished variants are skipped")
+    _add_json(p)
+
     p = sub.add_parser("models", help="list the model architectures")
     _add_json(p)
     p = sub.add_parser("recipes", help="list the training recipes")
@@ -239,6 +254,17 @@ def cmd_demo(args):
     return result
 
 
+def cmd_ablate(args):
+    from multitag.ablate import TABLE_CSV, TABLE_MD, ablate, load_grid, parse_vary
+
+    vary, variants = load_grid(args.grid) if args.grid else ({}, {})
+    vary.update(parse_vary(spec) for spec in args.vary)
+    out = ablate(args.config, args.data, vary, args.overrides, args.out, log=_log_for(args), variants=variants)
+    if not args.json:
+        print((out / TABLE_MD).read_text())
+    return {"out_dir": str(out), "markdown": str(out / TABLE_MD), "csv": str(out / TABLE_CSV)}
+
+
 def cmd_report(args):
     from multitag.report import write_report
 
@@ -283,7 +309,7 @@ def cmd_app(args):
 
 HANDLERS = {"report": cmd_report, "explain": cmd_explain, "export": cmd_export, "serve": cmd_serve, "app": cmd_app,
             "train": cmd_train, "eval": cmd_eval, "calibrate": cmd_calibrate, "predict": cmd_predict,
-            "models": cmd_models, "recipes": cmd_recipes, "demo": cmd_demo}
+            "models": cmd_models, "recipes": cmd_recipes, "demo": cmd_demo, "ablate": cmd_ablate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,6 +37,8 @@ class DataConfig:
     cache_dir: str = ""               # empty = <cache root>/images; root = $MULTITAG_CACHE or ~/.cache/multitag
     on_bad_image: str = "error"       # error | skip (skipped images are listed, never silent)
     oversample_to: int = 0            # repeat train images with rare labels until each label has ~this many (0 = off)
+    oversample_max_repeat: float = 10.0  # cap of one image's repeats per epoch, so labels that co-occur with
+                                      # rare ones do not explode (0 = no cap)
     split_seed: int = 0               # seed of the 70/15/15 iterative stratification
     mean: tuple = ()                  # normalisation; empty = the model's own (ImageNet stats unless the
     std: tuple = ()                   # model's weights expect others); stored in model.json with the weights
@@ -72,9 +74,16 @@ class SchedConfig:
 class TrainConfig:
     epochs: int = 10
     batch_size: int = 64
-    loss: str = "auto"                # auto (bce for multi-label, ce for single-label) | bce | ce
+    loss: str = "auto"                # auto (bce for multi-label, ce for single-label) | bce | focal | asl | ce
     label_smoothing: float = 0.0      # ce only
-    class_weights: str = "none"       # none | balanced (BCE pos_weight = negatives/positives per class, ≤ 50)
+    class_weights: str = "none"       # none | balanced: pos_weight_c = negatives_c / positives_c on the train
+                                      # rows, clipped to [1, 50], multiplies the positive term (bce, focal, asl)
+    focal_gamma: float = 2.0          # focal (Lin et al. 2017): focusing γ; 0 = BCE
+    focal_alpha: float | None = None  # focal: weight α of positives, 1-α of negatives; null = unweighted
+                                      # (the paper's detection setting is 0.25)
+    asl_gamma_neg: float = 4.0        # asl (Ridnik et al. 2021): focusing γ- of negatives
+    asl_gamma_pos: float = 0.0        # asl: focusing γ+ of positives (4 / 0 / 0.05: the authors' COCO setting)
+    asl_clip: float = 0.05            # asl: probability margin m; negatives with p < m cost nothing
     grad_clip: float = 0.0            # max gradient norm; 0 = off
     early_stop_patience: int = 0      # epochs without val improvement before stopping; 0 = off
     seed: int = 0
@@ -89,13 +98,39 @@ class TrainConfig:
 
 @dataclass
 class AugConfig:
-    hflip: bool = True
-    scale: tuple = (0.7, 1.0)         # random-resized-crop area range; (1, 1) = no crop
-    ratio: tuple = (0.75, 1.3333)     # random-resized-crop aspect range
-    rotate: float = 0.0               # max degrees of random rotation
-    translate: float = 0.0            # max shift as a fraction of the side (CIFAR's pad-4 crop ≈ 0.125)
-    color_jitter: float = 0.0         # brightness/contrast/saturation strength (0 = off)
-    erasing: float = 0.0              # probability of random erasing per image
+    """Training augmentation. A field left unset (null) takes the value of ``preset``; a field you set
+    — in the recipe, with --set or in Python, even to the preset's own value — always wins.
+    ``resolve_aug`` applies this rule; AUG_PRESETS below lists each preset's values."""
+    preset: str = "light"             # none | light (flip + mild crop) | standard | strong (+ TrivialAugment)
+    hflip: bool | None = None
+    scale: tuple | None = None        # random-resized-crop area range; (1, 1) = no crop
+    ratio: tuple | None = None        # random-resized-crop aspect range
+    rotate: float | None = None       # max degrees of random rotation
+    translate: float | None = None    # max shift as a fraction of the side (CIFAR's pad-4 crop ≈ 0.125)
+    color_jitter: float | None = None  # brightness/contrast/saturation strength (0 = off)
+    erasing: float | None = None      # probability of random erasing per image
+    trivial_augment: bool | None = None  # one random TrivialAugmentWide op per image (uint8, before the rest)
+
+
+_NO_AUG = {"hflip": False, "scale": (1.0, 1.0), "ratio": (0.75, 1.3333), "rotate": 0.0, "translate": 0.0,
+           "color_jitter": 0.0, "erasing": 0.0, "trivial_augment": False}
+# Named augmentation recipes: every AugConfig field except `preset`. "light" is what multitag did
+# before presets existed; "standard" is the Inception-ResNet reference's flip/crop/±15°/jitter;
+# "strong" is timm-style crop + flip + TrivialAugment + erasing (TA has its own colour and rotation ops).
+AUG_PRESETS: dict[str, dict] = {
+    "none": _NO_AUG,
+    "light": {**_NO_AUG, "hflip": True, "scale": (0.7, 1.0)},
+    "standard": {**_NO_AUG, "hflip": True, "scale": (0.6, 1.0), "rotate": 15.0, "color_jitter": 0.3},
+    "strong": {**_NO_AUG, "hflip": True, "scale": (0.5, 1.0), "trivial_augment": True, "erasing": 0.25},
+}
+
+
+def resolve_aug(aug: AugConfig) -> AugConfig:
+    """The augmentation that runs: unset (None) fields filled from ``aug.preset``, set fields kept."""
+    if aug.preset not in AUG_PRESETS:
+        raise UserError(f'unknown aug.preset "{aug.preset}"{did_you_mean(aug.preset, AUG_PRESETS)}.')
+    preset = AUG_PRESETS[aug.preset]
+    return dataclasses.replace(aug, **{k: v for k, v in preset.items() if getattr(aug, k) is None})
 
 
 @dataclass
@@ -148,6 +183,8 @@ def _convert(value: Any, typ: Any, key: str) -> Any:
             raise UserError(f'"{key}" must be a list; write it as a YAML list of entries.')
         return [_convert(v, item, f"{key}.{i}") for i, v in enumerate(value)]
     if isinstance(typ, types.UnionType) or typing.get_origin(typ) is typing.Union:
+        if value is None:            # an optional field set to null: unset (e.g. an aug field → its preset)
+            return None
         typ = next(t for t in typing.get_args(typ) if t is not type(None))
     try:
         if typ is bool:

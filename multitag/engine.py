@@ -22,7 +22,7 @@ from multitag.checkpoint import (MODEL_META, MODEL_WEIGHTS, TRAIN_META, TRAIN_ST
                                  load_tensors, model_state, optimizer_tensors, read_json, restore_optimizer,
                                  save_tensors, write_json)
 from multitag.config import Config, StageConfig, config_from_dict
-from multitag.data.loader import BatchLoader, repeat_factors
+from multitag.data.loader import BatchLoader, describe_oversampling, label_counts, repeat_factors
 from multitag.data.prepare import PreparedData, prepare
 from multitag.data.transforms import BatchAugment
 from multitag.errors import UserError, did_you_mean
@@ -116,13 +116,20 @@ def build_scheduler(cfg: Config, optimizer, stage: StageConfig, steps_per_epoch:
                     f'{did_you_mean(stage.sched, ["onecycle", "cosine", "plateau", "none"])}.')
 
 
-def make_loaders(cfg: Config, data: PreparedData) -> tuple[BatchLoader, BatchLoader]:
+def make_loaders(cfg: Config, data: PreparedData, log=print) -> tuple[BatchLoader, BatchLoader]:
+    """Train loader (oversampled when data.oversample_to > 0, augmented) and val loader; logs both choices."""
     t, mean, std = data.table, cfg.data.mean, cfg.data.std
     common = dict(targets=t.targets, ignore=t.ignore, mean=mean, std=std)
     rows = data.rows("train")
-    repeats = repeat_factors(t.targets[rows], t.ignore[rows], cfg.data.oversample_to) if cfg.data.oversample_to else None
+    repeats = None
+    if cfg.data.oversample_to:
+        targets, ignore = t.targets[rows], t.ignore[rows]
+        repeats = repeat_factors(targets, ignore, cfg.data.oversample_to, cfg.data.oversample_max_repeat)
+        log(describe_oversampling(t.class_names, *label_counts(targets, ignore, repeats), repeats))
+    augment = BatchAugment(cfg.aug, mean, std)
+    log(f"augmentation: {augment.describe()}")
     train = BatchLoader(data.cache, rows, batch_size=cfg.train.batch_size, shuffle=True, repeats=repeats,
-                        augment=BatchAugment(cfg.aug, mean, std), drop_last=True, **common)
+                        augment=augment, drop_last=True, **common)
     val = BatchLoader(data.cache, data.rows("val"), batch_size=cfg.train.eval_batch_size, **common)
     return train, val
 
@@ -238,7 +245,7 @@ def setup_job(cfg: Config, run: Path, saved: dict | None, log) -> Job:
         total = len(t) + len(t.extra.get("skipped", []))     # rows the reader dropped are not in t
         log(f"skipped {len(data.skipped)} of {total} images (listed in {run / 'skipped.txt'})")
         (run / "skipped.txt").write_text("".join(f"{p}\t{r}\n" for p, r in data.skipped))
-    train_loader, val_loader = make_loaders(cfg, data)
+    train_loader, val_loader = make_loaders(cfg, data, log)
     log(f"data: {t.source}: {len(t)} images, {t.num_classes} classes "
         f"({'multi' if t.multi_label else 'single'}-label); train {len(train_loader.rows)}, "
         f"val {len(val_loader.rows)}, test {len(data.rows('test'))}")
@@ -255,8 +262,7 @@ def setup_job(cfg: Config, run: Path, saved: dict | None, log) -> Job:
     if cfg.model.weights:
         init_from_file(model, cfg.model.name, cfg.model.weights, log=log)
     train_rows = train_loader.rows
-    loss_fn = build_loss(cfg.train.loss, t.multi_label, cfg.train.label_smoothing, cfg.train.class_weights,
-                         t.targets[train_rows], t.ignore[train_rows])
+    loss_fn = build_loss(cfg.train, t.multi_label, t.targets[train_rows], t.ignore[train_rows])
     if saved:   # the choice made at the start of the run, so a resumed run computes the same way
         rt = Runtime(torch.device(saved["runtime"]["device"]), saved["runtime"]["precision"],
                      saved["runtime"]["channels_last"])

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from multitag.data.transforms import normalize
+from multitag.errors import UserError
 
 
 @dataclass
@@ -27,18 +28,49 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 100_003 + epoch)
 
 
-def repeat_factors(targets: np.ndarray, ignore: np.ndarray, target_per_class: int) -> np.ndarray:
+def repeat_factors(targets: np.ndarray, ignore: np.ndarray, target_per_class: int,
+                   max_repeat: float = 0.0) -> np.ndarray:
     """(N,) how often each training row is shown per epoch so every label reaches ~target_per_class.
 
     Multi-label oversampling: a row's factor is the largest need among its labels,
-    max(1, target / count(label)); rows without labels keep 1. Frequent labels are oversampled
-    too when they co-occur with rare ones — the usual price of multi-label oversampling.
+    max(1, target / count(label)), capped at ``max_repeat`` (0 = no cap); rows without labels
+    keep 1. Frequent labels are oversampled too when they co-occur with rare ones — the usual
+    price of multi-label oversampling; the cap bounds it (and the labels rarer than
+    target / max_repeat then stop short of the target).
     """
     positives = (targets > 0.5) & ~ignore                      # (N, C)
     counts = positives.sum(0).clip(min=1)                      # (C,)
     need = np.maximum(1.0, target_per_class / counts)          # (C,)
     factors = np.where(positives, need[None, :], 1.0).max(1)   # (N,)
+    if 0 < max_repeat < 1:
+        raise UserError(f"data.oversample_max_repeat must be 0 (no cap) or at least 1, got {max_repeat}.")
+    if max_repeat > 0:
+        factors = np.minimum(factors, max_repeat)
     return factors.astype(np.float64)
+
+
+def label_counts(targets: np.ndarray, ignore: np.ndarray, repeats: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """((C,) positives per label in the rows, (C,) expected positives per epoch after oversampling).
+
+    The second is Σ over the rows holding the label of their repeat factor (equal to the first
+    without oversampling); epoch_rows draws the fractional copies, so one epoch's count is close
+    to it, not exact.
+    """
+    positives = (targets > 0.5) & ~ignore                      # (N, C)
+    before = positives.sum(0).astype(np.float64)
+    return before, before if repeats is None else repeats @ positives
+
+
+def describe_oversampling(class_names: list[str], before: np.ndarray, after: np.ndarray, repeats: np.ndarray,
+                          shown: int = 8) -> str:
+    """Two log lines: epoch size and label-count range before → after, then the rarest labels."""
+    order = np.argsort(before, kind="stable")
+    picked = list(order) if len(order) <= shown + 1 else [*order[:shown], None, order[-1]]   # None = "…"
+    per_label = ", ".join("…" if c is None else f"{class_names[c]} {before[c]:.0f}→{after[c]:.0f}" for c in picked)
+    return (f"oversampling: {len(repeats)} → {repeats.sum():.0f} train images per epoch (largest repeat ×{repeats.max():.1f}); "
+            f"label counts min/median/max {before.min():.0f}/{np.median(before):.0f}/{before.max():.0f} → "
+            f"{after.min():.0f}/{np.median(after):.0f}/{after.max():.0f}\n"
+            f"  per label, before → after: {per_label}")
 
 
 def epoch_rows(rows: np.ndarray, repeats: np.ndarray, g: torch.Generator) -> np.ndarray:
@@ -46,6 +78,7 @@ def epoch_rows(rows: np.ndarray, repeats: np.ndarray, g: torch.Generator) -> np.
 
     Each row appears floor(r) times; the fractional parts decide, by weighted sampling without
     replacement, which rows get one more copy. A fixed length keeps per-batch schedules exact.
+    Copies are not augmented alike: every image of a batch gets its own augmentation draws.
     """
     whole = np.floor(repeats).astype(np.int64)
     frac = repeats - whole

@@ -4,6 +4,7 @@ and training augmentation done for a whole batch at once.
 Images arrive from the decode-once cache as uint8 (B, 3, S, S). Augmenting the batch as one
 tensor (one affine grid for crop + flip + rotation, vectorised colour jitter and erasing)
 costs a few milliseconds per batch on the CPU, instead of a Python loop of per-image PIL ops.
+TrivialAugment (the "strong" preset) is the exception: one op per image, in a loop on uint8.
 """
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
 
-from multitag.config import AugConfig
+from multitag.config import AugConfig, resolve_aug
 
 
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
@@ -32,18 +34,98 @@ def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
     return torch.rand(n, generator=g) * (hi - lo) + lo
 
 
+# TrivialAugmentWide (Müller & Hutter, ICCV 2021) with torchvision's "wide" magnitude ranges:
+# (op, largest magnitude, random sign). Each image gets one op, its magnitude uniform over 31 bins.
+TRIVIAL_BINS = 31
+TRIVIAL_OPS = (
+    ("identity", 0.0, False),
+    ("shear_x", 0.99, True), ("shear_y", 0.99, True),
+    ("translate_x", 32 / 224, True), ("translate_y", 32 / 224, True),   # 32 px at 224 px, as a fraction of
+    ("rotate", 135.0, True),                                            # the side (sizes here: 32-320 px)
+    ("brightness", 0.99, True), ("color", 0.99, True), ("contrast", 0.99, True), ("sharpness", 0.99, True),
+    ("posterize", 6.0, False),                # bits dropped: 8 → 2 bits kept
+    ("solarize", 1.0, False),                 # threshold lowered from 255 to 0
+    ("autocontrast", 0.0, False), ("equalize", 0.0, False),
+)
+
+
+def _trivial_op(img: torch.Tensor, op: str, m: float) -> torch.Tensor:
+    """One TrivialAugment op on a uint8 (3, S, S) image; geometry is nearest-neighbour with black fill."""
+    side = img.shape[-1]
+    if op == "identity":
+        return img
+    if op in ("shear_x", "shear_y"):
+        shear = math.degrees(math.atan(m))
+        return TF.affine(img, angle=0.0, translate=[0, 0], scale=1.0, center=[0, 0],
+                         shear=[shear, 0.0] if op == "shear_x" else [0.0, shear])
+    if op in ("translate_x", "translate_y"):
+        shift = round(m * side)
+        return TF.affine(img, angle=0.0, scale=1.0, shear=[0.0, 0.0],
+                         translate=[shift, 0] if op == "translate_x" else [0, shift])
+    if op == "rotate":
+        return TF.rotate(img, m)
+    if op in ("brightness", "color", "contrast", "sharpness"):
+        adjust = {"brightness": TF.adjust_brightness, "color": TF.adjust_saturation,
+                  "contrast": TF.adjust_contrast, "sharpness": TF.adjust_sharpness}[op]
+        return adjust(img, 1.0 + m)
+    if op == "posterize":
+        return TF.posterize(img, 8 - round(m))
+    if op == "solarize":
+        return TF.solarize(img, 255.0 * (1.0 - m))
+    return TF.autocontrast(img) if op == "autocontrast" else TF.equalize(img)
+
+
+def trivial_augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """TrivialAugmentWide on a uint8 (B, 3, S, S) batch: one random op and magnitude per image.
+
+    Drawn from ``g`` (not torch's global RNG, which torchvision's own class uses), so an epoch
+    augments reproducibly. Images are transformed one by one: per-image magnitudes rarely repeat
+    within a batch, and at these sizes the loop costs far less than the training step.
+    """
+    b = x.shape[0]
+    ops = torch.randint(len(TRIVIAL_OPS), (b,), generator=g).tolist()
+    bins = torch.randint(TRIVIAL_BINS, (b,), generator=g).tolist()
+    signs = torch.where(torch.rand(b, generator=g) < 0.5, -1.0, 1.0).tolist()
+    out = torch.empty_like(x)
+    threads = torch.get_num_threads()
+    # Per-image ops are too small to split across threads: with several OpenMP threads each op pays
+    # a fork/join, and on a busy machine spin-waiting made the loop ~100× slower (measured).
+    torch.set_num_threads(1)
+    try:
+        for i in range(b):
+            name, largest, signed = TRIVIAL_OPS[ops[i]]
+            m = largest * bins[i] / (TRIVIAL_BINS - 1) * (signs[i] if signed else 1.0)
+            out[i] = _trivial_op(x[i], name, m)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
 class BatchAugment:
     """Training augmentation for a uint8 batch; returns normalised float32 of the same shape.
 
-    Randomness comes only from the ``torch.Generator`` passed in, so an epoch seeded the same
-    way augments the same way (this is what makes --resume reproduce an uninterrupted run).
+    ``aug`` is resolved against its preset (config.resolve_aug). Randomness comes only from the
+    ``torch.Generator`` passed in, so an epoch seeded the same way augments the same way (this is
+    what makes --resume reproduce an uninterrupted run). Every image of a batch gets its own draws,
+    so the copies of an oversampled image are augmented independently.
     """
 
     def __init__(self, aug: AugConfig, mean, std):
-        self.aug, self.mean, self.std = aug, mean, std
+        self.aug, self.mean, self.std = resolve_aug(aug), mean, std
+
+    def describe(self) -> str:
+        """One line for the training log: the preset and the operations it resolved to."""
+        a = self.aug
+        steps = {"TrivialAugment": a.trivial_augment, "hflip": a.hflip,
+                 f"crop {a.scale[0]:g}-{a.scale[1]:g}": tuple(a.scale) != (1.0, 1.0),
+                 f"rotate ±{a.rotate:g}°": a.rotate > 0, f"translate {a.translate:g}": a.translate > 0,
+                 f"jitter {a.color_jitter:g}": a.color_jitter > 0, f"erasing p {a.erasing:g}": a.erasing > 0}
+        return f"preset {a.preset}: {', '.join(k for k, on in steps.items() if on) or 'none'}"
 
     def __call__(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         b = x.shape[0]
+        if self.aug.trivial_augment:
+            x = trivial_augment(x, g)                             # on uint8, as TrivialAugment is defined
         x = x.float().div_(255)                                   # (B, 3, S, S) in [0, 1]
         x = self._geometry(x, g)
         if self.aug.color_jitter > 0:
