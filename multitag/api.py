@@ -29,6 +29,8 @@ def train(config: str | Config | None = None, data: str | None = None, out: str 
         if data is not None:
             cfg.data.path = str(data)
         run = Path(out) if out else default_run_dir(cfg)
+    # Named first, so a user who stops a run (Ctrl-C, kill) knows what `--resume` needs.
+    log(f"run directory: {run}")
     fit(cfg, run, resume=resume is not None, log=log)
     if cfg.train.report:
         from multitag.report import write_report

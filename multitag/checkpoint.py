@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from multitag.errors import UserError
@@ -49,6 +50,10 @@ def read_json(path: Path) -> dict:
         raise UserError(f"{path} does not exist; point to a run directory made by `multitag train`.") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON (line {e.lineno}); restore it from the run or retrain.") from None
+    except UnicodeDecodeError:      # binary garbage where JSON should be
+        raise UserError(f"{path} is not UTF-8 JSON text; restore it from the run or retrain.") from None
+    except OSError as e:            # a directory, no permission, an I/O error
+        raise UserError(f"cannot read {path} ({e.strerror}); check it is the run's file and readable.") from None
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -58,9 +63,18 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (a format that cannot run code on load; nothing is unpickled).
+
+    A missing, truncated or tampered file is a one-line UserError, not safetensors' own exception.
+    """
     if not Path(path).exists():
         raise UserError(f"{path} does not exist; point to a run directory made by `multitag train`.")
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:   # OSError: a directory, no permission, an I/O error
+        reason = " ".join(str(e).split())
+        raise UserError(f"{path} is not a readable safetensors file ({reason}); it is truncated or was "
+                        "changed: restore it from a copy of the run or train again.") from None
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

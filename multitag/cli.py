@@ -312,6 +312,35 @@ HANDLERS = {"report": cmd_report, "explain": cmd_explain, "export": cmd_export, 
             "models": cmd_models, "recipes": cmd_recipes, "demo": cmd_demo, "ablate": cmd_ablate}
 
 
+def _resume_hint(args) -> str:
+    """What a stopped `train` kept and the command that continues it ("" for other commands).
+
+    Every finished epoch ends with a checkpoint, so a stop loses at most the epoch in progress.
+    """
+    if args.command != "train":
+        return ""
+    run = args.resume or args.out
+    if run is None:   # the API chose the directory and logged it when training started
+        return ("; the checkpoint of the last completed epoch is kept in the run directory printed above: "
+                "continue with `multitag train --resume RUN_DIR`")
+    epoch = _checkpoint_epoch(run)
+    if epoch is None:
+        return f"; no epoch of {run} had finished, so there is nothing to resume: run the same command again"
+    return f"; the checkpoint of epoch {epoch} is kept: continue with `multitag train --resume {run}`"
+
+
+def _checkpoint_epoch(run: str) -> int | None:
+    """Epochs completed according to RUN/checkpoint.json, or None when it is absent or unreadable."""
+    from pathlib import Path
+
+    from multitag.checkpoint import TRAIN_META
+
+    try:
+        return int(json.loads((Path(run) / TRAIN_META).read_text())["state"]["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -321,10 +350,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = HANDLERS[args.command](args)
     except UserError as e:
-        print(f"multitag {args.command}: error: {e}", file=sys.stderr)
+        from multitag.fileio import DiskFullError
+
+        hint = _resume_hint(args) if isinstance(e, DiskFullError) else ""
+        print(f"multitag {args.command}: error: {e}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"multitag {args.command}: interrupted", file=sys.stderr)
+        print(f"multitag {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
         return 130
     if getattr(args, "json", False) and result is not None:
         print(json.dumps(result, indent=2, default=str))

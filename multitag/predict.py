@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,7 +89,14 @@ class OnnxBackend:
         # everything else in the process (torch, a second session, the web server).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = ["CUDAExecutionProvider"] if device.type == "cuda" else []
-        self.session = ort.InferenceSession(str(path), options, providers=providers + ["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers + ["CPUExecutionProvider"])
+        except Exception as e:
+            # ORT's errors (InvalidProtobuf, Fail, ...) derive from Exception only; anything else is a bug.
+            if not type(e).__module__.startswith("onnxruntime"):
+                raise
+            raise UserError(f"{path} cannot be loaded by ONNX Runtime ({' '.join(str(e).split())[:300]}); "
+                            f"run `multitag export {path.parent}` again, or use the torch backend.") from None
         self.input = self.session.get_inputs()[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -105,6 +113,97 @@ def onnx_can_use(device: torch.device) -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
+# --- checks on a run directory's files: they may have been edited, damaged or planted --------------
+
+_RESTORE = "the run directory was edited or damaged: restore it from a copy of the run or train again."
+
+# Largest input_size accepted from model.json: a tampered 10**9 would make every image a
+# 10**9-pixel-square resize. Recipes use 32 to 320 px.
+MAX_INPUT_SIZE = 4096
+
+# Model keyword arguments with which timm's create_model reads a file (a torch pickle, even);
+# a run directory is rebuilt from its own files only.
+_FILE_ARGS = frozenset({"checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay"})
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _numbers(v, n: int) -> bool:
+    return isinstance(v, list) and len(v) == n and all(_is_number(x) for x in v)
+
+
+# (field, check(value, meta), what it must be); in order: later checks may rely on earlier fields.
+_META_FIELDS = (
+    ("class_names", lambda v, m: isinstance(v, list) and len(v) > 0 and all(isinstance(c, str) for c in v)
+     and len(set(v)) == len(v), "a list of distinct class names"),
+    ("multi_label", lambda v, m: isinstance(v, bool), "true or false"),
+    ("input_size", lambda v, m: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_INPUT_SIZE,
+     f"a size in pixels from 1 to {MAX_INPUT_SIZE}"),
+    ("mean", lambda v, m: _numbers(v, 3), "a list of 3 numbers"),
+    ("std", lambda v, m: _numbers(v, 3) and all(x > 0 for x in v), "a list of 3 positive numbers"),
+    ("model", lambda v, m: isinstance(v, dict) and isinstance(v.get("name"), str) and isinstance(v.get("args"), dict),
+     'an object {"name": ..., "args": {...}}'),
+    ("thresholds", lambda v, m: v is None or _numbers(v, len(m["class_names"])), "null or one number per class"),
+    ("export", lambda v, m: v is None or isinstance(v, dict) and all(isinstance(r, dict) for r in v.values()),
+     "an object of export records"),
+)
+
+
+def check_meta(meta, path: Path) -> None:
+    """Refuse a model.json that `multitag train` cannot have written, naming the field."""
+    if not isinstance(meta, dict):
+        raise UserError(f"{path} holds a JSON {type(meta).__name__}, not an object; {_RESTORE}")
+    for field, ok, expected in _META_FIELDS:
+        value = meta.get(field)
+        if not ok(value, meta):
+            raise UserError(f'{path}: "{field}" is {json.dumps(value)[:60]}, not {expected}; {_RESTORE}')
+    named = _file_args(meta["model"]["args"])
+    if named:
+        raise UserError(f"{path}: model args name a file to load ({', '.join(named)}); a run is rebuilt from its "
+                        f"own files only; {_RESTORE}")
+
+
+def _file_args(args) -> list[str]:
+    """Keys of ``args``, nested too (a CNN-RNN's backbone_args), that make a model builder read a file."""
+    if isinstance(args, dict):
+        return [k for k in args if k in _FILE_ARGS] + [k for v in args.values() for k in _file_args(v)]
+    if isinstance(args, list):
+        return [k for v in args for k in _file_args(v)]
+    return []
+
+
+def check_shapes(net: torch.nn.Module, state: dict[str, torch.Tensor], source: Path, num_classes: int) -> None:
+    """Refuse weights whose tensor shapes differ from the network model.json describes (e.g. another
+    class count); torch would raise a multi-line RuntimeError."""
+    expected = net.state_dict()
+    for key, tensor in state.items():
+        if key in expected and tuple(tensor.shape) != tuple(expected[key].shape):
+            raise UserError(f"{source} does not fit model.json: tensor {key} has shape {tuple(tensor.shape)}, but "
+                            f"the network model.json describes ({num_classes} classes) needs "
+                            f"{tuple(expected[key].shape)}; {_RESTORE}")
+
+
+def files_outside(onnx_path: Path, run_dir: Path) -> list[str]:
+    """Files that loading ``onnx_path`` would read outside ``run_dir``: the file itself when it is a
+    link out, and external tensor data it names (ONNX Runtime before ~1.24 follows "../" there)."""
+    from google.protobuf.message import DecodeError
+    from onnx import load
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    run = run_dir.resolve()
+    if not onnx_path.resolve().is_relative_to(run):
+        return [str(onnx_path.resolve())]
+    try:
+        model = load(str(onnx_path), load_external_data=False)
+    except (OSError, DecodeError):       # not a model at all: ONNX Runtime says why when it is opened
+        return []
+    locations = (ExternalDataInfo(t).location for t in _get_all_tensors(model) if uses_external_data(t))
+    return [str(target) for loc in locations
+            if not (target := (onnx_path.parent / loc).resolve()).is_relative_to(run)]
+
+
 # --- the predictor --------------------------------------------------------------------------------
 
 class Model:
@@ -115,6 +214,7 @@ class Model:
         if not (self.run_dir / MODEL_META).exists():
             raise UserError(f"{self.run_dir} has no {MODEL_META}; point to a run directory made by `multitag train`.")
         self.meta = read_json(self.run_dir / MODEL_META)
+        check_meta(self.meta, self.run_dir / MODEL_META)
         m = self.meta
         self.class_names: list[str] = m["class_names"]
         self.multi_label: bool = m["multi_label"]
@@ -154,9 +254,15 @@ class Model:
         redo = f"`multitag export {self.run_dir}{' --int8' if backend == 'onnx-int8' else ''}`"
         if not path.exists():
             return f"{path} does not exist; run {redo} first, or use the torch backend."
-        record = self.meta.get("export", {}).get(_EXPORT_KEYS[backend], {})
+        record = (self.meta.get("export") or {}).get(_EXPORT_KEYS[backend], {})
+        if not (self.run_dir / MODEL_WEIGHTS).is_file():   # nothing to tie the export to
+            return f"{self.run_dir / MODEL_WEIGHTS} is missing, so {path} cannot be checked; restore the run."
         if record.get("weights_sha256") != weights_digest(self.run_dir):
             return f"{path} was not exported from the current {MODEL_WEIGHTS}; run {redo} again, or delete it."
+        outside = files_outside(path, self.run_dir)
+        if outside:
+            return (f"{path} reads {outside[0]}, outside {self.run_dir}; ONNX files are loaded only from the run "
+                    f"directory: run {redo} again, or use the torch backend.")
         return None
 
     def _open_onnx(self, backend: str) -> OnnxBackend:
@@ -173,11 +279,20 @@ class Model:
         """The PyTorch network (eval mode, on the runtime's device); built on first use for ONNX
         backends, since only Grad-CAM and training-side tools need it there."""
         if self._network is None:
-            m = self.meta
-            net = build_model(m["model"]["name"], len(self.class_names), pretrained=False, **m["model"]["args"])
-            load_model_state(net, load_tensors(self.run_dir / MODEL_WEIGHTS), str(self.run_dir / MODEL_WEIGHTS))
-            self._network = net.to(self.runtime.device).eval()
+            self._network = self._build_network().to(self.runtime.device).eval()
         return self._network
+
+    def _build_network(self) -> torch.nn.Module:
+        """model.json's architecture with model.safetensors' weights; a mismatch is a UserError."""
+        spec, weights = self.meta["model"], self.run_dir / MODEL_WEIGHTS
+        try:
+            net = build_model(spec["name"], len(self.class_names), pretrained=False, **spec["args"])
+        except (UserError, ValueError) as e:   # unknown name or args; ValueError: a constructor refusing a value
+            raise UserError(f"{self.run_dir / MODEL_META} describes a model that cannot be built: {e}") from None
+        state = load_tensors(weights)
+        check_shapes(net, state, weights, len(self.class_names))
+        load_model_state(net, state, str(weights))
+        return net
 
     @property
     def thresholds(self) -> np.ndarray:
@@ -288,8 +403,6 @@ def write_predictions(predictions: Sequence[Prediction], class_names: Sequence[s
             scores = [f"{p.scores[c]:.6f}" for c in class_names] if p.error is None else [""] * len(class_names)
             writer.writerow([p.source, "|".join(p.labels), *scores, p.error or ""])
     elif fmt == "json":
-        import json
-
         json.dump([p.to_dict() for p in predictions], stream, indent=2)
         stream.write("\n")
     elif fmt == "text":

@@ -18,7 +18,8 @@ Limits, checked in this order so that no work is spent on input that will be ref
 2. number of images <= ``max_batch``;
 3. pixels <= ``max_pixels`` per image, read from the image header before decoding
    (decompression bombs: a few KB of PNG can declare gigapixels; a GIF counts every
-   frame, because the decoder decodes every frame);
+   frame, because the decoder decodes every frame): ``decode_image``'s own header check,
+   given this limit, so training, prediction and the service share one implementation;
 4. then the image is decoded by the same ``decode_image`` as training.
 A batch is all or nothing: one refused image refuses the request, naming that file.
 
@@ -29,7 +30,6 @@ every core, so a micro-batching queue would add latency and code for little thro
 clients that want throughput send a batch in ``files``.
 """
 
-import io
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,10 +41,10 @@ from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from PIL import Image
 from starlette.exceptions import HTTPException
 
-from multitag.data.decode import BadImageError, decode_image
+# header_pixels is re-exported for callers of multitag.serve; its one implementation is in decode.py.
+from multitag.data.decode import BadImageError, ImageTooLargeError, NotAnImageError, decode_image, header_pixels
 from multitag.errors import UserError
 
 MB = 1 << 20
@@ -72,40 +72,23 @@ class RejectedInput(UserError):
 
 # --- image checks (no web framework needed; the app uses these too) ---------------------------
 
-def header_pixels(data: bytes, name: str) -> int:
-    """Pixel count declared by the image header, without decoding the pixels.
-
-    PIL's ``Image.open`` parses only the header. Raises RejectedInput (415) when the bytes
-    are not an image, (413) when PIL itself refuses the size as a decompression bomb.
-    """
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            width, height = im.size
-            # torchvision decodes every frame of a GIF (decode_image then keeps the first),
-            # so all frames cost memory. n_frames on a GIF skips frame data without decoding.
-            frames = im.n_frames if im.format == "GIF" else 1
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise RejectedInput(f"{name} is too large to decode: {e}", 413) from None
-    except (OSError, SyntaxError, ValueError, EOFError):
-        # UnidentifiedImageError is an OSError; broken headers raise the others.
-        raise RejectedInput(f"{name} is not an image (JPEG, PNG, WEBP, GIF, BMP or TIFF expected)", 415) from None
-    return width * height * frames
-
-
 def decode_upload(data: bytes, name: str, limits: Limits = Limits()) -> np.ndarray:
     """Encoded upload -> (H, W, 3) uint8 RGB, refused with RejectedInput when it breaks a limit.
 
-    The checks run from cheapest to dearest: emptiness, byte size, header pixel count, decode.
+    The checks run from cheapest to dearest: emptiness, byte size, then ``decode_image``, which
+    reads the header's pixel count before decoding any pixel (413 over ``limits.max_pixels``).
     """
     if not data:
         raise RejectedInput(f"{name} is empty; send the image file's bytes", 400)
     if len(data) > limits.max_bytes:
         raise RejectedInput(f"{name} is {_bytes(len(data))}; the limit is {_bytes(limits.max_bytes)}", 413)
-    pixels = header_pixels(data, name)
-    if pixels > limits.max_pixels:
-        raise RejectedInput(f"{name} has {pixels:,} pixels; the limit is {limits.max_pixels:,}; downscale it first", 413)
     try:
-        chw = decode_image(data, name=name)
+        chw = decode_image(data, name=name, max_pixels=limits.max_pixels)
+    except ImageTooLargeError as e:   # pixels unknown when PIL's own, higher limit refused it
+        size = f"has {e.pixels:,} pixels; the limit is {e.limit:,}" if e.pixels else f"is too large: {e.reason}"
+        raise RejectedInput(f"{name} {size}; downscale it first", 413) from None
+    except NotAnImageError:
+        raise RejectedInput(f"{name} is not an image (JPEG, PNG, WEBP, GIF, BMP or TIFF expected)", 415) from None
     except BadImageError as e:
         raise RejectedInput(f"{name} is not a readable image: {e.reason}", 415) from None
     return chw.permute(1, 2, 0).numpy()  # decode_image's tensor is a view of HWC memory: no copy

@@ -9,17 +9,30 @@ Decisions (change ``PREPROCESS_VERSION`` when any of them changes, so caches reb
 - EXIF orientation is applied, so a phone photo is upright whichever way it was stored.
 - Colour: everything becomes 8-bit RGB. Grayscale is repeated to 3 channels, palette
   images are expanded, CMYK is converted, 16-bit samples are rounded to 8 bits
-  (v -> round(v / 257)). Alpha is DROPPED (the stored colour under a transparent pixel
+  (v -> round(v / 257); 16-bit colour PNGs: see "PNG" below). Alpha is DROPPED (the stored colour under a transparent pixel
   is kept), not composited: this is what torchvision's RGB mode and PIL's
   ``convert("RGB")`` both do, so the two decoders agree and so do most other tools.
-- Decoder: torchvision (libjpeg-turbo/libpng/libwebp/giflib, no PIL round trip) for JPEG,
-  PNG, WEBP and GIF, chosen by the file's magic bytes; PIL for everything else (BMP, TIFF,
+- Decoder: torchvision (libjpeg-turbo/libwebp/giflib, no PIL round trip) for JPEG, WEBP
+  and GIF, chosen by the file's magic bytes; PIL for PNG and everything else (BMP, TIFF,
   ...) and as a second try when torchvision refuses a file of its own formats. Both give
-  the same pixels for the formats they share (PNG/GIF/WEBP exactly; JPEG within IDCT
+  the same pixels for the formats they share (GIF/WEBP exactly; JPEG within IDCT
   rounding, identical with the libjpeg-turbo builds here; tests/test_decode.py).
   Speed, JPEG decode only, one core (benchmarks/bench_cache.py, "decoder" rows, VOC2007
   images re-encoded): torchvision 241 us vs PIL 341 us per image at 320 px (1.4x faster),
   16 us vs 56 us at 32 px (3.5x: PIL's per-call overhead dominates small images).
+- PNG goes through PIL, not torchvision: torchvision 0.29's decode_png crashes the whole
+  process (SIGSEGV) on a PNG whose compressed pixel data is corrupt ("bad adaptive filter
+  value", "IDAT: incorrect data check": libpng's longjmp crosses C++ frames), which
+  tests/test_fuzz_images.py hits within a few hundred byte flips. PIL costs 690 vs 617 us
+  per 224 px PNG, 47 vs 22 us at 32 px. PIL keeps the high byte of 16-bit colour PNGs
+  (v -> v >> 8, at most 1 level from round(v / 257)); 16-bit grayscale is still rounded.
+- PIL opens only the raster formats in ``PIL_FORMATS``: its EPS plugin runs Ghostscript,
+  and no image dataset needs EPS, FITS, HDF5, WMF and the like.
+- Size guard: before any pixel is decoded, the header's pixel count (every frame of a GIF)
+  must be at most ``MAX_PIXELS`` (or the ``max_pixels`` given), else ``ImageTooLargeError``:
+  a few KB of PNG can declare gigapixels (a decompression bomb). Bytes whose header PIL
+  cannot parse are refused there too, so nothing unmeasured is ever decoded. Measured cost
+  of the header parse: 14 us (PNG) to 26 us (JPEG) per image.
 - Resize: squash to size x size (aspect ratio not kept; no crop, so multi-label objects
   near the borders are never cut; no padding, so no pixels are wasted) with antialiased
   bilinear interpolation on uint8, result uint8.
@@ -27,8 +40,11 @@ Decisions (change ``PREPROCESS_VERSION`` when any of them changes, so caches reb
 """
 from __future__ import annotations
 
+import contextlib
+import importlib
 import io
 import os
+import struct
 import warnings
 from pathlib import Path
 from typing import Sequence, Union
@@ -50,15 +66,29 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
                         category=DeprecationWarning)
 
 # Bump when decoding or resizing changes what comes out; part of the cache key.
-PREPROCESS_VERSION = 1
+# 2: PNG decoded by PIL (16-bit colour PNGs: v >> 8 instead of round(v / 257)).
+PREPROCESS_VERSION = 2
+
+# Most pixels one image may declare (all frames of a GIF), checked from the header before
+# decoding. 100 MP is 300 MB as RGB uint8, more than any camera photo; a 20000 x 20000 header
+# (400 MP) is refused. Pass max_pixels= to decode_image, or set this, for bigger scans. PIL's
+# own guard (2 x Image.MAX_IMAGE_PIXELS = 179 MP) also applies to the files PIL opens.
+MAX_PIXELS = 100_000_000
+
+# What PIL may open: raster formats only (see the module docstring). JPEG covers MPO (multi-picture
+# camera JPEGs), which the JPEG plugin opens.
+PIL_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "DIB", "TIFF", "PPM", "TGA", "ICO")
+# Image.open(formats=...) finds only plugins already imported; importing all (Image.init) costs 0.1 s.
+for _plugin in ("Bmp", "Gif", "Ico", "Jpeg", "Png", "Ppm", "Tga", "Tiff", "WebP"):   # BMP also registers DIB
+    importlib.import_module(f"PIL.{_plugin}ImagePlugin")
 
 PathOrBytes = Union[str, os.PathLike, bytes, bytearray, memoryview]
 ImageLike = Union[PathOrBytes, Image.Image, np.ndarray, torch.Tensor]
 
-# Formats torchvision decodes natively, by magic bytes (WEBP is checked separately: RIFF....WEBP).
+# Formats torchvision decodes, by magic bytes (WEBP is checked separately: RIFF....WEBP).
+# Not PNG: see the module docstring.
 _TORCHVISION_MAGIC = (
     b"\xff\xd8\xff",  # JPEG
-    b"\x89PNG\r\n\x1a\n",  # PNG
     b"GIF87a",
     b"GIF89a",
 )
@@ -67,11 +97,13 @@ _TORCHVISION_MAGIC = (
 class BadImageError(UserError):
     """An image file that is missing, unreadable, corrupt or truncated."""
 
+    fix = "re-export or remove it"
+
     def __init__(self, path: str, reason: str) -> None:
         self.path = str(path)
         self.reason = reason
         super().__init__(
-            f"cannot read image {self.path}: {reason}; re-export or remove it, "
+            f"cannot read image {_one_line(self.path)}: {_one_line(reason)}; {self.fix}, "
             f"or set data.on_bad_image=skip to leave unreadable images out"
         )
 
@@ -80,7 +112,32 @@ class BadImageError(UserError):
         return (type(self), (self.path, self.reason))
 
 
-def decode_image(source: PathOrBytes, name: str | None = None) -> torch.Tensor:
+class NotAnImageError(BadImageError):
+    """Bytes that no image format recognises (a text file named .jpg, an HTML error page, ...)."""
+
+
+class ImageTooLargeError(BadImageError):
+    """An image whose header declares more pixels than allowed; refused before decoding.
+
+    ``pixels`` and ``limit`` are set when multitag's limit refused it; None when PIL's own did.
+    """
+
+    fix = "downscale it (or raise multitag.data.decode.MAX_PIXELS)"
+
+    def __init__(self, path: str, reason: str, pixels: int | None = None, limit: int | None = None) -> None:
+        super().__init__(path, reason)
+        self.pixels, self.limit = pixels, limit
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.reason, self.pixels, self.limit))
+
+
+def _one_line(text: str) -> str:
+    """``text`` with control characters (line breaks in a file name or a reason) escaped."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def decode_image(source: PathOrBytes, name: str | None = None, max_pixels: int | None = None) -> torch.Tensor:
     """Decode a file path or encoded bytes to a (3, H, W) uint8 RGB tensor, EXIF-upright.
 
     The tensor is a view of (H, W, 3) memory (strides (1, 3W, 3)), as the decoders write it:
@@ -88,9 +145,23 @@ def decode_image(source: PathOrBytes, name: str | None = None) -> torch.Tensor:
     stores, so keeping it saves two channel-interleaving copies (~40 % of the per-image
     time at 224 px). Call ``.contiguous()`` where CHW memory is needed.
 
-    ``name`` is used in error messages when ``source`` is bytes.
-    Raises BadImageError for a missing, unreadable, corrupt or truncated file.
+    ``name`` is used in error messages when ``source`` is bytes. ``max_pixels`` (default
+    ``MAX_PIXELS``) bounds the pixel count the header may declare.
+    Raises BadImageError for a missing, unreadable, corrupt or truncated file, and its
+    subclass ImageTooLargeError for one over the pixel limit; never another exception.
     """
+    data, name = _read_source(source, name)
+    check_pixels(data, name, max_pixels)  # before the decoders allocate anything
+    if _torchvision_can_decode(data):
+        try:
+            return _decode_torchvision(data)
+        except RuntimeError:
+            pass  # PIL decides below: it reads some files libjpeg refuses, else it says why
+    return _decode_pil(data, name)
+
+
+def _read_source(source: PathOrBytes, name: str | None) -> tuple[bytes, str]:
+    """(encoded bytes, name for messages) of a path or bytes; a missing or empty file is a BadImageError."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         data, name = bytes(source), name or "<bytes>"
     else:
@@ -101,12 +172,35 @@ def decode_image(source: PathOrBytes, name: str | None = None) -> torch.Tensor:
             raise BadImageError(name, e.strerror or str(e)) from None
     if not data:
         raise BadImageError(name, "the file is empty")
-    if _torchvision_can_decode(data):
-        try:
-            return _decode_torchvision(data)
-        except RuntimeError:
-            pass  # PIL decides below: it reads some files libjpeg/libpng refuse, else it says why
-    return _decode_pil(data, name)
+    return data, name
+
+
+def header_pixels(data: bytes, name: str = "<bytes>") -> int:
+    """Pixel count the image header declares (width x height x frames for a GIF), decoding no pixels."""
+    width, height, frames = _header_size(data, name)
+    return width * height * frames
+
+
+def check_pixels(data: bytes, name: str = "<bytes>", max_pixels: int | None = None) -> None:
+    """Raise ImageTooLargeError when the header declares more than ``max_pixels`` (default MAX_PIXELS)."""
+    limit = MAX_PIXELS if max_pixels is None else max_pixels
+    width, height, frames = _header_size(data, name)
+    if width * height * frames > limit:
+        times_frames = f" x {frames} frames" if frames > 1 else ""
+        pixels = width * height * frames
+        raise ImageTooLargeError(name, f"its header declares {width} x {height}{times_frames} = {pixels:,} pixels, "
+                                       f"over the limit of {limit:,}", pixels, limit)
+
+
+def _header_size(data: bytes, name: str) -> tuple[int, int, int]:
+    """(width, height, frames) from the header. PIL's ``Image.open`` parses only the header.
+
+    Frames count for GIFs only: torchvision decodes every frame of a GIF (decode_image then
+    keeps the first), so all of them cost memory; ``n_frames`` skips frame data undecoded.
+    """
+    with _pil_errors(name), Image.open(io.BytesIO(data), formats=PIL_FORMATS) as im:
+        width, height = im.size
+        return width, height, (im.n_frames if im.format == "GIF" else 1)
 
 
 def _torchvision_can_decode(data: bytes) -> bool:
@@ -126,16 +220,30 @@ def _decode_torchvision(data: bytes) -> torch.Tensor:
 
 
 def _decode_pil(data: bytes, name: str) -> torch.Tensor:
-    """PIL fallback for the formats torchvision does not decode (BMP, TIFF, ...)."""
+    """PIL for PNG and the formats torchvision does not decode (BMP, TIFF, ...)."""
+    with _pil_errors(name), Image.open(io.BytesIO(data), formats=PIL_FORMATS) as im:
+        im.load()  # decode now, so truncation raises here and not later
+        return _pil_to_tensor(im)
+
+
+# What PIL raises on broken bytes: OSError (UnidentifiedImageError, truncation), ValueError,
+# EOFError, and the set Image.open itself treats as "not this format" (SyntaxError, IndexError,
+# TypeError, struct.error); a GIF cut short raises IndexError while counting its frames.
+_PIL_BROKEN = (OSError, ValueError, EOFError, SyntaxError, IndexError, TypeError, struct.error)
+
+
+@contextlib.contextmanager
+def _pil_errors(name: str):
+    """Turn what PIL raises on bad bytes into BadImageError (ImageTooLargeError for PIL's bomb
+    check, NotAnImageError when no format recognises the bytes)."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()  # decode now, so truncation raises here and not later
-            return _pil_to_tensor(im)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        # UnidentifiedImageError is an OSError; SyntaxError/ValueError come from broken headers.
-        reason = "not an image file PIL or torchvision can read" if isinstance(
-            e, Image.UnidentifiedImageError) else str(e) or type(e).__name__
-        raise BadImageError(name, reason) from None
+        yield
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(name, str(e)) from None
+    except Image.UnidentifiedImageError:
+        raise NotAnImageError(name, "not an image file PIL or torchvision can read") from None
+    except _PIL_BROKEN as e:
+        raise BadImageError(name, str(e) or type(e).__name__) from None
 
 
 def _pil_to_tensor(im: Image.Image) -> torch.Tensor:
@@ -192,7 +300,7 @@ def _numpy_to_tensor(arr: np.ndarray) -> torch.Tensor:
     """(H, W), (H, W, 1), (H, W, 3) or (H, W, 4) uint8 -> (3, H, W) view of (H, W, 3) memory."""
     if arr.ndim == 2:
         arr = arr[..., None]
-    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4) or 0 in arr.shape[:2]:
         raise _shape_error(arr.shape)
     hwc = np.ascontiguousarray(np.broadcast_to(arr[..., :3], (*arr.shape[:2], 3)))  # gray x3, alpha dropped
     if not hwc.flags.writeable:  # e.g. np.asarray(pil_image); torch warns on read-only memory
@@ -204,14 +312,15 @@ def _tensor_to_rgb(img: torch.Tensor) -> torch.Tensor:
     """(H, W) or (C, H, W) with C in 1, 3, 4 -> (3, H, W); alpha dropped, gray repeated."""
     if img.ndim == 2:
         img = img.unsqueeze(0)
-    if img.ndim != 3 or img.shape[0] not in (1, 3, 4):
+    if img.ndim != 3 or img.shape[0] not in (1, 3, 4) or 0 in img.shape[1:]:
         raise _shape_error(tuple(img.shape))
     return img.expand(3, -1, -1).contiguous() if img.shape[0] == 1 else img[:3]
 
 
 def _shape_error(shape: tuple) -> UserError:
-    return UserError(f"image array of shape {tuple(shape)} is not an image; "
-                     f"expected numpy (H, W), (H, W, 3) or (H, W, 4), or torch (3, H, W)")
+    """A wrong number of dimensions or channels, or no pixels at all (H or W of 0, which no resize takes)."""
+    return UserError(f"image array of shape {tuple(shape)} is not an image; expected numpy (H, W), "
+                     f"(H, W, 3) or (H, W, 4), or torch (3, H, W), with H and W at least 1")
 
 
 def resize_uint8(img: torch.Tensor, size: int) -> torch.Tensor:
