@@ -26,6 +26,7 @@ from multitag.data.loader import BatchLoader, describe_oversampling, label_count
 from multitag.data.prepare import PreparedData, prepare
 from multitag.data.transforms import BatchAugment
 from multitag.errors import UserError, did_you_mean
+from multitag.fileio import atomic_write_text
 from multitag.finetune import (FeatureTable, apply_freeze, check_feature_cache, frozen_batchnorm_to_eval,
                                head_inputs, param_groups, resolve_stages)
 from multitag.inference import logits_of, scores_from_logits
@@ -206,7 +207,7 @@ def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=print) ->
     run = Path(out_dir)
     run.mkdir(parents=True, exist_ok=True)
     cfg = with_model_normalisation(cfg)
-    (run / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic_write_text(run / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     saved = read_json(run / TRAIN_META) if resume and (run / TRAIN_META).exists() else None
@@ -393,7 +394,7 @@ def _truncate_metrics(path: Path, epochs_done: int) -> None:
     """Drop metric lines of epochs after the checkpoint (written just before a kill)."""
     if path.exists():
         lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["epoch"] <= epochs_done]
-        path.write_text("".join(ln + "\n" for ln in lines))
+        atomic_write_text(path, "".join(ln + "\n" for ln in lines))
 
 
 def load_run_config(run: Path) -> Config:
