@@ -9,7 +9,18 @@ from typing import Iterable
 
 
 class UserError(Exception):
-    """A mistake in the user's input (data, config, command line) with a fix in the message."""
+    """A mistake in the user's input (data, config, command line) with a fix in the message.
+
+    The message is kept to one line: line breaks and other control characters quoted from the
+    user's files are shown escaped (\\n), never as real line breaks.
+    """
+
+    def __init__(self, message: str = "", *args):
+        super().__init__(_one_line(str(message)), *args)
+
+
+def _one_line(text: str) -> str:
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def closest(name: str, choices: Iterable[str]) -> str | None:

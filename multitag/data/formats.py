@@ -270,11 +270,15 @@ def _csv_kind(path: Path) -> str:
 def _read_csv_rows(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """The stripped header and (file line number, stripped fields) of each non-blank row."""
     text = _read_text(path, hint='it needs a header row such as "image,labels" and one row per image')
-    reader = csv.reader(io.StringIO(text))
+    # strict: an unclosed quote is an error instead of silently swallowing the following rows.
+    reader = csv.reader(io.StringIO(text), strict=True)
+    start = 1                      # file line where the current record starts (records may span lines)
     try:
         header = [h.strip() for h in next(reader)]
         rows = []
+        start = reader.line_num + 1
         for fields in reader:
+            start, line = reader.line_num + 1, start
             if not any(f.strip() for f in fields):
                 continue  # blank lines (often a trailing one) carry nothing
             if len(fields) != len(header):
@@ -282,9 +286,9 @@ def _read_csv_rows(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
                     f"{path} row {reader.line_num} has {len(fields)} fields but the header has "
                     f"{len(header)}; quote fields that contain commas"
                 )
-            rows.append((reader.line_num, [f.strip() for f in fields]))
+            rows.append((line, [f.strip() for f in fields]))
     except csv.Error as e:
-        raise UserError(f"{path} row {reader.line_num} is not valid CSV ({e}); fix the quoting") from None
+        raise UserError(f"{path} row {start} is not valid CSV ({e}); fix the quoting") from None
     if not rows:
         raise UserError(f"{path} has a header but no rows; add one row per image")
     return header, rows
@@ -444,10 +448,13 @@ def read_coco(path: str | Path, *, image_root: str | None = None, classes: list[
                 "fix the annotation or add the category"
             )
         present[_get(ann, "image_id", where, (int, str))].add(category_name[cat])
-    rows = []
+    rows, seen = [], set()
     for k, img in enumerate(images):
         image_id = _get(img, "id", f"{path} images[{k}]", (int, str))
         where = f"{path} image id {image_id}"
+        if image_id in seen:   # the id's annotations would silently go to only one of them
+            raise UserError(f"{where} is used by more than one image (images[{k}] again); give every image its own id")
+        seen.add(image_id)
         rows.append(_Row(_get(img, "file_name", where, str), sorted(present.pop(image_id, ())), (), None, where))
     if present:
         raise UserError(
