@@ -200,9 +200,9 @@ def run_variant(cfg: Config, run: Path, log) -> str:
 def check_same_config(run: Path, cfg: Config) -> None:
     """A run directory left by an earlier call must hold this variant's config, else its results
     would be reported under the wrong settings."""
-    from multitag.engine import CONFIG_FILE, with_model_normalisation
+    from multitag.engine import CONFIG_FILE, resolved_config
 
-    expected = yaml.safe_load(yaml.safe_dump(with_model_normalisation(cfg).to_dict(), sort_keys=False))
+    expected = yaml.safe_load(yaml.safe_dump(resolved_config(cfg).to_dict(), sort_keys=False))
     found = yaml.safe_load((run / CONFIG_FILE).read_text()) or {}
     changed = _changed_keys(expected, found)
     if changed:

@@ -206,7 +206,7 @@ def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=print) ->
     """Train per the config into ``out_dir``; with resume=True continue from its last checkpoint."""
     run = Path(out_dir)
     run.mkdir(parents=True, exist_ok=True)
-    cfg = with_model_normalisation(cfg)
+    cfg = resolved_config(cfg)
     atomic_write_text(run / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
@@ -224,7 +224,7 @@ def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=print) ->
     return finish(job, state)
 
 
-def with_model_normalisation(cfg: Config) -> Config:
+def resolved_config(cfg: Config) -> Config:
     """A copy with an absolute data path and an unset data.mean/std filled with the model's own
     (e.g. [-1, 1] scaling for EfficientNet-Lite weights), so training, model.json and inference
     all use what the weights expect."""
