@@ -260,10 +260,9 @@ def variant_row(variant: Variant, run: Path, diverged: bool, rare: list[tuple[st
     row = {"variant": variant.name, "status": "diverged" if diverged else "ok", "split": ""}
     row.update({key: math.nan for key, _ in METRICS})
     row.update({f"f1_{name}": math.nan for name, _ in rare})
-    from multitag.engine import METRICS_FILE
+    from multitag.report import read_history
 
-    log_file = run / METRICS_FILE
-    epochs = [json.loads(line) for line in log_file.read_text().splitlines() if line] if log_file.exists() else []
+    epochs = read_history(run)
     row.update(best_epoch="", epochs=len(epochs), train_seconds=round(sum(e["seconds"] for e in epochs), 1))
     if diverged:
         return row

@@ -26,7 +26,7 @@ from multitag.data.loader import BatchLoader, describe_oversampling, label_count
 from multitag.data.prepare import PreparedData, prepare
 from multitag.data.transforms import BatchAugment
 from multitag.errors import UserError, did_you_mean
-from multitag.fileio import atomic_write_text
+from multitag.fileio import append_line, atomic_write_text
 from multitag.finetune import (FeatureTable, apply_freeze, check_feature_cache, frozen_batchnorm_to_eval,
                                head_inputs, param_groups, resolve_stages)
 from multitag.inference import logits_of, scores_from_logits
@@ -326,8 +326,7 @@ def run_stage(job: Job, stages: list[StageConfig], state: TrainState, saved: dic
                "train_img_per_s": len(job.train_loader) * job.train_loader.batch_size / seconds}
         # Order matters for a kill at any point: the metrics line (dropped on resume if the checkpoint
         # did not follow), then the best weights, then the checkpoint that marks the epoch done.
-        with open(job.run / METRICS_FILE, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_line(job.run / METRICS_FILE, json.dumps(row))
         if improved:
             save_tensors(job.run / MODEL_WEIGHTS, model_state(job.model))
             write_json(job.run / MODEL_META, model_meta(cfg, job.data, job.rt, state, job.n_params))
@@ -391,10 +390,19 @@ def _save_checkpoint(run: Path, model, optimizer, scheduler, state: TrainState, 
 
 
 def _truncate_metrics(path: Path, epochs_done: int) -> None:
-    """Drop metric lines of epochs after the checkpoint (written just before a kill)."""
+    """Drop metric lines of epochs after the checkpoint (written just before a kill), and a last line
+    cut short by a power loss (append_line never leaves one, but an older version or the OS might)."""
     if path.exists():
-        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["epoch"] <= epochs_done]
+        lines = [ln for ln in path.read_text().splitlines() if _epoch_of(ln) <= epochs_done]
         atomic_write_text(path, "".join(ln + "\n" for ln in lines))
+
+
+def _epoch_of(line: str) -> float:
+    """The epoch a metrics line records; infinity (dropped) for an empty or unreadable line."""
+    try:
+        return json.loads(line)["epoch"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def load_run_config(run: Path) -> Config:

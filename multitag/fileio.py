@@ -42,18 +42,49 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     except Exception as e:
-        if not _is_disk_full(e):
+        if not is_disk_full(e):
             raise
-        raise DiskFullError(f"cannot write {path}: the disk or your quota is full; free disk space there "
-                            f"and try again (the previous {path.name}, if any, is unchanged)") from None
+        raise disk_full_error(path) from None
 
 
-def _is_disk_full(e: Exception) -> bool:
+def append_line(path: str | Path, line: str) -> None:
+    """Append ``line`` + newline to a text file (e.g. metrics.jsonl), all of it or nothing.
+
+    Rewriting a growing log on every append would cost O(n²); an append is cheap but a full disk
+    can cut it half-way. So the file's length is noted first and restored when the write fails:
+    readers never see a partial last line, and the lines before it are intact.
+    """
+    path = Path(path)
+    data = (line.rstrip("\n") + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)   # unbuffered: nothing left to flush later
+    try:
+        before = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:                         # os.write may write part of it (e.g. the disk fills)
+                view = view[os.write(fd, view):]
+        except BaseException as e:
+            os.ftruncate(fd, before)            # shrinking needs no free space
+            if is_disk_full(e):
+                raise disk_full_error(path) from None
+            raise
+    finally:
+        os.close(fd)
+
+
+def disk_full_error(path: str | Path) -> DiskFullError:
+    """The one-line error for a write to ``path`` that failed for lack of space or quota."""
+    path = Path(path)
+    return DiskFullError(f"cannot write {path}: the disk or your quota is full; free disk space there "
+                         f"and try again (the previous {path.name}, if any, is unchanged)")
+
+
+def is_disk_full(e: BaseException) -> bool:
     """ENOSPC/EDQUOT as an OSError, or inside a Rust library's error: safetensors raises a
     SafetensorError "... No space left on device (os error 28)" without an errno."""
     if isinstance(e, OSError):
         return e.errno in _DISK_FULL
-    return any(f"(os error {code})" in str(e) for code in _DISK_FULL)
+    return isinstance(e, Exception) and any(f"(os error {code})" in str(e) for code in _DISK_FULL)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

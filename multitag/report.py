@@ -98,11 +98,18 @@ def choose_split(prepared: PreparedData, requested: str, calibrated: bool) -> tu
 
 
 def read_history(run_dir: Path) -> list[dict]:
-    """metrics.jsonl rows (one per epoch), or [] when the run has none."""
+    """metrics.jsonl rows (one per epoch), or [] when the run has none. A line that is not JSON (cut
+    short by a power loss) is left out rather than failing the report."""
     path = Path(run_dir) / HISTORY_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
 
 
 def pr_points(scores: np.ndarray, targets: np.ndarray, ignore: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:

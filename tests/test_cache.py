@@ -13,6 +13,7 @@ import multitag.data.cache as cache_mod
 from multitag.data.cache import ImageCache, build_cache, cache_key, default_cache_dir
 from multitag.data.decode import BadImageError, load_and_resize
 from multitag.errors import UserError
+from multitag.fileio import DiskFullError
 
 
 S = 16  # working size for the tests
@@ -205,6 +206,40 @@ def test_atomic_when_decoding_dies_midway(images, cache_dir, monkeypatch):
         build_cache(images, S, cache_dir, progress=False)
     assert _files(cache_dir) == []  # no data file, no sidecar, no temporaries
     monkeypatch.setattr(cache_mod, "load_and_resize", load_and_resize)
+    assert build_cache(images, S, cache_dir, progress=False).valid.all()
+
+
+@pytest.mark.parametrize("failing", ["sidecar", "reserve"])
+def test_full_disk_while_building_is_one_line_and_keeps_nothing(images, cache_dir, monkeypatch, failing):
+    """The disk fills when the index sidecar is written (after all the pixels), or when the data
+    file's space is reserved: a one-line DiskFullError naming the directory, no partial cache
+    counted or left behind, and the next build (with space again) works."""
+    import errno
+    import pathlib
+
+    real_write_text, real_fallocate = pathlib.Path.write_text, getattr(os, "posix_fallocate", None)
+
+    def write_text(self, *args, **kwargs):
+        if ".json.tmp-" in self.name:
+            real_write_text(self, '{"key": "half')       # half of it lands, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write_text(self, *args, **kwargs)
+
+    def fallocate(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if failing == "sidecar":
+        monkeypatch.setattr(pathlib.Path, "write_text", write_text)
+    elif real_fallocate is None:
+        pytest.skip("os.posix_fallocate is not available on this platform")
+    else:
+        monkeypatch.setattr(cache_mod.os, "posix_fallocate", fallocate)
+    with pytest.raises(DiskFullError) as info:
+        build_cache(images, S, cache_dir, progress=False)
+    message = str(info.value)
+    assert str(cache_dir) in message and "MULTITAG_CACHE" in message and "\n" not in message
+    assert _files(cache_dir) == []
+    monkeypatch.undo()
     assert build_cache(images, S, cache_dir, progress=False).valid.all()
 
 

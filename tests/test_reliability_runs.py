@@ -219,6 +219,63 @@ def test_disk_full_in_the_cli_says_how_to_resume(digits_csv, tmp_path, monkeypat
     assert line.endswith(f"the checkpoint of epoch 1 is kept: continue with `multitag train --resume {run}`")
 
 
+def test_append_line_on_a_full_disk_keeps_the_lines_before_it_whole(tmp_path, monkeypatch):
+    """os.write lands half the line, then the disk is full: the file is cut back to its old length."""
+    from multitag import fileio
+
+    log = tmp_path / "metrics.jsonl"
+    fileio.append_line(log, json.dumps({"epoch": 1}))
+    real_write = os.write
+
+    def half_then_full(fd, data):
+        if len(data) > 1:
+            return real_write(fd, bytes(data[: len(data) // 2]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fileio.os, "write", half_then_full)
+    with pytest.raises(DiskFullError, match=f"cannot write {log}: .* free disk space"):
+        fileio.append_line(log, json.dumps({"epoch": 2, "train_loss": 0.5}))
+    monkeypatch.undo()
+    assert log.read_text() == '{"epoch": 1}\n'
+    fileio.append_line(log, json.dumps({"epoch": 2}))
+    assert [json.loads(x)["epoch"] for x in log.read_text().splitlines()] == [1, 2]
+
+
+def test_disk_full_on_the_metrics_line_resumes_to_the_same_history(digits_csv, tmp_path, monkeypatch):
+    """Epoch 2's metrics line hits a full disk: training stops with the one-line error, metrics.jsonl
+    holds epoch 1 only, and --resume redoes epoch 2 (its checkpoint was never written)."""
+    from multitag import fileio
+
+    run, real_append, calls = tmp_path / "run", fileio.append_line, []
+
+    def append(path, line):
+        calls.append(path)
+        if len(calls) == 2:
+            raise fileio.disk_full_error(path)
+        real_append(path, line)
+
+    monkeypatch.setattr(engine, "append_line", append)
+    with pytest.raises(DiskFullError, match="metrics.jsonl"):
+        train("demo", data=str(digits_csv), out=run, overrides=THREE_EPOCHS, log=lambda *a: None)
+    assert [r["epoch"] for r in metrics_of(run)] == [1]
+    monkeypatch.undo()
+    train(resume=run, log=lambda *a: None)
+    assert [r["epoch"] for r in metrics_of(run)] == [1, 2, 3]
+
+
+def test_resume_drops_a_metrics_line_cut_short(digits_csv, tmp_path, monkeypatch):
+    """A partial last line (power loss, or a version before append_line) does not break --resume."""
+    run = tmp_path / "run"
+    interrupt_in_epoch(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        train("demo", data=str(digits_csv), out=run, overrides=THREE_EPOCHS, log=lambda *a: None)
+    monkeypatch.undo()
+    with open(run / engine.METRICS_FILE, "a") as f:
+        f.write('{"epoch": 2, "train_lo')
+    train(resume=run, log=lambda *a: None)
+    assert [r["epoch"] for r in metrics_of(run)] == [1, 2, 3]
+
+
 # --- Ctrl-C ------------------------------------------------------------------------------------------
 
 def interrupt_in_epoch(monkeypatch, epoch_index: int) -> None:

@@ -26,7 +26,6 @@ much slower to start; torch's intra-op thread count made no measurable differenc
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import os
@@ -44,6 +43,7 @@ import torch
 from multitag.data.decode import PREPROCESS_VERSION, BadImageError, load_and_resize
 from multitag.config import cache_root
 from multitag.errors import UserError, did_you_mean
+from multitag.fileio import DiskFullError, atomic_write_text, is_disk_full
 
 CACHE_FORMAT_VERSION = 1
 ON_BAD_IMAGE = ("error", "skip")
@@ -206,6 +206,12 @@ def _build(paths: list[str], size: int, cache_dir: Path, stem: str, key: str,
         }))
         os.replace(tmp_data, data_path)
         os.replace(tmp_meta, meta_path)  # the commit point: now the cache counts
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        # e.g. the sidecar, written after gigabytes of pixels, found the disk full: nothing counts
+        # as cached (the commit point was not reached), the temporaries go, the next run rebuilds.
+        raise _no_space(cache_dir, "the image cache's index") from None
     finally:
         for tmp in (tmp_data, tmp_meta):
             tmp.unlink(missing_ok=True)
@@ -222,10 +228,9 @@ def _decode_into(tmp_data: Path, paths: list[str], size: int, on_bad_image: str,
             if n and hasattr(os, "posix_fallocate"):
                 os.posix_fallocate(f.fileno(), 0, nbytes)
         except OSError as e:
-            if e.errno != errno.ENOSPC:
+            if not is_disk_full(e):
                 raise
-            raise UserError(f"no space for the {nbytes / 1e9:.1f} GB image cache in {tmp_data.parent}; "
-                            f"set MULTITAG_CACHE to a directory on a bigger disk or lower the image size") from None
+            raise _no_space(tmp_data.parent, f"the {nbytes / 1e9:.1f} GB image cache") from None
         f.truncate(nbytes)
     if n == 0:
         return []
@@ -333,11 +338,14 @@ def _check_free_space(cache_dir: Path, nbytes: int) -> None:
         )
 
 
+def _no_space(cache_dir: Path, what: str) -> DiskFullError:
+    return DiskFullError(f"no space left for {what} in {cache_dir}; free disk space there, set MULTITAG_CACHE to "
+                         f"a directory on a bigger disk or lower the image size (nothing half-built is kept)")
+
+
 def _write_bad_list(path: Path, bad: list[tuple[int, str, str]]) -> None:
     """index<TAB>path<TAB>reason per line, written atomically."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(f"{i}\t{p}\t{r}\n" for i, p, r in bad))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(f"{i}\t{p}\t{r}\n" for i, p, r in bad))
 
 
 def _report_bad(cache: ImageCache, n: int, on_bad_image: str) -> None:
