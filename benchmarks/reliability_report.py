@@ -43,6 +43,7 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 TEST_FILES = ["tests/test_fuzz_images.py", "tests/test_fuzz_annotations.py", "tests/test_reliability_runs.py",
+              "tests/test_cache.py",
               "tests/test_untrusted_artifacts.py", "tests/test_serve.py"]
 
 
