@@ -84,6 +84,13 @@ def simple_cnn(num_classes: int, **kw) -> nn.Module:
     return SimpleCNN(num_classes, **kw)
 
 
+@register("airbench", "airbench94 CIFAR speed-run net: whitening 2x2 conv + conv groups 64-256-256, GELU (≈2.0 M)", 32)
+def airbench(num_classes: int, **kw) -> nn.Module:
+    from multitag.models.airbench import AirbenchNet
+
+    return AirbenchNet(num_classes, **kw)
+
+
 @register("advanced_cnn", "ResNet-18 layout from scratch, dropout 0.5 before the head", 224)
 def advanced_cnn(num_classes: int, drop_rate: float = 0.5, **kw) -> nn.Module:
     # timm's resnet18 is exactly the reference layout (4 stages × 2 basic blocks, 64-512) and

@@ -1,0 +1,101 @@
+"""airbench: the CIFAR-10 speed-run network of Keller Jordan's airbench94 (≈2.0 M parameters at 32 px).
+
+whiten (2×2 conv, 3 → 24, fixed from data) → GELU → 3 conv groups (64, 256, 256) → global max → linear.
+A conv group is conv3×3 → max-pool 2 → BN → GELU → conv3×3 → BN → GELU, so at 32 px the maps are
+31 → 15 → 7 → 3 px. Pooling right after the first conv of a group makes the deep layers cheap:
+~0.12 GMAC per image forward, which is what lets a 10-epoch CIFAR-10 run fit in minutes on a CPU.
+
+Speed-run choices kept from airbench, each for its reason:
+- The first layer is a patch-whitening transform computed from training pixels (``init_from_data``,
+  which the engine calls once before training): the net starts on decorrelated inputs, which is
+  worth several epochs at this budget. Its weight is a buffer, so no optimizer or freeze touches it.
+- BatchNorm momentum 0.4 (PyTorch's convention; airbench writes 0.6 for the old-value share): a run
+  is only ~1,000 steps, so the running statistics must follow the weights closely.
+- Convs start as partial identities (dirac): each group first passes its input through.
+- Logits are scaled by 1/9: small initial logits tolerate the large learning rate of the recipe.
+- ``tta_flip``: in eval mode the logits are the mean of the image's and its mirror image's, so
+  evaluation, predict, export and serving all average the same two views (training is unaffected).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Whiten(nn.Module):
+    """2×2 patch whitening: 2·12 filters = ± the covariance eigenvectors scaled by 1/sqrt(eigenvalue).
+
+    The ± pair keeps both signs of each whitened component alive through the following GELU.
+    """
+
+    def __init__(self, in_chans: int = 3, size: int = 2, eps: float = 5e-4):
+        super().__init__()
+        self.size, self.eps = size, eps
+        d = in_chans * size * size                                       # 12 patch dimensions
+        self.register_buffer("weight", torch.zeros(2 * d, in_chans, size, size))
+        nn.init.kaiming_uniform_(self.weight)                            # random until init_from_data
+        self.bias = nn.Parameter(torch.zeros(2 * d))
+        self.out_chans = 2 * d
+
+    @torch.no_grad()
+    def init_from_data(self, x: torch.Tensor) -> None:
+        """x: (N, C, H, W) normalised training images → weight (2·C·s·s, C, s, s) that whitens their patches."""
+        c, s = x.shape[1], self.size
+        patches = x.float().unfold(2, s, 1).unfold(3, s, 1)               # (N, C, H-s+1, W-s+1, s, s)
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * s * s)  # (P, C·s·s), one row per patch
+        cov = patches.T @ patches / len(patches)                          # (d, d); inputs are ~zero-mean
+        eigenvalues, eigenvectors = torch.linalg.eigh(cov)                # columns are eigenvectors
+        w = eigenvectors.T.reshape(-1, c, s, s) / torch.sqrt(eigenvalues + self.eps).view(-1, 1, 1, 1)
+        self.weight.copy_(torch.cat([w, -w]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight.to(x.dtype), self.bias.to(x.dtype))   # (B, 24, H-1, W-1)
+
+
+def _conv(cin: int, cout: int) -> nn.Conv2d:
+    conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)                 # BN follows: a bias is redundant
+    nn.init.dirac_(conv.weight.data[:min(cin, cout)])                     # partial identity (airbench)
+    return conv
+
+
+def _bn(c: int) -> nn.BatchNorm2d:
+    # momentum 0.4: short runs need running stats that follow the weights; eps 1e-12 as airbench
+    # (the whitened, GELU'd inputs have no dead channels, and BN runs in fp32 under bf16 autocast).
+    return nn.BatchNorm2d(c, momentum=0.4, eps=1e-12)
+
+
+class ConvGroup(nn.Sequential):
+    def __init__(self, cin: int, cout: int):
+        super().__init__(_conv(cin, cout), nn.MaxPool2d(2), _bn(cout), nn.GELU(),
+                         _conv(cout, cout), _bn(cout), nn.GELU())
+
+
+class AirbenchNet(nn.Module):
+    def __init__(self, num_classes: int, in_chans: int = 3, widths=(64, 256, 256), logit_scale: float = 1 / 9,
+                 tta_flip: bool = False):
+        super().__init__()
+        self.whiten = Whiten(in_chans)
+        chans = (self.whiten.out_chans, *widths)
+        self.groups = nn.Sequential(*[ConvGroup(a, b) for a, b in zip(chans[:-1], chans[1:])])
+        self.num_features = widths[-1]
+        self.pool = nn.AdaptiveMaxPool2d(1)                               # airbench: MaxPool(3) on the 3×3 map
+        self.fc = nn.Linear(widths[-1], num_classes, bias=False)
+        self.logit_scale, self.tta_flip = logit_scale, tta_flip
+
+    def init_from_data(self, x: torch.Tensor) -> None:
+        """Data-dependent init (the engine calls it once with normalised training images, N ≥ ~1,000)."""
+        self.whiten.init_from_data(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.groups(F.gelu(self.whiten(x)))                        # (B, 256, H/8-ish, W/8-ish): 3×3 at 32 px
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = torch.flatten(self.pool(x), 1)                                # (B, 256)
+        return x if pre_logits else self.fc(x) * self.logit_scale         # (B, num_classes) logits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tta_flip and not self.training:
+            both = self.forward_head(self.forward_features(torch.cat([x, x.flip(3)])))   # (2B, C)
+            return both.view(2, x.shape[0], -1).mean(0)                   # mean of the two views' logits
+        return self.forward_head(self.forward_features(x))
