@@ -1,4 +1,4 @@
-"""Inference speed on this machine: eager PyTorch fp32, ONNX Runtime fp32 and ONNX Runtime int8.
+"""Inference speed on this machine: eager PyTorch (fp32 NCHW / channels_last, bf16), ONNX Runtime fp32 and int8.
 
     python benchmarks/bench_inference.py                  # trains a 1-epoch demo run in a temp dir
     python benchmarks/bench_inference.py --run RUN_DIR    # a trained run (copied: the run is not modified)
@@ -29,14 +29,15 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from multitag.inference_speed import inference_rows  # noqa: E402  (the timing core, shared with `multitag bench`)
 
 RUN_FILES = ("model.json", "model.safetensors", "split.csv")
 
@@ -66,43 +67,6 @@ def copy_run(src: Path, dst: Path) -> Path:
     return dst
 
 
-def backends(run: Path, log) -> tuple[dict, dict, torch.Tensor]:
-    """Export the run (fp32 + static int8, plus a dynamic int8 file), and return
-    {name: logits function}, {name: val metric}, and 32 normalised val images."""
-    from multitag.evaluation import prepare_for
-    from multitag.export import check_images, export_onnx, write_int8
-    from multitag.predict import ONNX_MODEL, OnnxBackend, load
-
-    result = export_onnx(run, int8=True, log=log)
-    model = load(run, device="cpu", backend="torch")
-    prepared = prepare_for(model, None, log)
-    dynamic = write_int8(model, run / ONNX_MODEL, run / "model.dynamic.onnx", prepared, "dynamic", log)
-    fns = {"torch eager fp32": model.logits,
-           "onnx fp32": load(run, device="cpu", backend="onnx").logits,
-           "onnx int8 (static)": load(run, device="cpu", backend="onnx-int8").logits,
-           "onnx int8 dynamic": OnnxBackend(run / "model.dynamic.onnx", torch.device("cpu"))}
-    static = result["int8"]
-    metric = {"torch eager fp32": static["val_fp32"], "onnx fp32": static["val_fp32"],
-              "onnx int8 (static)": static["val_int8"], "onnx int8 dynamic": dynamic["val_int8"]}
-    images = check_images(model, prepared, "val", 32)
-    images = images.repeat(-(-32 // len(images)), 1, 1, 1)[:32]        # fewer than 32 val images: repeat
-    return fns, metric, images
-
-
-def time_calls(fns: dict, x: torch.Tensor, rounds: int) -> dict[str, tuple[float, float]]:
-    """(median, fastest) seconds per call of each function on ``x``, calls interleaved across functions."""
-    for fn in fns.values():                       # warm-up: ORT and oneDNN pick kernels on first calls
-        for _ in range(3):
-            fn(x)
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn(x)
-            times[name].append(time.perf_counter() - t0)
-    return {name: (statistics.median(t), min(t)) for name, t in times.items()}
-
-
 def cpu_flags() -> str:
     out = subprocess.run("grep -o -w -E 'avx512_bf16|amx_bf16|avx2|avx512_vnni|avx_vnni' /proc/cpuinfo | sort -u",
                          shell=True, capture_output=True, text=True, check=False).stdout.split()
@@ -122,11 +86,7 @@ def main(argv=None) -> None:
         tmp = Path(tmp)
         source = Path(args.run) if args.run else demo_run(tmp)
         run = copy_run(source, tmp / "bench")
-        fns, metric, images = backends(run, log)
-        latency = time_calls(fns, images[:1], args.rounds)
-        batch = time_calls(fns, images, max(5, args.rounds // 3))
-        reference = fns["torch eager fp32"](images)
-        diffs = {name: float((fn(images) - reference).abs().max()) for name, fn in fns.items()}
+        rows = inference_rows(run, args.rounds, log)
         meta = json.loads((run / "model.json").read_text())
 
     print(f"run: {source}  model: {meta['model']['name']} ({meta['model'].get('num_parameters', '?'):,} params) "
@@ -136,12 +96,13 @@ def main(argv=None) -> None:
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
     metric_name = "val mAP" if meta["multi_label"] else "val acc"
-    print(f"{'':<20} {'batch 1 ms':>17} {'batch 32 img/s':>17}")
-    print(f"{'backend':<20} {'median':>8} {'best':>8} {'median':>8} {'best':>8} {metric_name:>8} {'max|Δlogit|':>12}")
-    for name in fns:
-        (b1, b1_best), (b32, b32_best) = latency[name], batch[name]
-        print(f"{name:<20} {1000 * b1:>8.2f} {1000 * b1_best:>8.2f} {32 / b32:>8.0f} {32 / b32_best:>8.0f} "
-              f"{metric[name]:>8.4f} {diffs[name]:>12.2e}")
+    print(f"{'':<31} {'batch 1 ms':>17} {'batch 32 img/s':>17}")
+    print(f"{'backend':<31} {'median':>8} {'best':>8} {'median':>8} {'best':>8} {metric_name:>8} {'max|Δlogit|':>12}")
+    for r in rows:
+        val = f"{r['val_metric']:.4f}" if r["val_metric"] is not None else "-"
+        print(f"{r['backend']:<31} {r['batch1_ms_median']:>8.2f} {r['batch1_ms_best']:>8.2f} "
+              f"{r['batch32_img_s_median']:>8.0f} {r['batch32_img_s_best']:>8.0f} {val:>8} "
+              f"{r['max_abs_logit_diff']:>12.2e}")
 
 
 if __name__ == "__main__":

@@ -220,7 +220,9 @@ class Model:
         self.multi_label: bool = m["multi_label"]
         self.input_size: int = m["input_size"]
         self.mean, self.std = m["mean"], m["std"]
-        self.runtime = Runtime(choose_device(device), "fp32", False)
+        # fp32 (bf16 would move scores past the calibrated thresholds) in channels_last: never slower
+        # here, 1.0-2x faster (benchmarks/RESULTS.md, "Performance (issue 9)"); the input follows it.
+        self.runtime = Runtime(choose_device(device), "fp32", True)
         self._network: torch.nn.Module | None = None
         self.backend = self._resolve_backend(backend)
         if self.backend == "torch":
@@ -279,7 +281,7 @@ class Model:
         """The PyTorch network (eval mode, on the runtime's device); built on first use for ONNX
         backends, since only Grad-CAM and training-side tools need it there."""
         if self._network is None:
-            self._network = self._build_network().to(self.runtime.device).eval()
+            self._network = self._build_network().to(self.runtime.device, memory_format=torch.channels_last).eval()
         return self._network
 
     def _build_network(self) -> torch.nn.Module:
