@@ -18,6 +18,7 @@ def train(config: str | Config | None = None, data: str | None = None, out: str 
 
     ``resume=RUN_DIR`` continues a killed run from its last checkpoint with its own config.
     """
+    from multitag import distributed
     from multitag.engine import fit, load_run_config
 
     if resume is not None:
@@ -29,14 +30,23 @@ def train(config: str | Config | None = None, data: str | None = None, out: str 
         if data is not None:
             cfg.data.path = str(data)
         run = Path(out) if out else default_run_dir(cfg)
-    # Named first, so a user who stops a run (Ctrl-C, kill) knows what `--resume` needs.
-    log(f"run directory: {run}")
-    fit(cfg, run, resume=resume is not None, log=log)
-    if cfg.train.report:
+    t = cfg.train
+    with distributed.session(t.device, t.dist_timeout_s, t.dist_setup_timeout_s):   # no-op without torchrun
+        run = Path(distributed.broadcast_object(str(run)))     # rank 0's (timestamped) default directory
+        if not distributed.is_main():                          # one process speaks for the job
+            log = _quiet
+        # Named first, so a user who stops a run (Ctrl-C, kill) knows what `--resume` needs.
+        log(f"run directory: {run}")
+        fit(cfg, run, resume=resume is not None, log=log)
+    if cfg.train.report and distributed.is_main():
         from multitag.report import write_report
 
         write_report(run, log=log)
     return run
+
+
+def _quiet(*args) -> None:
+    pass
 
 
 def evaluate(run_dir: str | Path, data: str | None = None, split: str = "test", log=print) -> dict:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from multitag.errors import UserError
@@ -26,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value, e.g. --set train.epochs=5 (repeatable)")
     p.add_argument("--out", help="run directory (default runs/<recipe>-<time>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last checkpoint")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="train with N processes on this machine (starts torchrun; train.batch_size stays the "
+                        "global batch); for several machines run torchrun yourself, see README")
     _add_json(p)
 
     p = sub.add_parser("eval", help="metrics of a run on a split: at 0.5, calibrated thresholds and top-3")
@@ -139,9 +143,25 @@ def _print_metrics(result: dict, title: str) -> None:
 def cmd_train(args):
     from multitag import api
 
+    if args.nproc is not None and args.nproc != 1:
+        from multitag.distributed import launch_local
+
+        launch_local(args.nproc, _train_argv(args))      # rank 0 prints the --json result
+        return None
     run = api.train(args.config, data=args.data, out=args.out, overrides=args.overrides, resume=args.resume,
                     log=_log_for(args))
-    return {"run_dir": str(run)}
+    from multitag.distributed import is_main
+
+    return {"run_dir": str(run)} if is_main() else None
+
+
+def _train_argv(args) -> list[str]:
+    """The `multitag train` arguments of ``args`` without --nproc, for the processes torchrun starts."""
+    argv = [args.config] if args.config else []
+    for flag, value in (("--data", args.data), ("--out", args.out), ("--resume", args.resume)):
+        argv += [flag, value] if value is not None else []
+    argv += [item for setting in args.overrides for item in ("--set", setting)]
+    return argv + (["--json"] if args.json else [])
 
 
 def cmd_eval(args):
@@ -341,6 +361,12 @@ def _checkpoint_epoch(run: str) -> int | None:
         return None
 
 
+def _rank_label() -> str:
+    """" (rank 1 of 2)" in a process torchrun started among several, so each error says whose it is."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    return f" (rank {os.environ.get('RANK', '0')} of {size})" if size > 1 else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -353,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         from multitag.fileio import DiskFullError
 
         hint = _resume_hint(args) if isinstance(e, DiskFullError) else ""
-        print(f"multitag {args.command}: error: {e}{hint}", file=sys.stderr)
+        print(f"multitag {args.command}{_rank_label()}: error: {e}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"multitag {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)

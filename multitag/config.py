@@ -94,6 +94,14 @@ class TrainConfig:
     threads: int = 0                  # torch CPU threads; 0 = torch's default
     eval_batch_size: int = 256
     report: bool = True               # write RUN_DIR/report/index.html (test split, else val) after training
+    # Gradient accumulation and distributed training (torchrun / --nproc). batch_size is the global
+    # batch of one optimizer step whatever the process count: each process computes
+    # batch_size / (processes × accumulate) images per forward pass, so results and the LR stay put.
+    accumulate: int = 1               # micro-batches per optimizer step (per process)
+    sync_bn: bool = False             # distributed on CUDA: BatchNorm statistics over the whole global batch
+    dist_timeout_s: float = 600.0     # distributed: a collective waiting longer (hung/lost process) fails the job
+    dist_setup_timeout_s: float = 3600.0  # distributed: how long ranks wait while rank 0 reads the data, builds
+                                      # the image cache and measures the runtime
 
 
 @dataclass

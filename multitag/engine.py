@@ -6,23 +6,26 @@ Every epoch ends with an atomic checkpoint, and all randomness of an epoch deriv
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import json
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
-from multitag import __version__
+from multitag import __version__, distributed
 from multitag.calibration import fit_thresholds
 from multitag.checkpoint import (MODEL_META, MODEL_WEIGHTS, TRAIN_META, TRAIN_STATE, load_model_state,
                                  load_tensors, model_state, optimizer_tensors, read_json, restore_optimizer,
                                  save_tensors, write_json)
 from multitag.config import Config, StageConfig, config_from_dict
-from multitag.data.loader import BatchLoader, describe_oversampling, label_counts, repeat_factors
+from multitag.data.loader import BatchLoader, describe_oversampling, label_counts, repeat_factors, shard_bounds
 from multitag.data.prepare import PreparedData, prepare
 from multitag.data.transforms import BatchAugment
 from multitag.errors import UserError, did_you_mean
@@ -30,12 +33,12 @@ from multitag.fileio import append_line, atomic_write_text
 from multitag.finetune import (FeatureTable, apply_freeze, check_feature_cache, frozen_batchnorm_to_eval,
                                head_inputs, param_groups, resolve_stages)
 from multitag.inference import logits_of, scores_from_logits
-from multitag.losses import build_loss, training_loss
+from multitag.losses import build_loss, loss_count, training_loss
 from multitag.models import build_model, count_parameters, get_spec
 from multitag.models.weights import init_from_file
 from multitag.progress import track
 from multitag.summary import evaluate_scores, monitor_name
-from multitag.runtime import Runtime, choose_runtime
+from multitag.runtime import Runtime, choose_device, choose_runtime
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -129,10 +132,24 @@ def make_loaders(cfg: Config, data: PreparedData, log=print) -> tuple[BatchLoade
         log(describe_oversampling(t.class_names, *label_counts(targets, ignore, repeats), repeats))
     augment = BatchAugment(cfg.aug, mean, std)
     log(f"augmentation: {augment.describe()}")
+    micro_batch_size(cfg)                     # the global batch must split evenly over processes and steps
+    shard = (distributed.world().rank, distributed.world().size)
     train = BatchLoader(data.cache, rows, batch_size=cfg.train.batch_size, shuffle=True, repeats=repeats,
-                        augment=augment, drop_last=True, **common)
-    val = BatchLoader(data.cache, data.rows("val"), batch_size=cfg.train.eval_batch_size, **common)
+                        augment=augment, drop_last=True, shard=shard, **common)
+    val = BatchLoader(data.cache, data.rows("val"), batch_size=cfg.train.eval_batch_size, shard=shard, **common)
     return train, val
+
+
+def micro_batch_size(cfg: Config) -> int:
+    """Images per forward pass of one process: the global batch / (processes × accumulation steps)."""
+    n, steps, batch = distributed.world().size, cfg.train.accumulate, cfg.train.batch_size
+    if steps < 1:
+        raise UserError(f"train.accumulate must be at least 1 (micro-batches per optimizer step), got {steps}.")
+    if batch % (n * steps) or cfg.train.eval_batch_size < n:
+        raise UserError(f"train.batch_size={batch} is the global batch and must split evenly into {n} process(es) × "
+                        f"{steps} accumulation step(s); use a multiple of {n * steps}, such as "
+                        f"{max(1, round(batch / (n * steps))) * n * steps}, and a train.eval_batch_size of at least {n}.")
+    return batch // (n * steps)
 
 
 def model_meta(cfg: Config, data: PreparedData, rt: Runtime, state: TrainState, n_params: int) -> dict:
@@ -162,38 +179,76 @@ def model_meta(cfg: Config, data: PreparedData, rt: Runtime, state: TrainState, 
 # --- one epoch, evaluation ----------------------------------------------------------------------
 
 def train_one_epoch(model, loader: BatchLoader, loss_fn, optimizer, scheduler, per_batch: bool, rt: Runtime,
-                    cfg: Config, epoch: int) -> tuple[float, float]:
-    """One pass over the training rows; returns (mean loss, (head) learning rate of the last batch)."""
+                    cfg: Config, epoch: int, ddp=None) -> tuple[float, float]:
+    """One pass over the training rows; returns (mean loss, (head) learning rate of the last batch).
+
+    ``ddp``: the DistributedDataParallel wrapper of ``model`` (distributed.wrap), None in one process.
+    """
     model.train()
     frozen_batchnorm_to_eval(model)
-    torch.manual_seed(cfg.train.seed * 100_003 + epoch)     # dropout etc.: a function of (seed, epoch)
+    # dropout etc.: a function of (seed, epoch), and of the rank so processes drop different units
+    torch.manual_seed(cfg.train.seed * 100_003 + epoch + 1_000_003 * distributed.world().rank)
     total, count = 0.0, 0
     batches = loader.iterate(epoch, cfg.train.seed)
-    for i, batch in enumerate(track(batches, len(loader), f"epoch {epoch + 1}")):
-        x = rt.prepare_input(batch.images)
-        y, ignore = batch.targets.to(rt.device), batch.ignore.to(rt.device)
-        with rt.autocast():
-            loss = training_loss(model, loss_fn, x, y, ignore)
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(
-                f"the training loss became {loss.item()} at epoch {epoch + 1}, batch {i + 1}; the last good "
-                "checkpoint is kept — lower optim.lr or set train.grad_clip=1.0 and train again.")
+    if distributed.is_main():
+        batches = track(batches, len(loader), f"epoch {epoch + 1}")
+    for i, batch in enumerate(batches):
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = accumulate_gradients(model, ddp, loss_fn, batch, loader, rt, cfg.train.accumulate, (epoch, i))
         if cfg.train.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         lr = max(g["lr"] for g in optimizer.param_groups)      # the head's LR when backbone LRs are lower
         optimizer.step()
         if scheduler is not None and per_batch:
             scheduler.step()
-        total += loss.item() * len(batch.index)
-        count += len(batch.index)
-    return total / max(count, 1), lr
+        size = len(batch.index if batch.whole is None else batch.whole)      # the global batch
+        total += loss * size
+        count += size
+    return distributed.all_sum(total) / max(count, 1), lr
+
+
+def accumulate_gradients(model, ddp, loss_fn, batch, loader: BatchLoader, rt: Runtime, steps: int,
+                         where: tuple[int, int]) -> float:
+    """Forward + backward of this process's part of one global batch, in ``steps`` micro-batches;
+    returns this process's share of the global batch's loss (the shares sum to it over processes).
+
+    Each micro-batch's loss is weighted by its share of what the whole batch's loss averages over
+    (losses.loss_count), times the process count that DDP's gradient averaging divides by, so the
+    summed gradient is exactly the global batch's; in one process with one step the weight is 1.
+    Only the last micro-batch synchronises gradients (no_sync before it).
+    """
+    whole = torch.from_numpy(batch.index if batch.whole is None else batch.whole)
+    total = loss_count(model, loss_fn, loader.targets[whole], loader.ignore[whole])
+    n, procs, share = len(batch.index), distributed.world().size, 0.0
+    for k in range(steps):
+        lo, hi = shard_bounds(n, k, steps)
+        x = rt.prepare_input(batch.images[lo:hi])
+        y, ignore = batch.targets[lo:hi].to(rt.device), batch.ignore[lo:hi].to(rt.device)
+        weight = loss_count(model, loss_fn, batch.targets[lo:hi], batch.ignore[lo:hi]) / total * procs
+        sync = ddp is None or k == steps - 1
+        with contextlib.nullcontext() if sync else ddp.no_sync():
+            with rt.autocast():
+                loss = training_loss(model, loss_fn, x, y, ignore) if ddp is None else ddp(x, y, ignore)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"the training loss became {loss.item()} at epoch {where[0] + 1}, batch {where[1] + 1}; the last "
+                    "good checkpoint is kept — lower optim.lr or set train.grad_clip=1.0 and train again.")
+            (loss if weight == 1.0 else loss * weight).backward()
+        share += loss.item() * weight / procs
+    return share
 
 
 def evaluate(model, loader: BatchLoader, loss_fn, rt: Runtime, data: PreparedData) -> dict:
-    """Loss, scores and metrics on a split (thresholds 0.5 for multi-label)."""
-    logits = logits_of(model, (b.images for b in loader.iterate()), rt)
+    """Loss, scores and metrics on a split (thresholds 0.5 for multi-label). Distributed: each process
+    scores its share of every batch; the logits are gathered and put back in ``loader.rows`` order."""
+    index = []
+
+    def images():
+        for b in loader.iterate():
+            if len(b.index):      # a short last batch may leave nothing for some processes
+                index.append(b.index)
+                yield b.images
+    logits = distributed.reassemble(logits_of(model, images(), rt), np.concatenate(index), loader.rows)
     rows = torch.from_numpy(loader.rows)
     loss = loss_fn(logits, loader.targets[rows], loader.ignore[rows]).item()
     scores = scores_from_logits(logits, data.table.multi_label).numpy()
@@ -203,18 +258,32 @@ def evaluate(model, loader: BatchLoader, loss_fn, rt: Runtime, data: PreparedDat
 # --- the recipe ---------------------------------------------------------------------------------
 
 def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=print) -> Path:
-    """Train per the config into ``out_dir``; with resume=True continue from its last checkpoint."""
-    run = Path(out_dir)
-    run.mkdir(parents=True, exist_ok=True)
+    """Train per the config into ``out_dir``; with resume=True continue from its last checkpoint.
+
+    Under torchrun every process calls this; rank 0 alone reads and writes ``out_dir`` (distributed.py).
+    """
+    t = cfg.train
+    with distributed.session(t.device, t.dist_timeout_s, t.dist_setup_timeout_s):
+        return _fit(cfg, Path(out_dir), resume, log)
+
+
+def _fit(cfg: Config, run: Path, resume: bool, log) -> Path:
+    main = distributed.is_main()
+    if main:
+        run.mkdir(parents=True, exist_ok=True)
     cfg = resolved_config(cfg)
-    atomic_write_text(run / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    if cfg.train.threads > 0:
+    if main:
+        atomic_write_text(run / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if distributed.world().size > 1:     # the machine's cores shared among its processes
+        torch.set_num_threads(distributed.cpu_threads(cfg.train.threads))
+    elif cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
-    saved = read_json(run / TRAIN_META) if resume and (run / TRAIN_META).exists() else None
+    saved = read_json(run / TRAIN_META) if main and resume and (run / TRAIN_META).exists() else None
+    saved = distributed.broadcast_object(saved)
 
     job = setup_job(cfg, run, saved, log)
     state = TrainState(**saved["state"]) if saved else TrainState()
-    if saved:
+    if saved and main:
         _truncate_metrics(run / METRICS_FILE, state.epoch)
         log(f"resuming {run} after epoch {state.epoch} (stage {state.stage + 1})")
     stages = resolve_stages(cfg)
@@ -238,14 +307,15 @@ def resolved_config(cfg: Config) -> Config:
 
 def setup_job(cfg: Config, run: Path, saved: dict | None, log) -> Job:
     """Data (split fixed, pixels decoded once), model, loss and the measured runtime."""
-    data = prepare(cfg.data, run, reuse_split=saved is not None, log=log)
+    data = prepare_in_turn(cfg, run, saved is not None, log)
     t = data.table
     if len(data.rows("train")) == 0 or len(data.rows("val")) == 0:
         raise UserError(f"{t.source} has no usable train or val images after the split; add images or a split column.")
     if data.skipped:
         total = len(t) + len(t.extra.get("skipped", []))     # rows the reader dropped are not in t
         log(f"skipped {len(data.skipped)} of {total} images (listed in {run / 'skipped.txt'})")
-        (run / "skipped.txt").write_text("".join(f"{p}\t{r}\n" for p, r in data.skipped))
+        if distributed.is_main():
+            (run / "skipped.txt").write_text("".join(f"{p}\t{r}\n" for p, r in data.skipped))
     train_loader, val_loader = make_loaders(cfg, data, log)
     log(f"data: {t.source}: {len(t)} images, {t.num_classes} classes "
         f"({'multi' if t.multi_label else 'single'}-label); train {len(train_loader.rows)}, "
@@ -265,18 +335,28 @@ def setup_job(cfg: Config, run: Path, saved: dict | None, log) -> Job:
     train_rows = train_loader.rows
     loss_fn = build_loss(cfg.train, t.multi_label, t.targets[train_rows], t.ignore[train_rows])
     if saved:   # the choice made at the start of the run, so a resumed run computes the same way
-        rt = Runtime(torch.device(saved["runtime"]["device"]), saved["runtime"]["precision"],
+        rt = Runtime(torch.device(distributed.device_name(saved["runtime"]["device"])), saved["runtime"]["precision"],
                      saved["runtime"]["channels_last"])
     else:
-        example = data.cache.get_batch(train_loader.rows[:cfg.train.batch_size])
-        example = BatchAugment(cfg.aug, cfg.data.mean, cfg.data.std)(example, torch.Generator().manual_seed(0))
-        rt = choose_runtime(model, loss_fn, example, torch.from_numpy(t.targets[:len(example)]),
-                            device=cfg.train.device, precision=cfg.train.precision,
-                            channels_last=cfg.train.channels_last, key_extra=cfg.model.name, log=log)
+        rt = None
+        if distributed.is_main():   # rank 0 measures (with one process's micro-batch); all compute alike
+            example = data.cache.get_batch(train_loader.rows[:micro_batch_size(cfg)])
+            example = BatchAugment(cfg.aug, cfg.data.mean, cfg.data.std)(example, torch.Generator().manual_seed(0))
+            rt = choose_runtime(model, loss_fn, example, torch.from_numpy(t.targets[:len(example)]),
+                                device=distributed.device_name(cfg.train.device), precision=cfg.train.precision,
+                                channels_last=cfg.train.channels_last, key_extra=cfg.model.name, log=log)
+        rt = distributed.broadcast_object(rt)
+        if distributed.world().size > 1:
+            rt = dataclasses.replace(rt, device=choose_device(distributed.device_name(cfg.train.device)))
     model = model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
+    if cfg.train.sync_bn and distributed.world().size > 1:
+        if rt.device.type != "cuda":
+            raise UserError("train.sync_bn needs CUDA GPUs (torch's SyncBatchNorm has no CPU kernels); on the CPU "
+                            "leave it off: each process then normalises with the statistics of its own micro-batch.")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)     # before DDP; same state-dict keys
     if saved:
-        tensors = load_tensors(run / TRAIN_STATE)
-        load_model_state(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, str(run / TRAIN_STATE))
+        tensors = _checkpoint_tensors(run, "model.")
+        load_model_state(model, {k[6:]: v for k, v in tensors.items()}, str(run / TRAIN_STATE))
     n_params = count_parameters(model)
     if cfg.train.compile:
         model = torch.compile(model)
@@ -294,7 +374,7 @@ def run_stage(job: Job, stages: list[StageConfig], state: TrainState, saved: dic
     optimizer = build_optimizer(cfg, job.model, stage)
     scheduler, per_batch = build_scheduler(cfg, optimizer, stage, len(job.train_loader))
     if saved and state.stage_epoch > 0:          # resuming inside this stage
-        restore_optimizer(optimizer, load_tensors(job.run / TRAIN_STATE), saved["optimizer"])
+        restore_optimizer(optimizer, _checkpoint_tensors(job.run, "optim."), saved["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(saved["scheduler"])
     if len(stages) > 1:
@@ -303,12 +383,13 @@ def run_stage(job: Job, stages: list[StageConfig], state: TrainState, saved: dic
     # What an epoch runs on: the whole model on images, or (cache_features) the head on features.
     net, train_loader, val_loader, rt = (feature_stage(job, stage) if stage.cache_features else
                                          (job.model, job.train_loader, job.val_loader, job.rt))
+    ddp = distributed.wrap(net, job.loss_fn, rt.device)      # after freezing: DDP reduces what trains now
     monitor = monitor_name(t.multi_label)
     total_epochs = sum(s.epochs for s in stages)
     while state.stage_epoch < stage.epochs and not state.stopped:
         epoch, start = state.epoch, time.perf_counter()
         train_loss, lr = train_one_epoch(net, train_loader, job.loss_fn, optimizer, scheduler, per_batch,
-                                         rt, cfg, epoch)
+                                         rt, cfg, epoch, ddp=ddp)
         val = evaluate(net, val_loader, job.loss_fn, rt, job.data)
         value = evaluate_scores(val["scores"], t.targets[val["rows"]], t.ignore[val["rows"]], t.multi_label)[monitor]
         if scheduler is not None and not per_batch:
@@ -324,6 +405,8 @@ def run_stage(job: Job, stages: list[StageConfig], state: TrainState, saved: dic
         row = {"epoch": epoch + 1, "stage": stage.name, "train_loss": train_loss, "val_loss": val["loss"],
                f"val_{monitor}": value, "lr": lr, "seconds": seconds,
                "train_img_per_s": len(job.train_loader) * job.train_loader.batch_size / seconds}
+        if not distributed.is_main():      # rank 0 alone writes the run directory and the log
+            continue
         # Order matters for a kill at any point: the metrics line (dropped on resume if the checkpoint
         # did not follow), then the best weights, then the checkpoint that marks the epoch done.
         append_line(job.run / METRICS_FILE, json.dumps(row))
@@ -350,22 +433,26 @@ def feature_stage(job: Job, stage: StageConfig):
         feats = head_inputs(job.model, (b.images for b in plain.iterate()), job.rt)      # (N, F)
         loaders.append(BatchLoader(FeatureTable(images.rows, feats), images.rows, t.targets, t.ignore,
                                    batch_size=images.batch_size, mean=mean, std=std, augment=_as_is,
-                                   shuffle=images.shuffle, drop_last=images.drop_last, repeats=images.repeats))
+                                   shuffle=images.shuffle, drop_last=images.drop_last, repeats=images.repeats,
+                                   shard=images.shard))
     job.log(f"features of {len(job.train_loader.rows)} train + {len(job.val_loader.rows)} val images computed "
             f"once in {time.perf_counter() - start:.1f}s; training the head on them")
     return head, loaders[0], loaders[1], Runtime(job.rt.device, job.rt.precision, channels_last=False)
 
 
-def _as_is(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def _as_is(x: torch.Tensor, g: torch.Generator, part=None) -> torch.Tensor:
     return x
 
 
 def finish(job: Job, state: TrainState) -> Path:
     """The result is the best epoch, never the last one: reload it and calibrate thresholds on val."""
     t = job.data.table
-    load_model_state(job.model, load_tensors(job.run / MODEL_WEIGHTS), str(job.run / MODEL_WEIGHTS))
-    meta = read_json(job.run / MODEL_META)
+    best = distributed.broadcast_tensors(load_tensors(job.run / MODEL_WEIGHTS) if distributed.is_main() else None)
+    load_model_state(job.model, best, str(job.run / MODEL_WEIGHTS))
     val = evaluate(job.model, job.val_loader, job.loss_fn, job.rt, job.data)
+    if not distributed.is_main():
+        return job.run
+    meta = read_json(job.run / MODEL_META)
     targets, ignore = t.targets[val["rows"]], t.ignore[val["rows"]]
     if t.multi_label:
         meta["thresholds"] = fit_thresholds(val["scores"], targets, ignore).tolist()
@@ -375,6 +462,35 @@ def finish(job: Job, state: TrainState) -> Path:
     job.log(f"best epoch {state.best_epoch} (val {monitor_name(t.multi_label)} {state.best_value:.4f}); "
             f"run directory: {job.run}")
     return job.run
+
+
+def _checkpoint_tensors(run: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors whose names start with ``prefix``: read by rank 0, sent to the others."""
+    tensors = None
+    if distributed.is_main():
+        tensors = {k: v for k, v in load_tensors(run / TRAIN_STATE).items() if k.startswith(prefix)}
+    return distributed.broadcast_tensors(tensors)
+
+
+def prepare_in_turn(cfg: Config, run: Path, reuse_split: bool, log) -> PreparedData:
+    """data.prepare for every process, without two of them building the same image cache at once.
+
+    Rank 0 first: it reads the table, fixes the split (split.csv in the run) and builds or opens
+    the cache. Then the first process of each other machine opens it (a cache directory on a shared
+    filesystem) or builds its own copy (a local disk), and last the remaining processes of every
+    machine open their machine's cache read-only. All use rank 0's split.
+    """
+    w = distributed.world()
+    if w.size == 1:
+        return prepare(cfg.data, run, reuse_split=reuse_split, log=log)
+    data = prepare(cfg.data, run, reuse_split=reuse_split, log=log) if w.rank == 0 else None
+    split = distributed.broadcast_object(list(data.split) if data is not None else None)   # waits for rank 0
+    if w.rank != 0 and w.local_rank == 0:
+        data = prepare(cfg.data, None, split=split, log=log)
+    distributed.barrier()
+    if w.local_rank != 0:
+        data = prepare(cfg.data, None, split=split, log=log)
+    return data
 
 
 def _save_checkpoint(run: Path, model, optimizer, scheduler, state: TrainState, rt: Runtime) -> None:

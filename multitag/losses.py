@@ -175,3 +175,19 @@ def training_loss(model, loss_fn, x, y, ignore) -> torch.Tensor:
     if hasattr(base, "sequence_loss"):
         return model.sequence_loss(x, y, ignore) if model is base else base.sequence_loss(x, y, ignore)
     return loss_fn(model(x), y, ignore)
+
+
+def loss_count(model, loss_fn, targets: torch.Tensor, ignore: torch.Tensor) -> float:
+    """What ``training_loss`` on this batch averages over: non-ignored pairs for the sigmoid losses,
+    rows for cross-entropy, emitted tokens (labels + END per image) for sequence models.
+
+    A batch split into parts (processes, accumulation micro-batches) gives exactly the whole batch's
+    loss, and gradient, when each part's loss is weighted by its count / the whole batch's count;
+    equal weights would be exact only when every part ignores as many pairs as the others.
+    """
+    base = getattr(model, "_orig_mod", model)
+    if hasattr(base, "sequence_loss"):
+        return float(((targets > 0.5) & ~ignore).sum()) + len(targets)
+    if isinstance(loss_fn, SmoothedCE):
+        return float(len(targets))
+    return float(max(int((~ignore).sum()), 1))

@@ -11,7 +11,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from multitag.data.transforms import normalize
+from multitag.data.transforms import Part, normalize
 from multitag.errors import UserError
 
 
@@ -21,6 +21,7 @@ class Batch:
     targets: torch.Tensor     # (B, C) float32 in {0, 1}
     ignore: torch.Tensor      # (B, C) bool
     index: np.ndarray         # (B,) rows of the table
+    whole: np.ndarray | None = None  # (B_global,) rows of the whole batch when this is one process's part
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -73,6 +74,11 @@ def describe_oversampling(class_names: list[str], before: np.ndarray, after: np.
             f"  per label, before → after: {per_label}")
 
 
+def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """[start, stop) of rank's contiguous share of n items; shares differ by at most one item."""
+    return rank * n // world, (rank + 1) * n // world
+
+
 def epoch_rows(rows: np.ndarray, repeats: np.ndarray, g: torch.Generator) -> np.ndarray:
     """Rows repeated per their factors with a fixed total, round(sum(repeats)), every epoch.
 
@@ -94,18 +100,23 @@ class BatchLoader:
     """Iterates over ``rows`` of an image cache in batches.
 
     cache:   object with ``get_batch(indices) -> uint8 (B, 3, S, S)`` (data/cache.py's ImageCache).
-    augment: callable (uint8 batch, generator) → normalised float batch, or None for evaluation.
+    augment: callable (uint8 batch, generator[, Part]) → normalised float batch, or None for evaluation.
+    shard:   (rank, world) in distributed training. Every rank draws the same epoch order and the
+             same global batches of ``batch_size`` (all randomness comes from (seed, epoch)), then
+             takes its contiguous share of each; augmentation draws are made for the whole batch
+             (transforms.Draws), so the union of the ranks' parts is exactly one process's batch.
     """
 
     def __init__(self, cache, rows: np.ndarray, targets: np.ndarray, ignore: np.ndarray, *,
                  batch_size: int, mean, std, augment: Callable | None = None, shuffle: bool = False,
-                 drop_last: bool = False, repeats: np.ndarray | None = None):
+                 drop_last: bool = False, repeats: np.ndarray | None = None, shard: tuple[int, int] = (0, 1)):
         self.cache, self.rows = cache, np.asarray(rows)
         self.repeats = repeats            # (len(rows),) oversampling factors, or None
         self.targets = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.float32))
         self.ignore = torch.from_numpy(np.ascontiguousarray(ignore, dtype=bool))
         self.batch_size, self.mean, self.std = batch_size, mean, std
         self.augment, self.shuffle = augment, shuffle
+        self.shard = shard
         # Dropping a last tiny batch keeps BatchNorm statistics sane in training.
         self.drop_last = drop_last and self.epoch_size > batch_size
 
@@ -124,7 +135,14 @@ class BatchLoader:
         for k in range(len(self)):
             index = order[k * self.batch_size:(k + 1) * self.batch_size]
             index = np.sort(index)    # sorted reads are sequential in the memory map; same batch content
+            whole, part = None, None
+            if self.shard[1] > 1:     # this rank's images [lo, hi) of the global batch (B/world of them)
+                lo, hi = shard_bounds(len(index), *self.shard)
+                whole, index, part = index, index[lo:hi], Part(lo, hi, len(index))
             pixels = self.cache.get_batch(index)
-            images = self.augment(pixels, g) if self.augment else normalize(pixels, self.mean, self.std)
+            if not self.augment:
+                images = normalize(pixels, self.mean, self.std)
+            else:
+                images = self.augment(pixels, g) if part is None else self.augment(pixels, g, part)
             t = torch.from_numpy(index)
-            yield Batch(images, self.targets[t], self.ignore[t], index)
+            yield Batch(images, self.targets[t], self.ignore[t], index, whole)

@@ -77,9 +77,14 @@ def resolve_split(table: LabelTable, run_dir: Path | None, seed: int, *, reuse: 
 
 
 def prepare(cfg: DataConfig, run_dir: Path | None = None, *, classes: list[str] | None = None,
-            reuse_split: bool = False, log=print) -> PreparedData:
+            reuse_split: bool = False, split: list[str] | None = None, log=print) -> PreparedData:
+    """``split`` given (the other ranks of a distributed run, from rank 0): used as is, no split.csv."""
     table = load_table(cfg, classes)
-    split = resolve_split(table, run_dir, cfg.split_seed, reuse=reuse_split, log=log)
+    if split is not None and len(split) != len(table):
+        raise UserError(f"{cfg.path} lists {len(table)} images on this machine but {len(split)} on rank 0; "
+                        "every machine must see the same data (same files, same paths).")
+    split = (np.array(split, dtype=object) if split is not None
+             else resolve_split(table, run_dir, cfg.split_seed, reuse=reuse_split, log=log))
     cache = build_cache(table.paths, cfg.image_size, cfg.cache_dir or default_cache_dir(),
                         on_bad_image=cfg.on_bad_image)
     skipped = list(table.extra.get("skipped", [])) + [(path, reason) for _, path, reason in cache.bad]

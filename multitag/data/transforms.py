@@ -9,6 +9,7 @@ TrivialAugment (the "strong" preset) is the exception: one op per image, in a lo
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,37 @@ def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
 
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
     return torch.rand(n, generator=g) * (hi - lo) + lo
+
+
+@dataclass(frozen=True)
+class Part:
+    """Images [start, stop) of a batch of ``total``: one process's share in distributed training."""
+    start: int
+    stop: int
+    total: int
+
+
+class Draws:
+    """Per-image random draws made for the whole batch and returned for this call's part only.
+
+    Each draw takes ``total`` numbers from the generator, as an unsplit batch would, so image i of
+    a batch gets the same augmentation whichever process (or micro-batch) augments it, and every
+    process's generator stays in step. Drawing numbers for the other parts costs microseconds;
+    the images of the other parts are never touched.
+    """
+
+    def __init__(self, g: torch.Generator, b: int, part: Part | None = None):
+        self.g, self.total = g, part.total if part else b
+        self.part = slice(part.start, part.stop) if part else slice(None)
+
+    def rand(self) -> torch.Tensor:                       # (b,) uniform in [0, 1)
+        return torch.rand(self.total, generator=self.g)[self.part]
+
+    def uniform(self, lo: float, hi: float) -> torch.Tensor:
+        return _uniform(self.total, lo, hi, self.g)[self.part]
+
+    def randint(self, high: int) -> torch.Tensor:
+        return torch.randint(high, (self.total,), generator=self.g)[self.part]
 
 
 # TrivialAugmentWide (Müller & Hutter, ICCV 2021) with torchvision's "wide" magnitude ranges:
@@ -75,7 +107,7 @@ def _trivial_op(img: torch.Tensor, op: str, m: float) -> torch.Tensor:
     return TF.autocontrast(img) if op == "autocontrast" else TF.equalize(img)
 
 
-def trivial_augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def trivial_augment(x: torch.Tensor, g: torch.Generator | Draws) -> torch.Tensor:
     """TrivialAugmentWide on a uint8 (B, 3, S, S) batch: one random op and magnitude per image.
 
     Drawn from ``g`` (not torch's global RNG, which torchvision's own class uses), so an epoch
@@ -83,9 +115,9 @@ def trivial_augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     within a batch, and at these sizes the loop costs far less than the training step.
     """
     b = x.shape[0]
-    ops = torch.randint(len(TRIVIAL_OPS), (b,), generator=g).tolist()
-    bins = torch.randint(TRIVIAL_BINS, (b,), generator=g).tolist()
-    signs = torch.where(torch.rand(b, generator=g) < 0.5, -1.0, 1.0).tolist()
+    d = g if isinstance(g, Draws) else Draws(g, b)
+    ops, bins = d.randint(len(TRIVIAL_OPS)).tolist(), d.randint(TRIVIAL_BINS).tolist()
+    signs = torch.where(d.rand() < 0.5, -1.0, 1.0).tolist()
     out = torch.empty_like(x)
     threads = torch.get_num_threads()
     # Per-image ops are too small to split across threads: with several OpenMP threads each op pays
@@ -107,7 +139,8 @@ class BatchAugment:
     ``aug`` is resolved against its preset (config.resolve_aug). Randomness comes only from the
     ``torch.Generator`` passed in, so an epoch seeded the same way augments the same way (this is
     what makes --resume reproduce an uninterrupted run). Every image of a batch gets its own draws,
-    so the copies of an oversampled image are augmented independently.
+    so the copies of an oversampled image are augmented independently. ``part`` says which images
+    of a larger batch ``x`` holds (distributed training): they are augmented as in the whole batch.
     """
 
     def __init__(self, aug: AugConfig, mean, std):
@@ -122,40 +155,41 @@ class BatchAugment:
                  f"jitter {a.color_jitter:g}": a.color_jitter > 0, f"erasing p {a.erasing:g}": a.erasing > 0}
         return f"preset {a.preset}: {', '.join(k for k, on in steps.items() if on) or 'none'}"
 
-    def __call__(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, g: torch.Generator, part: Part | None = None) -> torch.Tensor:
         b = x.shape[0]
+        d = Draws(g, b, part)
         if self.aug.trivial_augment:
-            x = trivial_augment(x, g)                             # on uint8, as TrivialAugment is defined
+            x = trivial_augment(x, d)                             # on uint8, as TrivialAugment is defined
         x = x.float().div_(255)                                   # (B, 3, S, S) in [0, 1]
-        x = self._geometry(x, g)
+        x = self._geometry(x, d)
         if self.aug.color_jitter > 0:
-            x = self._color(x, g)
+            x = self._color(x, d)
         x = normalize(x, self.mean, self.std)
         if self.aug.erasing > 0:
-            x = self._erase(x, g)
+            x = self._erase(x, d)
         assert x.shape[0] == b
         return x
 
-    def _geometry(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    def _geometry(self, x: torch.Tensor, d: Draws) -> torch.Tensor:
         """Random-resized crop, horizontal flip and rotation as one affine resampling per image."""
         b = x.shape[0]
         a = self.aug
-        flip = torch.where(torch.rand(b, generator=g) < 0.5, -1.0, 1.0) if a.hflip else torch.ones(b)
+        flip = torch.where(d.rand() < 0.5, -1.0, 1.0) if a.hflip else torch.ones(b)
         needs_resample = tuple(a.scale) != (1.0, 1.0) or a.rotate > 0 or a.translate > 0
         if not needs_resample:
             return torch.where((flip < 0).view(-1, 1, 1, 1), x.flip(3), x)
         # Crop of area fraction s and aspect r: width w = sqrt(s·r), height h = sqrt(s/r) in
         # units of the image side, clipped to the image; its centre is uniform where it fits.
-        area = _uniform(b, a.scale[0], a.scale[1], g)
-        log_r = _uniform(b, math.log(a.ratio[0]), math.log(a.ratio[1]), g)
+        area = d.uniform(a.scale[0], a.scale[1])
+        log_r = d.uniform(math.log(a.ratio[0]), math.log(a.ratio[1]))
         w = torch.sqrt(area * torch.exp(log_r)).clamp(max=1.0)
         h = torch.sqrt(area / torch.exp(log_r)).clamp(max=1.0)
-        cx = (torch.rand(b, generator=g) * 2 - 1) * (1 - w)
-        cy = (torch.rand(b, generator=g) * 2 - 1) * (1 - h)
+        cx = (d.rand() * 2 - 1) * (1 - w)
+        cy = (d.rand() * 2 - 1) * (1 - h)
         if a.translate > 0:     # a shift of t·side is 2t in the (-1..1) grid units; edges reflect
-            cx = cx + _uniform(b, -2 * a.translate, 2 * a.translate, g)
-            cy = cy + _uniform(b, -2 * a.translate, 2 * a.translate, g)
-        angle = _uniform(b, -a.rotate, a.rotate, g) * math.pi / 180 if a.rotate > 0 else torch.zeros(b)
+            cx = cx + d.uniform(-2 * a.translate, 2 * a.translate)
+            cy = cy + d.uniform(-2 * a.translate, 2 * a.translate)
+        angle = d.uniform(-a.rotate, a.rotate) * math.pi / 180 if a.rotate > 0 else torch.zeros(b)
         cos, sin = torch.cos(angle), torch.sin(angle)
         # theta maps output coords (-1..1) to input coords: R · diag(flip·w, h) · p + (cx, cy).
         theta = torch.stack([
@@ -165,12 +199,12 @@ class BatchAugment:
         grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
-    def _color(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    def _color(self, x: torch.Tensor, d: Draws) -> torch.Tensor:
         """Brightness, contrast and saturation jitter with factors in [1-j, 1+j] per image."""
         b, j = x.shape[0], self.aug.color_jitter
 
         def factor() -> torch.Tensor:                              # (B, 1, 1, 1)
-            return _uniform(b, max(0.0, 1 - j), 1 + j, g).view(b, 1, 1, 1)
+            return d.uniform(max(0.0, 1 - j), 1 + j).view(b, 1, 1, 1)
 
         x = x * factor()
         gray = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)  # (B, 1, S, S)
@@ -178,16 +212,16 @@ class BatchAugment:
         x = (x - gray) * factor() + gray
         return x.clamp_(0, 1)
 
-    def _erase(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    def _erase(self, x: torch.Tensor, d: Draws) -> torch.Tensor:
         """Random erasing (p per image, 2–33 % of the area, aspect 0.3–3.3) filled with 0 = the mean."""
-        b, _, hgt, wid = x.shape
-        area = _uniform(b, 0.02, 0.33, g)
-        log_r = _uniform(b, math.log(0.3), math.log(3.3), g)
+        _, _, hgt, wid = x.shape
+        area = d.uniform(0.02, 0.33)
+        log_r = d.uniform(math.log(0.3), math.log(3.3))
         eh = (torch.sqrt(area / torch.exp(log_r)) * hgt).clamp(1, hgt)
         ew = (torch.sqrt(area * torch.exp(log_r)) * wid).clamp(1, wid)
-        y0 = torch.rand(b, generator=g) * (hgt - eh)
-        x0 = torch.rand(b, generator=g) * (wid - ew)
-        on = torch.rand(b, generator=g) < self.aug.erasing
+        y0 = d.rand() * (hgt - eh)
+        x0 = d.rand() * (wid - ew)
+        on = d.rand() < self.aug.erasing
         rows = torch.arange(hgt).view(1, hgt, 1)
         cols = torch.arange(wid).view(1, 1, wid)
         box = ((rows >= y0.view(-1, 1, 1)) & (rows < (y0 + eh).view(-1, 1, 1))
