@@ -111,6 +111,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "--out to resume: finished variants are skipped")
     _add_json(p)
 
+    p = sub.add_parser("bench", help="training, data pipeline, inference and scaling speed vs a naive PyTorch loop")
+    p.add_argument("--data", default="digits",
+                   help='"digits" (built-in mosaics, default) or a dataset path, e.g. ../shared/data/voc2007')
+    p.add_argument("--model", default="advanced_cnn", help="architecture (its recipe sets augmentation and optimizer)")
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--images", type=int, default=512, help="training images used (default 512; val: a quarter)")
+    p.add_argument("--steps", type=int, default=2, help="timed training steps per system and round (default 2)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; figures are each system's best")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's default)")
+    p.add_argument("--compile", action="store_true", help="add a torch.compile row (slow to compile)")
+    p.add_argument("--naive-workers", type=int, default=0, help="DataLoader workers of the naive loop (default 0)")
+    p.add_argument("--scaling", default="1,4,16", help='dataset multiples for the scaling rows (default 1,4,16; "" skips)')
+    p.add_argument("--no-inference", dest="inference", action="store_false", help="skip the ONNX / int8 rows")
+    p.add_argument("--inference-rounds", type=int, default=10)
+    _add_json(p)
+
     p = sub.add_parser("models", help="list the model architectures")
     _add_json(p)
     p = sub.add_parser("recipes", help="list the training recipes")
@@ -285,6 +303,23 @@ def cmd_ablate(args):
     return {"out_dir": str(out), "markdown": str(out / TABLE_MD), "csv": str(out / TABLE_CSV)}
 
 
+def cmd_bench(args):
+    from multitag.bench import BenchOptions, print_bench, run_bench
+
+    try:
+        scaling = tuple(int(k) for k in args.scaling.split(",") if k.strip())
+    except ValueError:
+        raise UserError(f'--scaling must be whole numbers separated by commas, such as 1,4,16, got "{args.scaling}".') from None
+    opts = BenchOptions(data=args.data, model=args.model, image_size=args.image_size, batch_size=args.batch_size,
+                        images=args.images, steps=args.steps, rounds=args.rounds, device=args.device,
+                        threads=args.threads, compile=args.compile, naive_workers=args.naive_workers,
+                        scaling=scaling, inference=args.inference, inference_rounds=args.inference_rounds)
+    result = run_bench(opts, log=lambda *a: print(*a, file=sys.stderr))
+    if not args.json:
+        print_bench(result)
+    return result
+
+
 def cmd_report(args):
     from multitag.report import write_report
 
@@ -329,7 +364,7 @@ def cmd_app(args):
 
 HANDLERS = {"report": cmd_report, "explain": cmd_explain, "export": cmd_export, "serve": cmd_serve, "app": cmd_app,
             "train": cmd_train, "eval": cmd_eval, "calibrate": cmd_calibrate, "predict": cmd_predict,
-            "models": cmd_models, "recipes": cmd_recipes, "demo": cmd_demo, "ablate": cmd_ablate}
+            "models": cmd_models, "bench": cmd_bench, "recipes": cmd_recipes, "demo": cmd_demo, "ablate": cmd_ablate}
 
 
 def _resume_hint(args) -> str:

@@ -11,6 +11,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from multitag.data.device_cache import DeviceCache, to_device
 from multitag.data.transforms import Part, normalize
 from multitag.errors import UserError
 
@@ -119,6 +120,16 @@ class BatchLoader:
         self.shard = shard
         # Dropping a last tiny batch keeps BatchNorm statistics sane in training.
         self.drop_last = drop_last and self.epoch_size > batch_size
+        self.device = torch.device("cpu")
+
+    def to(self, device: torch.device | str) -> "BatchLoader":
+        """Deliver image batches on ``device``, augmented there. On a GPU the uint8 rows cross the bus
+        (4x fewer bytes than float32; pinned, asynchronous), or, when this loader's rows fit in a
+        quarter of the free GPU memory, are copied there once and gathered on the device."""
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and DeviceCache.fits(self.cache, self.rows, self.device):
+            self.cache = DeviceCache(self.cache, self.rows, self.device)
+        return self
 
     @property
     def epoch_size(self) -> int:
@@ -139,7 +150,7 @@ class BatchLoader:
             if self.shard[1] > 1:     # this rank's images [lo, hi) of the global batch (B/world of them)
                 lo, hi = shard_bounds(len(index), *self.shard)
                 whole, index, part = index, index[lo:hi], Part(lo, hi, len(index))
-            pixels = self.cache.get_batch(index)
+            pixels = to_device(self.cache.get_batch(index), self.device)     # uint8 (B, 3, S, S)
             if not self.augment:
                 images = normalize(pixels, self.mean, self.std)
             else:
