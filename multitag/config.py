@@ -40,6 +40,8 @@ class DataConfig:
     oversample_max_repeat: float = 10.0  # cap of one image's repeats per epoch, so labels that co-occur with
                                       # rare ones do not explode (0 = no cap)
     split_seed: int = 0               # seed of the 70/15/15 iterative stratification
+    split_fractions: tuple = (0.7, 0.15, 0.15)  # train/val/test of data without a split; data with train
+                                      # (and test) but no val rows: val = val/(train+val) of the train rows
     mean: tuple = ()                  # normalisation; empty = the model's own (ImageNet stats unless the
     std: tuple = ()                   # model's weights expect others); stored in model.json with the weights
 
@@ -94,6 +96,10 @@ class TrainConfig:
     threads: int = 0                  # torch CPU threads; 0 = torch's default
     eval_batch_size: int = 256
     report: bool = True               # write RUN_DIR/report/index.html (test split, else val) after training
+    ema: float = 0.0                  # decay of an exponential moving average of the weights (e.g. 0.999);
+                                      # the average is what is evaluated and saved; 0 = off
+    track_test: bool = False          # benchmarks only: also score the test split after every epoch into
+                                      # metrics.jsonl (test_<metric>); never used to pick the epoch or stop
     # Gradient accumulation and distributed training (torchrun / --nproc). batch_size is the global
     # batch of one optimizer step whatever the process count: each process computes
     # batch_size / (processes × accumulate) images per forward pass, so results and the LR stay put.
@@ -114,7 +120,8 @@ class AugConfig:
     scale: tuple | None = None        # random-resized-crop area range; (1, 1) = no crop
     ratio: tuple | None = None        # random-resized-crop aspect range
     rotate: float | None = None       # max degrees of random rotation
-    translate: float | None = None    # max shift as a fraction of the side (CIFAR's pad-4 crop ≈ 0.125)
+    translate: float | None = None    # max shift as a fraction of the side (CIFAR's pad-4 crop ≈ 0.125);
+                                      # whole pixels (reflect pad + crop) when no crop/rotation is set
     color_jitter: float | None = None  # brightness/contrast/saturation strength (0 = off)
     erasing: float | None = None      # probability of random erasing per image
     trivial_augment: bool | None = None  # one random TrivialAugmentWide op per image (uint8, before the rest)

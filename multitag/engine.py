@@ -27,7 +27,8 @@ from multitag.checkpoint import (MODEL_META, MODEL_WEIGHTS, TRAIN_META, TRAIN_ST
 from multitag.config import Config, StageConfig, config_from_dict
 from multitag.data.loader import BatchLoader, describe_oversampling, label_counts, repeat_factors, shard_bounds
 from multitag.data.prepare import PreparedData, prepare
-from multitag.data.transforms import BatchAugment
+from multitag.data.transforms import BatchAugment, normalize
+from multitag.ema import ModelEMA
 from multitag.errors import UserError, did_you_mean
 from multitag.fileio import append_line, atomic_write_text
 from multitag.finetune import (FeatureTable, apply_freeze, check_feature_cache, frozen_batchnorm_to_eval,
@@ -73,6 +74,7 @@ class Job:
     rt: Runtime
     n_params: int
     log: object = print
+    ema: ModelEMA | None = None     # train.ema > 0: the weight average that is evaluated and saved
 
 
 # --- building blocks --------------------------------------------------------------------------
@@ -255,6 +257,26 @@ def evaluate(model, loader: BatchLoader, loss_fn, rt: Runtime, data: PreparedDat
     return {"loss": loss, "scores": scores, "rows": loader.rows}
 
 
+def init_pixels(data: PreparedData, rows, cfg: Config, n: int = 5000) -> torch.Tensor:
+    """(≤ n, 3, S, S) normalised, unaugmented training images spread evenly over ``rows`` (tables are
+    often sorted by class) for a model's data-dependent init; deterministic, so every rank agrees."""
+    pick = rows[np.linspace(0, len(rows) - 1, min(n, len(rows))).astype(int)]
+    return normalize(data.cache.get_batch(np.unique(pick)), cfg.data.mean, cfg.data.std)
+
+
+def test_score(job: Job, model, monitor: str) -> dict:
+    """train.track_test (benchmarks): this epoch's test metric, timed apart from the epoch's seconds.
+    Logged only: the epoch is picked, and training stopped, on val alone."""
+    t, rows, start = job.data.table, job.data.rows("test"), time.perf_counter()
+    if len(rows) == 0:
+        return {}
+    loader = BatchLoader(job.data.cache, rows, t.targets, t.ignore, batch_size=job.cfg.train.eval_batch_size,
+                         mean=job.cfg.data.mean, std=job.cfg.data.std)
+    test = evaluate(model, loader, job.loss_fn, job.rt, job.data)
+    value = evaluate_scores(test["scores"], t.targets[rows], t.ignore[rows], t.multi_label)[monitor]
+    return {f"test_{monitor}": value, "test_seconds": time.perf_counter() - start}
+
+
 # --- the recipe ---------------------------------------------------------------------------------
 
 def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=print) -> Path:
@@ -332,6 +354,8 @@ def setup_job(cfg: Config, run: Path, saved: dict | None, log) -> Job:
     model = build_model(cfg.model.name, t.num_classes, pretrained=not cfg.model.weights, **args)
     if cfg.model.weights:
         init_from_file(model, cfg.model.name, cfg.model.weights, log=log)
+    elif hasattr(model, "init_from_data") and not saved:     # e.g. airbench's patch whitening
+        model.init_from_data(init_pixels(data, train_loader.rows, cfg))
     train_rows = train_loader.rows
     loss_fn = build_loss(cfg.train, t.multi_label, t.targets[train_rows], t.ignore[train_rows])
     if saved:   # the choice made at the start of the run, so a resumed run computes the same way
@@ -357,6 +381,9 @@ def setup_job(cfg: Config, run: Path, saved: dict | None, log) -> Job:
     if saved:
         tensors = _checkpoint_tensors(run, "model.")
         load_model_state(model, {k[6:]: v for k, v in tensors.items()}, str(run / TRAIN_STATE))
+    ema = ModelEMA(model, cfg.train.ema) if cfg.train.ema else None
+    if ema is not None and saved:
+        ema.restore(_checkpoint_tensors(run, "ema."), saved["ema_updates"])
     n_params = count_parameters(model)
     if cfg.train.compile:
         model = torch.compile(model)
@@ -364,7 +391,7 @@ def setup_job(cfg: Config, run: Path, saved: dict | None, log) -> Job:
             else "packaged pretrained weights" if get_spec(cfg.model.name).pretrained
             and cfg.model.args.get("pretrained", True) else "random init")
     log(f"model: {cfg.model.name} ({n_params:,} parameters, {init}) on {rt.describe()}")
-    return Job(cfg, run, data, train_loader, val_loader, model, loss_fn, rt, n_params, log)
+    return Job(cfg, run, data, train_loader, val_loader, model, loss_fn, rt, n_params, log, ema)
 
 
 def run_stage(job: Job, stages: list[StageConfig], state: TrainState, saved: dict | None) -> None:
@@ -373,6 +400,10 @@ def run_stage(job: Job, stages: list[StageConfig], state: TrainState, saved: dic
     frozen = apply_freeze(job.model, stage.freeze)
     optimizer = build_optimizer(cfg, job.model, stage)
     scheduler, per_batch = build_scheduler(cfg, optimizer, stage, len(job.train_loader))
+    if job.ema is not None:
+        if stage.cache_features:
+            raise UserError(f'stage "{stage.name}": train.ema does not work with cache_features; set train.ema=0.')
+        optimizer.register_step_post_hook(lambda *_: job.ema.update())     # average after every step
     if saved and state.stage_epoch > 0:          # resuming inside this stage
         restore_optimizer(optimizer, _checkpoint_tensors(job.run, "optim."), saved["optimizer"])
         if scheduler is not None:
@@ -384,13 +415,14 @@ def run_stage(job: Job, stages: list[StageConfig], state: TrainState, saved: dic
     net, train_loader, val_loader, rt = (feature_stage(job, stage) if stage.cache_features else
                                          (job.model, job.train_loader, job.val_loader, job.rt))
     ddp = distributed.wrap(net, job.loss_fn, rt.device)      # after freezing: DDP reduces what trains now
+    scored = net if job.ema is None else job.ema.module      # what is evaluated and kept as the result
     monitor = monitor_name(t.multi_label)
     total_epochs = sum(s.epochs for s in stages)
     while state.stage_epoch < stage.epochs and not state.stopped:
         epoch, start = state.epoch, time.perf_counter()
         train_loss, lr = train_one_epoch(net, train_loader, job.loss_fn, optimizer, scheduler, per_batch,
                                          rt, cfg, epoch, ddp=ddp)
-        val = evaluate(net, val_loader, job.loss_fn, rt, job.data)
+        val = evaluate(scored, val_loader, job.loss_fn, rt, job.data)
         value = evaluate_scores(val["scores"], t.targets[val["rows"]], t.ignore[val["rows"]], t.multi_label)[monitor]
         if scheduler is not None and not per_batch:
             scheduler.step(value)
@@ -405,15 +437,17 @@ def run_stage(job: Job, stages: list[StageConfig], state: TrainState, saved: dic
         row = {"epoch": epoch + 1, "stage": stage.name, "train_loss": train_loss, "val_loss": val["loss"],
                f"val_{monitor}": value, "lr": lr, "seconds": seconds,
                "train_img_per_s": len(job.train_loader) * job.train_loader.batch_size / seconds}
+        if cfg.train.track_test and not stage.cache_features:     # one-process benchmarks
+            row.update(test_score(job, scored, monitor))
         if not distributed.is_main():      # rank 0 alone writes the run directory and the log
             continue
         # Order matters for a kill at any point: the metrics line (dropped on resume if the checkpoint
         # did not follow), then the best weights, then the checkpoint that marks the epoch done.
         append_line(job.run / METRICS_FILE, json.dumps(row))
         if improved:
-            save_tensors(job.run / MODEL_WEIGHTS, model_state(job.model))
+            save_tensors(job.run / MODEL_WEIGHTS, model_state(job.model if job.ema is None else job.ema.module))
             write_json(job.run / MODEL_META, model_meta(cfg, job.data, job.rt, state, job.n_params))
-        _save_checkpoint(job.run, job.model, optimizer, scheduler, state, job.rt)
+        _save_checkpoint(job.run, job.model, optimizer, scheduler, state, job.rt, job.ema)
         job.log(f"epoch {epoch + 1}/{total_epochs}  train_loss {train_loss:.4f}  val_loss {val['loss']:.4f}  "
                 f"val_{monitor} {value:.4f}  lr {lr:.2e}  {seconds:.1f}s"
                 + ("  *best*" if improved else "") + ("  (early stop)" if state.stopped else ""))
@@ -493,15 +527,18 @@ def prepare_in_turn(cfg: Config, run: Path, reuse_split: bool, log) -> PreparedD
     return data
 
 
-def _save_checkpoint(run: Path, model, optimizer, scheduler, state: TrainState, rt: Runtime) -> None:
+def _save_checkpoint(run: Path, model, optimizer, scheduler, state: TrainState, rt: Runtime,
+                     ema: ModelEMA | None = None) -> None:
     tensors, optim_meta = optimizer_tensors(optimizer)
     tensors.update({f"model.{k}": v for k, v in model_state(model).items()})
+    tensors.update(ema.tensors() if ema is not None else {})
     save_tensors(run / TRAIN_STATE, tensors)
     write_json(run / TRAIN_META, {
         "state": vars(state),
         "optimizer": optim_meta,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "runtime": {"device": str(rt.device), "precision": rt.precision, "channels_last": rt.channels_last},
+        "ema_updates": ema.updates if ema is not None else 0,
     })
 
 

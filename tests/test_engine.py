@@ -39,8 +39,8 @@ def test_resume_after_kill_reproduces_uninterrupted_run(digits_csv, tmp_path, mo
     # Kill the second run right after epoch 2's checkpoint.
     real_save = engine._save_checkpoint
 
-    def save_then_die(run, model, optimizer, scheduler, state, rt):
-        real_save(run, model, optimizer, scheduler, state, rt)
+    def save_then_die(run, model, optimizer, scheduler, state, rt, *ema):
+        real_save(run, model, optimizer, scheduler, state, rt, *ema)
         if state.epoch == 2:
             raise KeyboardInterrupt
 

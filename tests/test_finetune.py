@@ -96,8 +96,8 @@ def test_resume_across_stage_boundary(digits_csv, tmp_path, monkeypatch):
     full = train("demo", data=digits_csv, out=tmp_path / "full", overrides=BASE + [STAGES], log=lambda *a: None)
     real_save = engine._save_checkpoint
 
-    def die_after_epoch_2(run, model, optimizer, scheduler, state, rt):
-        real_save(run, model, optimizer, scheduler, state, rt)
+    def die_after_epoch_2(run, model, optimizer, scheduler, state, rt, *ema):
+        real_save(run, model, optimizer, scheduler, state, rt, *ema)
         if state.epoch == 2:             # inside stage "all", after its first epoch
             raise KeyboardInterrupt
 

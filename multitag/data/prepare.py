@@ -58,7 +58,8 @@ def load_table(cfg: DataConfig, classes: list[str] | None = None) -> LabelTable:
     return read_table(cfg.path, cfg.format, classes=classes, on_missing=cfg.on_bad_image)
 
 
-def resolve_split(table: LabelTable, run_dir: Path | None, seed: int, *, reuse: bool, log=print) -> np.ndarray:
+def resolve_split(table: LabelTable, run_dir: Path | None, seed: int, *, reuse: bool, log=print,
+                  fractions: tuple = (0.7, 0.15, 0.15)) -> np.ndarray:
     """The split column.
 
     reuse=True (resume, eval, calibrate): the run's split.csv decides for the images it lists;
@@ -70,7 +71,7 @@ def resolve_split(table: LabelTable, run_dir: Path | None, seed: int, *, reuse: 
         known = read_split_csv(split_file) if split_file is not None and split_file.exists() else {}
         own = table.split or [""] * len(table)
         return np.array([known.get(p, s) for p, s in zip(table.paths, own)], dtype=object)
-    split = np.array(assign_split(table, seed=seed, log=log), dtype=object)
+    split = np.array(assign_split(table, tuple(fractions), seed=seed, log=log), dtype=object)
     if split_file is not None:
         write_split_csv(split_file, table, list(split))
     return split
@@ -84,7 +85,8 @@ def prepare(cfg: DataConfig, run_dir: Path | None = None, *, classes: list[str] 
         raise UserError(f"{cfg.path} lists {len(table)} images on this machine but {len(split)} on rank 0; "
                         "every machine must see the same data (same files, same paths).")
     split = (np.array(split, dtype=object) if split is not None
-             else resolve_split(table, run_dir, cfg.split_seed, reuse=reuse_split, log=log))
+             else resolve_split(table, run_dir, cfg.split_seed, reuse=reuse_split, log=log,
+                           fractions=cfg.split_fractions))
     cache = build_cache(table.paths, cfg.image_size, cfg.cache_dir or default_cache_dir(),
                         on_bad_image=cfg.on_bad_image)
     skipped = list(table.extra.get("skipped", [])) + [(path, reason) for _, path, reason in cache.bad]

@@ -133,6 +133,24 @@ def trivial_augment(x: torch.Tensor, g: torch.Generator | Draws) -> torch.Tensor
     return out
 
 
+def _pad_crop(x: torch.Tensor, pad: int, flip: torch.Tensor, d: Draws) -> torch.Tensor:
+    """Whole-pixel shifts of up to ``pad`` px (reflect-padded, CIFAR's RandomCrop(S, padding)) + flip.
+
+    x: (B, C, H, W); flip: (B,) ±1. Integer shifts keep the pixels sharp: a bilinear resampling at
+    sub-pixel offsets blurs training images that test images never are. Two gathers, no loop.
+    """
+    b, c, h, w = x.shape
+    if pad == 0:
+        return torch.where((flip < 0).view(-1, 1, 1, 1).to(x.device), x.flip(3), x)
+    dy, dx = d.randint(2 * pad + 1).to(x.device), d.randint(2 * pad + 1).to(x.device)   # (B,) offsets
+    x = torch.where((flip < 0).view(-1, 1, 1, 1).to(x.device), x.flip(3), x)
+    x = F.pad(x, (pad, pad, pad, pad), mode="reflect")                     # (B, C, H+2p, W+2p)
+    rows = dy.view(b, 1, 1, 1) + torch.arange(h, device=x.device).view(1, 1, h, 1)
+    x = x.gather(2, rows.expand(b, c, h, w + 2 * pad))                     # (B, C, H, W+2p)
+    cols = dx.view(b, 1, 1, 1) + torch.arange(w, device=x.device).view(1, 1, 1, w)
+    return x.gather(3, cols.expand(b, c, h, w))                            # (B, C, H, W)
+
+
 class BatchAugment:
     """Training augmentation for a uint8 batch; returns normalised float32 of the same shape.
 
@@ -178,6 +196,8 @@ class BatchAugment:
         needs_resample = tuple(a.scale) != (1.0, 1.0) or a.rotate > 0 or a.translate > 0
         if not needs_resample:
             return torch.where((flip < 0).view(-1, 1, 1, 1), x.flip(3), x)
+        if tuple(a.scale) == (1.0, 1.0) and a.rotate == 0:
+            return _pad_crop(x, round(a.translate * x.shape[-1]), flip, d)
         # Crop of area fraction s and aspect r: width w = sqrt(s·r), height h = sqrt(s/r) in
         # units of the image side, clipped to the image; its centre is uniform where it fits.
         area = d.uniform(a.scale[0], a.scale[1])

@@ -1,0 +1,151 @@
+"""airbench model family, patch whitening, weight EMA, flip TTA, whole-pixel translate, cifar10_speed recipe."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from torch import nn
+
+import multitag.engine as engine
+from multitag.api import evaluate, train
+from multitag.checkpoint import MODEL_WEIGHTS, TRAIN_META
+from multitag.config import AugConfig
+from multitag.data.transforms import BatchAugment
+from multitag.ema import ModelEMA
+from multitag.models import build_model, count_parameters
+from multitag.models.airbench import Whiten
+from multitag.predict import load
+
+
+def test_size_shapes_and_features_head_split():
+    torch.manual_seed(0)
+    model = build_model("airbench", 10).eval()
+    assert 1.9e6 < count_parameters(model) < 2.05e6            # airbench94: ≈ 2.0 M
+    x = torch.randn(3, 3, 32, 32)
+    feats = model.forward_features(x)
+    assert feats.shape == (3, 256, 3, 3)                          # 32 → 31 (whiten) → 15 → 7 → 3
+    assert torch.allclose(model.forward_head(feats), model(x))
+    assert model.forward_head(feats, pre_logits=True).shape == (3, 256)
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 10)     # any size ≥ 16 px
+
+
+def test_whitening_init_decorrelates_patches():
+    g = torch.Generator().manual_seed(0)
+    # Correlated synthetic images: mixed colour channels, smoothed so neighbouring pixels agree.
+    x = torch.randn(500, 3, 12, 12, generator=g)
+    x = torch.einsum("ij,bjhw->bihw", torch.tensor([[1.0, 0.8, 0.5], [0.0, 0.6, 0.3], [0.0, 0.0, 0.2]]), x)
+    x = (x + x.roll(1, 2) + x.roll(1, 3)) / 3
+    w = Whiten(eps=1e-6)
+    w.init_from_data(x)
+    with torch.no_grad():
+        out = nn.functional.conv2d(x, w.weight)                   # (N, 24, 11, 11), no bias
+    flat = out[:, :12].permute(0, 2, 3, 1).reshape(-1, 12)        # the + half; the - half mirrors it
+    cov = flat.T @ flat / len(flat)
+    assert torch.allclose(cov, torch.eye(12), atol=1e-3)
+    assert torch.equal(w.weight[12:], -w.weight[:12])
+
+
+def test_ema_update_math_and_restore():
+    model = nn.Sequential(nn.Linear(2, 1, bias=False), nn.BatchNorm1d(1))
+    nn.init.constant_(model[0].weight, 1.0)
+    ema = ModelEMA(model, decay=0.5)
+    nn.init.constant_(model[0].weight, 3.0)
+    model[1].num_batches_tracked.fill_(7)
+    d = ema.current_decay()
+    assert d == pytest.approx(0.1)                                # warm-up (1 + 0) / (10 + 0) < 0.5
+    ema.update()
+    assert torch.allclose(ema.module[0].weight, torch.full((1, 2), d * 1.0 + (1 - d) * 3.0))
+    assert ema.module[1].num_batches_tracked.item() == 7          # integer buffers are copied
+    for _ in range(20):
+        ema.update()
+    assert ema.current_decay() == 0.5                             # capped at the configured decay
+    other = ModelEMA(model, decay=0.5)
+    other.restore(ema.tensors(), ema.updates)
+    assert torch.equal(other.module[0].weight, ema.module[0].weight) and other.updates == 21
+    assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+def test_flip_tta_averages_the_image_and_its_mirror_in_eval_only():
+    torch.manual_seed(0)
+    plain = build_model("airbench", 5)
+    tta = build_model("airbench", 5, tta_flip=True)
+    tta.load_state_dict(plain.state_dict())
+    x = torch.randn(4, 3, 32, 32)
+    plain.eval(), tta.eval()
+    with torch.no_grad():
+        assert torch.allclose(tta(x), (plain(x) + plain(x.flip(3))) / 2, atol=1e-5)
+    plain.train(), tta.train()
+    torch.manual_seed(1)
+    a = plain(x)
+    torch.manual_seed(1)
+    assert torch.allclose(tta(x), a)
+
+
+def test_translate_alone_shifts_by_whole_pixels():
+    x = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
+    aug = BatchAugment(AugConfig(preset="none", hflip=True, translate=0.25), mean=(0, 0, 0), std=(1, 1, 1))
+    out = aug(x, torch.Generator().manual_seed(0))                 # (16, 3, 8, 8) in [0, 1]
+    src = torch.nn.functional.pad(x.float() / 255, (2, 2, 2, 2), mode="reflect")
+    shifts = set()
+    for i in range(16):
+        hits = [(dy, dx, f) for f in (False, True) for dy in range(5) for dx in range(5)
+                if torch.equal(out[i], (src[i].flip(2) if f else src[i])[:, dy:dy + 8, dx:dx + 8])]
+        assert hits, f"image {i} is not a whole-pixel crop of the padded input"
+        shifts.add(hits[0][:2])
+    assert len(shifts) > 3                                        # the shifts vary per image
+
+
+@pytest.fixture(scope="module")
+def tiny_cifar(tmp_path_factory):
+    """A CIFAR-shaped folder dataset: train/ and test/, 3 classes told apart by colour, 32 px PNGs."""
+    root = tmp_path_factory.mktemp("tiny_cifar")
+    rng = np.random.RandomState(0)
+    for split, n in (("train", 30), ("test", 8)):
+        for c in range(3):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.randint(0, 90, (32, 32, 3)).astype(np.uint8)
+                pixels[..., c] += 120
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+FAST = ["train.batch_size=16", "train.eval_batch_size=32", "train.precision=fp32", "train.channels_last=false",
+        "train.ema=0.9", "train.track_test=true", "optim.lr=0.2"]
+
+
+def test_recipe_runs_one_epoch_with_ema_tta_and_test_tracking(tiny_cifar, tmp_path):
+    run = train("cifar10_speed", data=str(tiny_cifar), out=tmp_path / "run", overrides=FAST + ["train.epochs=1"],
+                log=lambda *a: None)
+    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"val_accuracy", "test_accuracy", "test_seconds", "seconds"} <= row.keys()
+    assert (run / "split.csv").read_text().count(",val") == 9     # 10 % of the 90 train images
+    model = load(run, backend="torch")
+    assert model.network.tta_flip and len(model.predict([str(next((tiny_cifar / "test").rglob("*.png")))])) == 1
+    assert evaluate(run, split="test", log=lambda *a: None)["accuracy"] == pytest.approx(row["test_accuracy"])
+
+
+def test_resume_with_ema_reproduces_an_unbroken_run(tiny_cifar, tmp_path, monkeypatch):
+    over = FAST + ["train.epochs=2"]
+    full = train("cifar10_speed", data=str(tiny_cifar), out=tmp_path / "full", overrides=over, log=lambda *a: None)
+    real_save = engine._save_checkpoint
+
+    def save_then_die(run, model, optimizer, scheduler, state, rt, *ema):
+        real_save(run, model, optimizer, scheduler, state, rt, *ema)
+        if state.epoch == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "_save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train("cifar10_speed", data=str(tiny_cifar), out=tmp_path / "killed", overrides=over, log=lambda *a: None)
+    assert json.loads((tmp_path / "killed" / TRAIN_META).read_text())["ema_updates"] > 0
+    monkeypatch.setattr(engine, "_save_checkpoint", real_save)
+    resumed = train(resume=tmp_path / "killed", log=lambda *a: None)
+    for name in ("checkpoint.safetensors", MODEL_WEIGHTS):
+        a, b = load_file(str(full / name)), load_file(str(resumed / name))
+        assert a.keys() == b.keys() and any(k.startswith("ema.") for k in a) == (name != MODEL_WEIGHTS)
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)
