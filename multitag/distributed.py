@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -98,14 +99,28 @@ def session(device: str, timeout_s: float, setup_timeout_s: float):
     _SETUP_GROUP = dist.new_group(backend="gloo", timeout=timedelta(seconds=setup_timeout_s))
     try:
         yield w
-    except dist.DistError as e:
+    except RuntimeError as e:
+        if not _collective_failure(e):
+            raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ProcessLost(f"rank {w.rank} of {w.size} stopped: a collective operation failed ({first[:200]}); "
-                          "another training process died, hung past train.dist_timeout_s or lost its "
-                          "connection, so the job was stopped — its own messages above say why.") from None
+        raise ProcessLost(f"stopped waiting for the other training processes, a collective operation failed "
+                          f"({first[:200]}): another process died, hung for longer than train.dist_timeout_s="
+                          f"{timeout_s:g} s or lost its connection, so this one stops too.") from None
     finally:
         dist.destroy_process_group()
         _SETUP_GROUP, _BACKEND = None, ""
+
+
+# What gloo's and NCCL's plain RuntimeErrors say when a peer is gone or a collective timed out, e.g.
+# "[.../gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 10000ms for recv operation to
+# complete", "Application timeout caused pair closure", "Connection closed by peer".
+_COLLECTIVE_FAILURE = re.compile(r"gloo|nccl|processgroup|timed out|timeout|connection (closed|reset|refused)"
+                                 r"|pair closure|broken pipe", re.IGNORECASE)
+
+
+def _collective_failure(e: RuntimeError) -> bool:
+    """A failed collective: torch's DistError, or one of the plain RuntimeErrors gloo raises."""
+    return isinstance(e, dist.DistError) or bool(_COLLECTIVE_FAILURE.search(str(e)))
 
 
 def device_name(device: str) -> str:

@@ -250,7 +250,9 @@ def evaluate(model, loader: BatchLoader, loss_fn, rt: Runtime, data: PreparedDat
             if len(b.index):      # a short last batch may leave nothing for some processes
                 index.append(b.index)
                 yield b.images
-    logits = distributed.reassemble(logits_of(model, images(), rt), np.concatenate(index), loader.rows)
+    logits = logits_of(model, images(), rt)
+    if loader.shard[1] > 1:     # every process scored its share: gather them (loaders made unsharded score all)
+        logits = distributed.reassemble(logits, np.concatenate(index), loader.rows)
     rows = torch.from_numpy(loader.rows)
     loss = loss_fn(logits, loader.targets[rows], loader.ignore[rows]).item()
     scores = scores_from_logits(logits, data.table.multi_label).numpy()

@@ -235,3 +235,19 @@ def test_nproc_under_torchrun_is_refused(monkeypatch):
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
     with pytest.raises(UserError, match="leave it out"):
         launch_local(2, ["demo"])
+
+
+def test_hung_process_times_out_with_one_line(digits_csv, tmp_path):
+    """Rank 1 hangs (alive, so torchrun's agent sees nothing wrong): rank 0's next collective fails
+    after train.dist_timeout_s and it exits with one error line; torchrun then ends rank 1."""
+    run = tmp_path / "run"
+    worker = Path(__file__).with_name("dist_hang_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(worker),
+           *train_args(digits_csv, run, epochs=3, extra=["train.dist_timeout_s=5"])]
+    done = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=240)
+    assert done.returncode != 0
+    lines = [ln for ln in done.stderr.splitlines() if ln.startswith("multitag train (rank 0 of 2): error:")]
+    assert len(lines) == 1, done.stderr[-4000:]
+    line = lines[0]
+    assert "stopped waiting for the other training processes" in line and "dist_timeout_s=5 s" in line
+    assert len(metrics(run)) == 1
