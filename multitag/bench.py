@@ -21,7 +21,6 @@ a round down), with the median beside it, and the load average is recorded befor
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import csv
 import datetime
@@ -46,7 +45,7 @@ from multitag.data.prepare import PreparedData, load_table, prepare
 from multitag.data.transforms import BatchAugment
 from multitag.errors import UserError
 from multitag.progress import track
-from multitag.runtime import Runtime, choose_device, choose_runtime, cpu_flags
+from multitag.runtime import Runtime, candidates, choose_device, choose_runtime, cpu_flags
 
 
 @dataclass
@@ -162,26 +161,32 @@ def naive_systems(cfg: Config, data: PreparedData, model: torch.nn.Module, devic
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
                                          num_workers=workers, persistent_workers=workers > 0)
     batches = _forever(loader)
-    model = copy.deepcopy(model).to(device)
-    optimizer = (torch.optim.Adam if cfg.optim.name == "adam" else torch.optim.AdamW)(model.parameters(), lr=cfg.optim.lr)
     loss_fn = torch.nn.BCEWithLogitsLoss() if t.multi_label else torch.nn.CrossEntropyLoss()
+    optim = torch.optim.Adam if cfg.optim.name == "adam" else torch.optim.AdamW
 
-    def train(epoch: int, steps: int) -> None:
-        model.train()
-        for _ in range(steps):
-            x, y = next(batches)
-            loss = loss_fn(model(x.to(device)), y.to(device))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            loss.item()
+    def trainer(threads: int) -> Callable[[int, int], None]:
+        net = copy.deepcopy(model).to(device)
+        optimizer = optim(net.parameters(), lr=cfg.optim.lr)
+
+        def train(epoch: int, steps: int) -> None:
+            net.train()
+            with Runtime(device, "fp32", False, threads).thread_count():
+                for _ in range(steps):
+                    x, y = next(batches)
+                    loss = loss_fn(net(x.to(device)), y.to(device))
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+                    loss.item()
+        return train
 
     def pipeline(epoch: int, steps: int) -> None:
         for _ in range(steps):
             next(batches)
 
-    note = f"PIL + torchvision per image, DataLoader workers {workers}, fp32 NCHW, {type(optimizer).__name__} for-loop"
-    return [System("training", "naive PyTorch loop (reference)", train, note),
+    note = f"PIL + torchvision per image, DataLoader workers {workers}, fp32 NCHW, {optim.__name__} for-loop"
+    return [System("training", "naive PyTorch loop (reference)", trainer(0), note),
+            System("training", "naive PyTorch loop, 1 thread", trainer(1), note + ", 1 thread"),
             System("pipeline", "naive DataLoader alone", pipeline, f"PIL + torchvision per image, workers {workers}")]
 
 
@@ -210,19 +215,8 @@ def first_batches(loader: BatchLoader, steps: int) -> BatchLoader:
     return part
 
 
-@contextlib.contextmanager
-def num_threads(n: int):
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def engine_system(b: Bench, name: str, rt: Runtime, *, note: str = "", fused: bool = True, threads: int = 0,
-                  cache=None, compile: bool = False) -> System:
+def engine_system(b: Bench, name: str, rt: Runtime, *, note: str = "", fused: bool = True, cache=None,
+                  compile: bool = False) -> System:
     """A row trained by engine.train_one_epoch itself, on a copy of the model, with one lever changed."""
     from multitag.engine import build_optimizer, train_one_epoch
     from multitag.finetune import resolve_stages
@@ -241,7 +235,7 @@ def engine_system(b: Bench, name: str, rt: Runtime, *, note: str = "", fused: bo
 
     def run(epoch: int, steps: int) -> None:
         part = loaders.setdefault(steps, first_batches(loader, steps))
-        with num_threads(threads):
+        with rt.thread_count():
             train_one_epoch(net, part, b.loss_fn, optimizer, None, False, rt, b.cfg, epoch)
 
     return System("training", name, run, note or rt.describe())
@@ -270,13 +264,10 @@ class DecodeEveryRead:
 
 
 def multitag_systems(b: Bench, opts: BenchOptions) -> list[System]:
-    dev = b.rt.device
     rows = []
-    for precision, cl in (("fp32", False), ("fp32", True), ("bf16", True)):
-        rt = Runtime(dev, precision, cl)
-        chosen = rt == b.rt
-        rows.append(engine_system(b, f"multitag, {rt.describe()}" + ("  [chosen]" if chosen else ""), rt))
-    rows.append(engine_system(b, "multitag, 1 thread", b.rt, threads=1, note=f"{b.rt.describe()}, torch.set_num_threads(1)"))
+    for cand in candidates(b.rt.device, opts.threads):       # what choose_runtime measured, one row each
+        rt = Runtime(b.rt.device, *cand)
+        rows.append(engine_system(b, f"multitag, {rt.describe()}" + ("  [chosen]" if rt == b.rt else ""), rt))
     rows.append(engine_system(b, "multitag, unfused optimizer", b.rt, fused=False,
                               note=f"{b.rt.describe()}, {b.cfg.optim.name} for-loop (torch's CPU default)"))
     rows.append(engine_system(b, "multitag, decode every epoch", b.rt,
@@ -386,7 +377,8 @@ def scaling_rows(b: Bench, opts: BenchOptions, log) -> list[dict]:
             best = float("inf")
             for r in range(2):           # the first also warms the pages it reads
                 start = time.perf_counter()
-                train_one_epoch(model, part, b.loss_fn, optimizer, None, False, b.rt, b.cfg, r)
+                with b.rt.thread_count():
+                    train_one_epoch(model, part, b.loss_fn, optimizer, None, False, b.rt, b.cfg, r)
                 _sync(b.rt.device)
                 best = min(best, time.perf_counter() - start)
             out.append({"section": "scaling", "name": f"{k}x: {len(paths):,} images", "images": len(paths),
@@ -434,10 +426,10 @@ def run_bench(opts: BenchOptions, log=print) -> dict:
         loss_fn = build_loss(cfg.train, t.multi_label, t.targets[rows], t.ignore[rows])
         example = next(first_batches(train_loader, 1).iterate()).images
         rt = choose_runtime(model, loss_fn, example, torch.from_numpy(t.targets[rows[:len(example)]]),
-                            device=opts.device, key_extra=cfg.model.name, log=log)
+                            device=opts.device, key_extra=cfg.model.name, threads=opts.threads, log=log)
         b = Bench(cfg, data, model, loss_fn, train_loader.to(device), rt)
         naive = naive_systems(cfg, data, model, device, opts.naive_workers)
-        systems = [naive[0], *multitag_systems(b, opts), pipeline_system(b), naive[1]]
+        systems = [*naive[:2], *multitag_systems(b, opts), pipeline_system(b), naive[2]]
         log(f"timing {len(systems)} systems: {opts.rounds} interleaved rounds of {opts.steps} batches of "
             f"{opts.batch_size} at {opts.image_size} px ({cfg.model.name})")
         seconds = time_rounds(systems, opts, device, log)

@@ -84,12 +84,21 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, stage: StageConfig) -> 
     o = cfg.optim
     groups = param_groups(model, stage, o.weight_decay)
     if o.name == "adam":
-        return torch.optim.Adam(groups, lr=stage.lr, betas=o.betas)
+        return torch.optim.Adam(groups, lr=stage.lr, betas=o.betas, **_fused(groups))
     if o.name == "adamw":
-        return torch.optim.AdamW(groups, lr=stage.lr, betas=o.betas)
+        return torch.optim.AdamW(groups, lr=stage.lr, betas=o.betas, **_fused(groups))
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=stage.lr, momentum=o.momentum, nesterov=True)
     raise UserError(f'unknown optimizer "{o.name}"{did_you_mean(o.name, ["adam", "adamw", "sgd"])}.')
+
+
+def _fused(groups: list[dict]) -> dict:
+    """{"fused": True} when every parameter is a float tensor on the CPU or a CUDA GPU: one fused kernel
+    per step instead of torch's default Python loop over tensors on the CPU (AdamW step of ResNet-18,
+    2 cores: 24 ms fused vs 114 ms; benchmarks/RESULTS.md, "Performance (issue 9)")."""
+    params = [p for g in groups for p in g["params"]]
+    fusable = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return {"fused": True} if fusable else {}
 
 
 def build_scheduler(cfg: Config, optimizer, stage: StageConfig, steps_per_epoch: int):
@@ -362,7 +371,7 @@ def setup_job(cfg: Config, run: Path, saved: dict | None, log) -> Job:
     loss_fn = build_loss(cfg.train, t.multi_label, t.targets[train_rows], t.ignore[train_rows])
     if saved:   # the choice made at the start of the run, so a resumed run computes the same way
         rt = Runtime(torch.device(distributed.device_name(saved["runtime"]["device"])), saved["runtime"]["precision"],
-                     saved["runtime"]["channels_last"])
+                     saved["runtime"]["channels_last"], saved["runtime"].get("threads", 0))
     else:
         rt = None
         if distributed.is_main():   # rank 0 measures (with one process's micro-batch); all compute alike
@@ -370,16 +379,21 @@ def setup_job(cfg: Config, run: Path, saved: dict | None, log) -> Job:
             example = BatchAugment(cfg.aug, cfg.data.mean, cfg.data.std)(example, torch.Generator().manual_seed(0))
             rt = choose_runtime(model, loss_fn, example, torch.from_numpy(t.targets[:len(example)]),
                                 device=distributed.device_name(cfg.train.device), precision=cfg.train.precision,
-                                channels_last=cfg.train.channels_last, key_extra=cfg.model.name, log=log)
+                                channels_last=cfg.train.channels_last, key_extra=cfg.model.name, log=log,
+                                threads=torch.get_num_threads() if cfg.train.threads or distributed.world().size > 1 else 0)
         rt = distributed.broadcast_object(rt)
         if distributed.world().size > 1:
             rt = dataclasses.replace(rt, device=choose_device(distributed.device_name(cfg.train.device)))
+    if rt.threads:      # the thread count measured fastest here (runtime.candidates); kept on resume
+        torch.set_num_threads(rt.threads)
     model = model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
     if cfg.train.sync_bn and distributed.world().size > 1:
         if rt.device.type != "cuda":
             raise UserError("train.sync_bn needs CUDA GPUs (torch's SyncBatchNorm has no CPU kernels); on the CPU "
                             "leave it off: each process then normalises with the statistics of its own micro-batch.")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)     # before DDP; same state-dict keys
+    for loader in (train_loader, val_loader):     # GPU: uint8 batches go to (or live on) the device, augmented there
+        loader.to(rt.device)
     if saved:
         tensors = _checkpoint_tensors(run, "model.")
         load_model_state(model, {k[6:]: v for k, v in tensors.items()}, str(run / TRAIN_STATE))
@@ -539,7 +553,8 @@ def _save_checkpoint(run: Path, model, optimizer, scheduler, state: TrainState, 
         "state": vars(state),
         "optimizer": optim_meta,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "runtime": {"device": str(rt.device), "precision": rt.precision, "channels_last": rt.channels_last},
+        "runtime": {"device": str(rt.device), "precision": rt.precision, "channels_last": rt.channels_last,
+                    "threads": rt.threads},
         "ema_updates": ema.updates if ema is not None else 0,
     })
 

@@ -29,6 +29,7 @@ class Runtime:
     device: torch.device
     precision: str            # "fp32" | "bf16"
     channels_last: bool
+    threads: int = 0          # torch CPU threads to train with; 0 = leave torch's setting as it is
 
     def autocast(self):
         if self.precision == "bf16":
@@ -41,7 +42,19 @@ class Runtime:
 
     def describe(self) -> str:
         fmt = "channels_last" if self.channels_last else "NCHW"
-        return f"{self.device.type} {self.precision} {fmt}"
+        return f"{self.device.type} {self.precision} {fmt}" + (f", {self.threads} thread{'s' * (self.threads > 1)}"
+                                                               if self.threads else "")
+
+    @contextlib.contextmanager
+    def thread_count(self):
+        """torch's intra-op threads set to ``threads`` inside the block (nothing changes when it is 0)."""
+        before = torch.get_num_threads()
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
 
 
 def choose_device(name: str) -> torch.device:
@@ -89,11 +102,16 @@ def _parse_bool(value: str, key: str) -> bool | None:
 MEASURE_ROUNDS = 2
 
 
-def candidates(device: torch.device) -> list[tuple[str, bool]]:
+def candidates(device: torch.device, threads: int = 0) -> list[tuple[str, bool, int]]:
+    """(precision, channels_last, threads) to measure. On a CPU with several threads each is also
+    tried with one: when other processes share the cores, every parallel region of a 2-thread step
+    waits for its descheduled thread, and one thread was 2-5x faster (benchmarks/RESULTS.md,
+    "Performance (issue 9)"); on an idle machine two threads win. ``threads`` > 0 fixes the count."""
     cands = [("fp32", False), ("fp32", True), ("bf16", True)]
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         cands = cands[:2]
-    return cands
+    counts = [threads] if threads or device.type != "cpu" or torch.get_num_threads() == 1 else [0, 1]
+    return [(p, c, n) for n in counts for p, c in cands]
 
 
 def time_train_step(model, loss_fn, example: torch.Tensor, targets: torch.Tensor, rt: Runtime,
@@ -105,6 +123,11 @@ def time_train_step(model, loss_fn, example: torch.Tensor, targets: torch.Tensor
     model.train()
     x, y = rt.prepare_input(example), targets.to(rt.device)
     ignore = torch.zeros_like(y, dtype=torch.bool)
+    with rt.thread_count():
+        return _timed_steps(model, loss_fn, x, y, ignore, rt, steps, give_up_after)
+
+
+def _timed_steps(model, loss_fn, x, y, ignore, rt: Runtime, steps: int, give_up_after: float) -> float:
     times = []
     for i in range(steps + 1):
         t0 = time.perf_counter()
@@ -123,32 +146,33 @@ def time_train_step(model, loss_fn, example: torch.Tensor, targets: torch.Tensor
 
 
 def choose_runtime(model, loss_fn, example, targets, *, device: str = "auto", precision: str = "auto",
-                   channels_last: str = "auto", key_extra: str = "", log=print) -> Runtime:
-    """Pick device, precision and memory format; measure when set to auto, and cache the result."""
+                   channels_last: str = "auto", key_extra: str = "", threads: int = 0, log=print) -> Runtime:
+    """Pick device, precision, memory format and (CPU, ``threads`` 0) the thread count; measure
+    when set to auto, and cache the result."""
     dev = choose_device(device)
     if precision not in ("auto", "fp32", "bf16"):
         raise UserError(f'unknown precision "{precision}"{did_you_mean(precision, ["auto", "fp32", "bf16"])}.')
     cl = _parse_bool(channels_last, "train.channels_last")
-    cands = [(p, c) for p, c in candidates(dev)
+    cands = [(p, c, n) for p, c, n in candidates(dev, threads)
              if (precision == "auto" or p == precision) and (cl is None or c == cl)]
     if not cands:
-        cands = [(precision if precision != "auto" else "fp32", bool(cl))]
-    if len(cands) == 1:
-        return Runtime(dev, *cands[0])
+        cands = [(precision if precision != "auto" else "fp32", bool(cl), threads)]
+    if len(cands) == 1 or precision != "auto" and cl is not None:    # fixed by the user: threads as they are
+        return Runtime(dev, *cands[0][:2])
 
     n_params = sum(p.numel() for p in model.parameters())
     key = hashlib.sha256(json.dumps([machine_fingerprint(dev), torch.__version__, type(model).__name__,
                                      n_params, list(example.shape), key_extra]).encode()).hexdigest()[:16]
     cache = _cache_path()
     known = json.loads(cache.read_text()) if cache.exists() else {}
-    if key in known and tuple(known[key]["choice"]) in cands:
-        rt = Runtime(dev, *known[key]["choice"])
+    if key in known and (*known[key]["choice"], known[key].get("threads", 0)) in cands:
+        rt = Runtime(dev, *known[key]["choice"], known[key].get("threads", 0))
         log(f"runtime: {rt.describe()} (measured before on this machine: {known[key]['timings']})")
         return rt
 
     # Interleaved rounds, fastest per candidate: a burst of load from another process then slows
     # one round of every candidate instead of deciding the choice (seen on shared 2-core machines).
-    seconds: dict[tuple[str, bool], float] = {}
+    seconds: dict[tuple[str, bool, int], float] = {}
     for _ in range(MEASURE_ROUNDS):
         for cand in cands:
             best = min(seconds.values(), default=float("inf"))
@@ -158,7 +182,7 @@ def choose_runtime(model, loss_fn, example, targets, *, device: str = "auto", pr
     choice = min(seconds, key=seconds.get)
     rt = Runtime(dev, *choice)
     log(f"runtime: {rt.describe()} (measured img/s: {timings})")
-    known[key] = {"choice": list(choice), "timings": timings}
+    known[key] = {"choice": list(choice[:2]), "threads": choice[2], "timings": timings}
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(known, indent=1))
     return rt

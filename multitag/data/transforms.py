@@ -195,7 +195,7 @@ class BatchAugment:
         flip = torch.where(d.rand() < 0.5, -1.0, 1.0) if a.hflip else torch.ones(b)
         needs_resample = tuple(a.scale) != (1.0, 1.0) or a.rotate > 0 or a.translate > 0
         if not needs_resample:
-            return torch.where((flip < 0).view(-1, 1, 1, 1), x.flip(3), x)
+            return torch.where((flip < 0).view(-1, 1, 1, 1).to(x.device), x.flip(3), x)
         if tuple(a.scale) == (1.0, 1.0) and a.rotate == 0:
             return _pad_crop(x, round(a.translate * x.shape[-1]), flip, d)
         # Crop of area fraction s and aspect r: width w = sqrt(s·r), height h = sqrt(s/r) in
@@ -216,7 +216,8 @@ class BatchAugment:
             torch.stack([cos * flip * w, -sin * h, cx], 1),
             torch.stack([sin * flip * w, cos * h, cy], 1),
         ], 1)                                                     # (B, 2, 3)
-        grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+        # Draws stay on the CPU generator (same augmentation on every device); x may be on a GPU.
+        grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
     def _color(self, x: torch.Tensor, d: Draws) -> torch.Tensor:
@@ -224,7 +225,7 @@ class BatchAugment:
         b, j = x.shape[0], self.aug.color_jitter
 
         def factor() -> torch.Tensor:                              # (B, 1, 1, 1)
-            return d.uniform(max(0.0, 1 - j), 1 + j).view(b, 1, 1, 1)
+            return d.uniform(max(0.0, 1 - j), 1 + j).view(b, 1, 1, 1).to(x.device)
 
         x = x * factor()
         gray = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)  # (B, 1, S, S)
@@ -246,4 +247,4 @@ class BatchAugment:
         cols = torch.arange(wid).view(1, 1, wid)
         box = ((rows >= y0.view(-1, 1, 1)) & (rows < (y0 + eh).view(-1, 1, 1))
                & (cols >= x0.view(-1, 1, 1)) & (cols < (x0 + ew).view(-1, 1, 1)) & on.view(-1, 1, 1))
-        return x.masked_fill(box.unsqueeze(1), 0.0)
+        return x.masked_fill(box.unsqueeze(1).to(x.device), 0.0)
