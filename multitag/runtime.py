@@ -165,8 +165,9 @@ def choose_runtime(model, loss_fn, example, targets, *, device: str = "auto", pr
                                      n_params, list(example.shape), key_extra]).encode()).hexdigest()[:16]
     cache = _cache_path()
     known = json.loads(cache.read_text()) if cache.exists() else {}
-    if key in known and (*known[key]["choice"], known[key].get("threads", 0)) in cands:
-        rt = Runtime(dev, *known[key]["choice"], known[key].get("threads", 0))
+    # Entries written before the thread count was measured have no "threads": measure those again.
+    if key in known and "threads" in known[key] and (*known[key]["choice"], known[key]["threads"]) in cands:
+        rt = Runtime(dev, *known[key]["choice"], known[key]["threads"])
         log(f"runtime: {rt.describe()} (measured before on this machine: {known[key]['timings']})")
         return rt
 
