@@ -1,9 +1,10 @@
 """Multi-process training with PyTorch's own engine: torchrun starts the processes, this file joins them.
 
-Under ``torchrun`` (RANK / WORLD_SIZE / LOCAL_RANK in the environment, world size > 1) ``session``
-initialises the process group: NCCL on CUDA, gloo on the CPU. Without torchrun, or with one process,
-nothing here creates a group and every helper is the identity, so single-process training runs
-exactly the code it always ran.
+Under ``torchrun`` (RANK / WORLD_SIZE / LOCAL_RANK in the environment) ``session`` initialises the
+process group: NCCL on CUDA, gloo on the CPU. ``torchrun --nproc-per-node 1`` runs DDP with one
+process (a sanity check of the distributed path). Without torchrun (plain ``multitag train``, or
+``--nproc 1``) nothing here creates a group and every helper is the identity, so single-process
+training runs exactly the code it always ran.
 
 Two groups, two timeouts:
   - the default group (NCCL or gloo), timeout ``train.dist_timeout_s``: gradients (DDP), SyncBatchNorm
@@ -48,6 +49,11 @@ class ProcessLost(UserError):
     """A collective failed: another process died, hung past the timeout or lost its connection."""
 
 
+def launched() -> bool:
+    """Started by torchrun (its agent sets TORCHELASTIC_RUN_ID), or by another launcher of several ranks."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def launched_world() -> World:
     """The world torchrun describes in the environment (size 1 when not launched by torchrun)."""
     env = os.environ
@@ -80,7 +86,7 @@ def session(device: str, timeout_s: float, setup_timeout_s: float):
     else gloo. A failed collective becomes one ProcessLost line naming this rank.
     """
     w = launched_world()
-    if w.size == 1 or active():
+    if not launched() or active():
         yield w
         return
     global _SETUP_GROUP, _BACKEND
@@ -222,7 +228,7 @@ def launch_local(nproc: int, train_argv: list[str]) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    if launched_world().size > 1 or "TORCHELASTIC_RUN_ID" in os.environ:
+    if launched():
         raise UserError("--nproc starts torchrun itself; under torchrun leave it out (torchrun already started "
                         "the processes).")
     if nproc < 1:
