@@ -100,16 +100,19 @@ def reference(digits_csv, tmp_path_factory) -> Path:
 
 
 def test_two_processes_train_like_one_and_resume(reference, digits_csv, tmp_path):
-    """Epoch 1 under torchrun with 2 processes, then --resume through `--nproc 2` to epoch 2:
-    the weights, optimizer state and every metric equal the 1-process run's."""
+    """Epoch 1 under torchrun with 2 processes, then --resume through `--nproc 2` to epoch 2 with
+    gradient accumulation (2 micro-batches of 8 per process, DDP's no_sync on the first): the
+    weights, optimizer state and every metric equal the 1-process run's."""
     run = tmp_path / "run"
     first = torchrun(*train_args(digits_csv, run, epochs=1))
     assert first.returncode == 0, first.stderr[-3000:]
     assert metrics(run)[0]["val_mAP"] == pytest.approx(metrics(reference)[0]["val_mAP"], abs=ATOL)
     # Lengthen the (constant-LR) stage to 2 epochs: resuming then continues exactly like the
-    # uninterrupted 2-epoch run, which makes a resume comparable with the reference.
+    # uninterrupted 2-epoch run, which makes a resume comparable with the reference. Accumulation
+    # keeps the global batch, so it may change on resume (e.g. on machines with less memory).
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     cfg["stages"][0]["epochs"] = 2
+    cfg["train"]["accumulate"] = 2
     (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     second = cli_train("--nproc", "2", "--resume", str(run), "--json")
     assert second.returncode == 0, second.stderr[-3000:]
