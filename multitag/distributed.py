@@ -80,10 +80,11 @@ def is_main() -> bool:
 
 @contextlib.contextmanager
 def session(device: str, timeout_s: float, setup_timeout_s: float):
-    """Join torchrun's process group for the duration of a training run (no-op for one process).
+    """Join torchrun's process group for the duration of a training run (no-op without torchrun,
+    and inside a session already open, so fit() called by api.train does not join twice).
 
     ``device`` is train.device ("auto", "cpu", "cuda"): CUDA → NCCL with one GPU per local rank,
-    else gloo. A failed collective becomes one ProcessLost line naming this rank.
+    else gloo. A failed collective becomes one ProcessLost line (the CLI prefixes the rank).
     """
     w = launched_world()
     if not launched() or active():
