@@ -245,8 +245,9 @@ def pipeline_system(b: Bench) -> System:
     loaders = {}
 
     def run(epoch: int, steps: int) -> None:
-        for _ in loaders.setdefault(steps, first_batches(b.loader, steps)).iterate(epoch, b.cfg.train.seed):
-            pass
+        with b.rt.thread_count():         # as inside the training loop it feeds
+            for _ in loaders.setdefault(steps, first_batches(b.loader, steps)).iterate(epoch, b.cfg.train.seed):
+                pass
 
     return System("pipeline", "multitag pipeline alone", run,
                   f"uint8 cache gather + BatchAugment ({BatchAugment(b.cfg.aug, b.cfg.data.mean, b.cfg.data.std).describe()})")
@@ -371,7 +372,8 @@ def scaling_rows(b: Bench, opts: BenchOptions, log) -> list[dict]:
                                  mean=b.cfg.data.mean, std=b.cfg.data.std, augment=b.loader.augment,
                                  shuffle=True, drop_last=True).to(b.rt.device)
             start = time.perf_counter()
-            seen = sum(len(batch.index) for batch in loader.iterate(0, b.cfg.train.seed))
+            with b.rt.thread_count():
+                seen = sum(len(batch.index) for batch in loader.iterate(0, b.cfg.train.seed))
             pipeline = seen / (time.perf_counter() - start)
             part = first_batches(loader, opts.steps)
             best = float("inf")
