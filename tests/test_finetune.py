@@ -54,12 +54,12 @@ def test_staged_run_applies_each_stage_lr_and_keeps_best(digits_csv, tmp_path, m
     seen = []   # (stage index, head lr, backbone lr or None, trainable count) at the first batch of each epoch
     real = engine.train_one_epoch
 
-    def spy(model, loader, loss_fn, optimizer, scheduler, per_batch, rt, cfg, epoch):
+    def spy(model, loader, loss_fn, optimizer, scheduler, per_batch, rt, cfg, epoch, **kwargs):
         groups = {g["name"]: g["lr"] for g in optimizer.param_groups}
         peaks = {g["name"]: g.get("max_lr") for g in optimizer.param_groups}   # OneCycle's peak per group
         trainable = sum(p.requires_grad for p in model.parameters())
         seen.append((epoch, groups.get("head"), groups.get("backbone"), trainable, peaks))
-        return real(model, loader, loss_fn, optimizer, scheduler, per_batch, rt, cfg, epoch)
+        return real(model, loader, loss_fn, optimizer, scheduler, per_batch, rt, cfg, epoch, **kwargs)
 
     monkeypatch.setattr(engine, "train_one_epoch", spy)
     run = train("demo", data=digits_csv, out=tmp_path / "staged", overrides=BASE + [STAGES], log=lambda *a: None)
