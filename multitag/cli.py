@@ -417,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"multitag {args.command}{_rank_label()}: error: {e}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"multitag {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
+        if not _rank_label() or os.environ.get("RANK") == "0":    # one line for a job of several processes
+            print(f"multitag {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
         return 130
     if getattr(args, "json", False) and result is not None:
         print(json.dumps(result, indent=2, default=str))

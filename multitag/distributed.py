@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -226,6 +227,7 @@ def all_sum(value: float) -> float:
 def launch_local(nproc: int, train_argv: list[str]) -> None:
     """Run ``multitag train TRAIN_ARGV`` as ``nproc`` processes on this machine through torchrun's
     launcher (standalone rendezvous on localhost). A failed process stops the others; the error names it."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -238,6 +240,12 @@ def launch_local(nproc: int, train_argv: list[str]) -> None:
                                          "multitag.cli", "train", *train_argv])
     try:
         run(args)
+    except SignalException as e:
+        # torchrun's agent passed the signal on to the processes. Ctrl-C reaches rank 0 as well,
+        # which then prints the resume line; any other signal gets it printed here.
+        if e.sigval == signal.SIGINT:
+            raise SystemExit(130) from None
+        raise KeyboardInterrupt from None
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
