@@ -11,6 +11,12 @@ import sys
 
 from multitag.errors import UserError
 
+# Idle OpenMP threads sleep instead of spinning, unless the user set OMP_WAIT_POLICY: on a machine
+# shared with other jobs, spinning threads stall every 2-thread parallel region (ResNet-18 training
+# step 3.4x faster, 1-thread steps unchanged; benchmarks/RESULTS.md, "Performance (issue 9)"), and
+# they starve ONNX Runtime in `predict`/`serve`. OpenMP reads it when torch loads, which is later.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 
 def _add_json(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
