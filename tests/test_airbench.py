@@ -149,3 +149,20 @@ def test_resume_with_ema_reproduces_an_unbroken_run(tiny_cifar, tmp_path, monkey
         assert a.keys() == b.keys() and any(k.startswith("ema.") for k in a) == (name != MODEL_WEIGHTS)
         for k in a:
             assert torch.equal(a[k], b[k]), (name, k)
+
+
+def test_shift_only_bn_steps_bias_scaler_times_the_lr():
+    from multitag.models.airbench import ShiftOnlyBN
+
+    bn = ShiftOnlyBN(4, bias_scaler=64.0)
+    assert bn.weight is None and [n for n, _ in bn.named_parameters()] == ["shift"]
+    x = torch.randn(8, 4, 3, 3)
+    target = torch.randn(8, 4, 3, 3)
+    shift = lambda: bn.shift.detach() * bn.root                       # the shift the layer adds  # noqa: E731
+    before = shift()
+    loss = ((bn(x) - target) ** 2).mean()
+    loss.backward()
+    # the gradient with respect to the added shift itself: d loss / d (x̂ + shift) summed per channel
+    grad = (2 * (bn(x).detach() - target) / target.numel()).sum((0, 2, 3))
+    torch.optim.SGD([bn.shift], lr=0.01).step()
+    assert torch.allclose(shift() - before, -0.01 * 64.0 * grad, atol=1e-6)

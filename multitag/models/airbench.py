@@ -13,6 +13,8 @@ Speed-run choices kept from airbench, each for its reason:
   is only ~1,000 steps, so the running statistics must follow the weights closely.
 - Convs start as partial identities (dirac): each group first passes its input through.
 - Logits are scaled by 1/9: small initial logits tolerate the large learning rate of the recipe.
+- ``bias_scaler`` > 0: airbench's BN (scale fixed at 1, shift at bias_scaler × the LR; airbench: 64);
+  0 = ordinary BN with a learned scale and shift.
 - ``tta_flip``: in eval mode the logits are the mean of the image's and its mirror image's, so
   evaluation, predict, export and serving all average the same two views (training is unaffected).
 """
@@ -59,25 +61,43 @@ def _conv(cin: int, cout: int) -> nn.Conv2d:
     return conv
 
 
-def _bn(c: int) -> nn.BatchNorm2d:
+class ShiftOnlyBN(nn.BatchNorm2d):
+    """airbench's BatchNorm: scale fixed at 1, a learned shift whose SGD step is ``bias_scaler`` × the LR.
+
+    The shift is stored as shift / sqrt(s) and multiplied back by sqrt(s): the gradient grows by
+    sqrt(s) and so does each step's effect, s in all — airbench's 64× bias LR without a separate
+    optimizer group (exact for SGD, whose step is linear in the gradient).
+    """
+
+    def __init__(self, c: int, bias_scaler: float, **kw):
+        super().__init__(c, affine=False, **kw)
+        self.shift = nn.Parameter(torch.zeros(c))
+        self.root = bias_scaler ** 0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + (self.shift * self.root).to(x.dtype).view(1, -1, 1, 1)
+
+
+def _bn(c: int, bias_scaler: float) -> nn.BatchNorm2d:
     # momentum 0.4: short runs need running stats that follow the weights; eps 1e-12 as airbench
     # (the whitened, GELU'd inputs have no dead channels, and BN runs in fp32 under bf16 autocast).
-    return nn.BatchNorm2d(c, momentum=0.4, eps=1e-12)
+    kw = dict(momentum=0.4, eps=1e-12)
+    return ShiftOnlyBN(c, bias_scaler, **kw) if bias_scaler > 0 else nn.BatchNorm2d(c, **kw)
 
 
 class ConvGroup(nn.Sequential):
-    def __init__(self, cin: int, cout: int):
-        super().__init__(_conv(cin, cout), nn.MaxPool2d(2), _bn(cout), nn.GELU(),
-                         _conv(cout, cout), _bn(cout), nn.GELU())
+    def __init__(self, cin: int, cout: int, bias_scaler: float = 0.0):
+        super().__init__(_conv(cin, cout), nn.MaxPool2d(2), _bn(cout, bias_scaler), nn.GELU(),
+                         _conv(cout, cout), _bn(cout, bias_scaler), nn.GELU())
 
 
 class AirbenchNet(nn.Module):
     def __init__(self, num_classes: int, in_chans: int = 3, widths=(64, 256, 256), logit_scale: float = 1 / 9,
-                 tta_flip: bool = False):
+                 tta_flip: bool = False, bias_scaler: float = 0.0):
         super().__init__()
         self.whiten = Whiten(in_chans)
         chans = (self.whiten.out_chans, *widths)
-        self.groups = nn.Sequential(*[ConvGroup(a, b) for a, b in zip(chans[:-1], chans[1:])])
+        self.groups = nn.Sequential(*[ConvGroup(a, b, bias_scaler) for a, b in zip(chans[:-1], chans[1:])])
         self.num_features = widths[-1]
         self.pool = nn.AdaptiveMaxPool2d(1)                               # airbench: MaxPool(3) on the 3×3 map
         self.fc = nn.Linear(widths[-1], num_classes, bias=False)
