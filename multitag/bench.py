@@ -89,22 +89,29 @@ def bench_dataset(opts: BenchOptions, log) -> tuple[str, str]:
     table = load_table(DataConfig(path=opts.data))
     split = np.array(table.split or [""] * len(table))
     train = np.flatnonzero(split == "train") if (split == "train").any() else np.arange(len(table))
-    val = np.flatnonzero(split == "val") if (split == "val").any() else train[opts.images:]
-    train, val = train[:opts.images], val[:n_val]
+    val = np.flatnonzero(split == "val") if (split == "val").any() else np.setdiff1d(train, _spread(train, opts.images))
+    train, val = _spread(train, opts.images), _spread(val, n_val)      # tables are often sorted by class
     if len(train) < opts.batch_size or len(val) == 0:
         raise UserError(f"{opts.data} has {len(train)} train and {len(val)} val images; the bench needs at least "
                         f"--batch-size ({opts.batch_size}) train images and one val image.")
-    key = hashlib.sha256(f"{Path(opts.data).resolve()}|{opts.images}|{n_val}".encode()).hexdigest()[:12]
+    key = hashlib.sha256(f"{Path(opts.data).resolve()}|{opts.images}|{n_val}|v2".encode()).hexdigest()[:12]
     path = cache_root() / "bench" / f"{key}.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="") as f:      # single-label data keeps one "label" column (so: CE loss)
         w = csv.writer(f)
-        w.writerow(["image", *table.class_names, "split"])
+        w.writerow(["image", *(table.class_names if table.multi_label else ["label"]), "split"])
         for rows, name in ((train, "train"), (val, "val")):
             for i in rows:
-                w.writerow([table.paths[i], *(int(v > 0.5) for v in table.targets[i]), name])
+                labels = ([int(v > 0.5) for v in table.targets[i]] if table.multi_label
+                          else [table.class_names[int(np.argmax(table.targets[i]))]])
+                w.writerow([table.paths[i], *labels, name])
     log(f"bench data: {len(train)} train + {len(val)} val images of {opts.data} ({path})")
-    return str(path), "csv_onehot"
+    return str(path), "csv_onehot" if table.multi_label else "csv"
+
+
+def _spread(rows: np.ndarray, n: int) -> np.ndarray:
+    """Up to n of ``rows``, evenly spaced."""
+    return rows if len(rows) <= n else rows[np.linspace(0, len(rows) - 1, n).astype(int)]
 
 
 def bench_config(opts: BenchOptions, path: str, fmt: str) -> Config:
