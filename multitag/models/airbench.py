@@ -3,14 +3,14 @@
 whiten (2×2 conv, 3 → 24, fixed from data) → GELU → 3 conv groups (64, 256, 256) → global max → linear.
 A conv group is conv3×3 → max-pool 2 → BN → GELU → conv3×3 → BN → GELU, so at 32 px the maps are
 31 → 15 → 7 → 3 px. Pooling right after the first conv of a group makes the deep layers cheap:
-~0.12 GMAC per image forward, which is what lets a 10-epoch CIFAR-10 run fit in minutes on a CPU.
+~0.12 GMAC per image forward, which is what lets a 6-10 epoch CIFAR-10 run fit in minutes on a CPU.
 
 Speed-run choices kept from airbench, each for its reason:
 - The first layer is a patch-whitening transform computed from training pixels (``init_from_data``,
   which the engine calls once before training): the net starts on decorrelated inputs, which is
   worth several epochs at this budget. Its weight is a buffer, so no optimizer or freeze touches it.
 - BatchNorm momentum 0.4 (PyTorch's convention; airbench writes 0.6 for the old-value share): a run
-  is only ~1,000 steps, so the running statistics must follow the weights closely.
+  is a few hundred steps, so the running statistics must follow the weights closely.
 - Convs start as partial identities (dirac): each group first passes its input through.
 - Logits are scaled by 1/9: small initial logits tolerate the large learning rate of the recipe.
 - ``bias_scaler`` > 0: airbench's BN (scale fixed at 1, shift at bias_scaler × the LR; airbench: 64);
