@@ -282,7 +282,7 @@ def test_score(job: Job, model, monitor: str) -> dict:
     if len(rows) == 0:
         return {}
     loader = BatchLoader(job.data.cache, rows, t.targets, t.ignore, batch_size=job.cfg.train.eval_batch_size,
-                         mean=job.cfg.data.mean, std=job.cfg.data.std)
+                         mean=job.cfg.data.mean, std=job.cfg.data.std, shard=job.val_loader.shard)   # as val
     test = evaluate(model, loader, job.loss_fn, job.rt, job.data)
     value = evaluate_scores(test["scores"], t.targets[rows], t.ignore[rows], t.multi_label)[monitor]
     return {f"test_{monitor}": value, "test_seconds": time.perf_counter() - start}
@@ -453,7 +453,7 @@ def run_stage(job: Job, stages: list[StageConfig], state: TrainState, saved: dic
         row = {"epoch": epoch + 1, "stage": stage.name, "train_loss": train_loss, "val_loss": val["loss"],
                f"val_{monitor}": value, "lr": lr, "seconds": seconds,
                "train_img_per_s": len(job.train_loader) * job.train_loader.batch_size / seconds}
-        if cfg.train.track_test and not stage.cache_features:     # one-process benchmarks
+        if cfg.train.track_test and not stage.cache_features:     # benchmarks: logged, never selects
             row.update(test_score(job, scored, monitor))
         if not distributed.is_main():      # rank 0 alone writes the run directory and the log
             continue
