@@ -52,3 +52,23 @@ def tiny_model(tiny_run):
     from multitag.predict import load
 
     return load(tiny_run)
+
+
+@pytest.fixture
+def stop_after_checkpoint(monkeypatch):
+    """``stop_after_checkpoint(epoch)``: the next training run raises KeyboardInterrupt right after
+    the checkpoint of ``epoch`` is written, as a kill at that moment would leave it; returns
+    ``undo()`` that restores the real checkpoint writer for the resume."""
+    from multitag import engine
+
+    real_save = engine._save_checkpoint
+
+    def arm(epoch: int):
+        def save_then_die(run, model, optimizer, scheduler, state, rt, *ema):
+            real_save(run, model, optimizer, scheduler, state, rt, *ema)
+            if state.epoch == epoch:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(engine, "_save_checkpoint", save_then_die)
+        return lambda: monkeypatch.setattr(engine, "_save_checkpoint", real_save)
+    return arm

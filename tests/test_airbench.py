@@ -8,7 +8,6 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
-import multitag.engine as engine
 from multitag.api import evaluate, train
 from multitag.checkpoint import MODEL_WEIGHTS, TRAIN_META
 from multitag.config import AugConfig
@@ -128,21 +127,14 @@ def test_recipe_runs_one_epoch_with_ema_tta_and_test_tracking(tiny_cifar, tmp_pa
     assert evaluate(run, split="test", log=lambda *a: None)["accuracy"] == pytest.approx(row["test_accuracy"])
 
 
-def test_resume_with_ema_reproduces_an_unbroken_run(tiny_cifar, tmp_path, monkeypatch):
+def test_resume_with_ema_reproduces_an_unbroken_run(tiny_cifar, tmp_path, stop_after_checkpoint):
     over = FAST + ["train.epochs=2"]
     full = train("cifar10_speed", data=str(tiny_cifar), out=tmp_path / "full", overrides=over, log=lambda *a: None)
-    real_save = engine._save_checkpoint
-
-    def save_then_die(run, model, optimizer, scheduler, state, rt, *ema):
-        real_save(run, model, optimizer, scheduler, state, rt, *ema)
-        if state.epoch == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(engine, "_save_checkpoint", save_then_die)
+    undo = stop_after_checkpoint(1)
     with pytest.raises(KeyboardInterrupt):
         train("cifar10_speed", data=str(tiny_cifar), out=tmp_path / "killed", overrides=over, log=lambda *a: None)
     assert json.loads((tmp_path / "killed" / TRAIN_META).read_text())["ema_updates"] > 0
-    monkeypatch.setattr(engine, "_save_checkpoint", real_save)
+    undo()
     resumed = train(resume=tmp_path / "killed", log=lambda *a: None)
     for name in ("checkpoint.safetensors", MODEL_WEIGHTS):
         a, b = load_file(str(full / name)), load_file(str(resumed / name))

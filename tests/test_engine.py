@@ -33,22 +33,14 @@ def test_fit_keeps_best_epoch_and_writes_run_dir(digits_csv, tmp_path):
     assert meta["metrics"]["val"]["mAP"] == pytest.approx(best["val_mAP"], abs=1e-6)
 
 
-def test_resume_after_kill_reproduces_uninterrupted_run(digits_csv, tmp_path, monkeypatch):
+def test_resume_after_kill_reproduces_uninterrupted_run(digits_csv, tmp_path, stop_after_checkpoint):
     full = train("demo", data=digits_csv, out=tmp_path / "full", overrides=FAST, log=lambda *a: None)
 
-    # Kill the second run right after epoch 2's checkpoint.
-    real_save = engine._save_checkpoint
-
-    def save_then_die(run, model, optimizer, scheduler, state, rt, *ema):
-        real_save(run, model, optimizer, scheduler, state, rt, *ema)
-        if state.epoch == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(engine, "_save_checkpoint", save_then_die)
+    undo = stop_after_checkpoint(2)      # the second run dies right after epoch 2's checkpoint
     with pytest.raises(KeyboardInterrupt):
         train("demo", data=digits_csv, out=tmp_path / "killed", overrides=FAST, log=lambda *a: None)
     assert json.loads((tmp_path / "killed" / TRAIN_META).read_text())["state"]["epoch"] == 2
-    monkeypatch.setattr(engine, "_save_checkpoint", real_save)
+    undo()
 
     resumed = train(resume=tmp_path / "killed", log=lambda *a: None)
     a, b = load_file(str(full / "checkpoint.safetensors")), load_file(str(resumed / "checkpoint.safetensors"))
