@@ -14,7 +14,7 @@
 # optimistic; mAP and "micro-F1 @0.5" are the unbiased columns.
 #
 # Usage, from anywhere:  bash benchmarks/ablation_voc_probe.sh [OUT_DIR]   (default runs/ablation-voc-probe)
-# ~1 min per variant on 2 cores (the feature pass dominates). Same OUT_DIR again resumes.
+# ~3 min per variant on 2 cores (the 2-min feature pass dominates; 17 min for all 5). Same OUT_DIR again resumes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/ablation-voc-probe}
