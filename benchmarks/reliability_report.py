@@ -170,7 +170,7 @@ def fuzz_text(strategy, file_name: str, n: int, tmp: Path) -> Counter:
 
 # --- 4. kills --------------------------------------------------------------------------------------
 
-def kill_campaign(data: Path, tmp: Path, kills: int, seed: int, log) -> tuple[list[dict], bool]:
+def kill_campaign(data: Path, tmp: Path, kills: int, seed: int, log) -> tuple[list[dict], str]:
     """Alternating SIGKILL/SIGINT at random moments, resumed each time; compared with an unbroken run."""
     epochs = max(10, 3 * kills)          # each signal waits for a new checkpoint: leave epochs to hit
     log(f"kill campaign: {kills} signals, {epochs} epochs, seed {seed} ...")
@@ -180,9 +180,9 @@ def kill_campaign(data: Path, tmp: Path, kills: int, seed: int, log) -> tuple[li
     assert reference.wait() == 0, reference.stderr.read()
     try:
         runs.assert_same_result(tmp / "killed", tmp / "reference")
-        same = True
-    except AssertionError:
-        same = False
+        same = "yes"
+    except AssertionError as e:         # say what differed, so a failure can be chased
+        same = "NO (" + " ".join(str(e).split())[:400] + ")"
     return events, same
 
 
@@ -277,7 +277,7 @@ def main(argv=None) -> int:
                           "naming the file; none raised anything else or crashed")],
         ["kills survived", (f"{len(landed)} of {len(events)} signals landed during training ("
                             + ", ".join(f"{s} {n}" for s, n in Counter(e["signal"] for e in landed).items())
-                            + f"); resumed result equals the unbroken run's: {'yes' if same else 'NO'}")],
+                            + f"); resumed result equals the unbroken run's: {same}")],
         ["requests served", f"{http['requests']:,} at {http['concurrency']} concurrent, "
                             f"{sum(n for s, n in http['statuses'].items() if s.startswith('5'))} 5xx"
          if http else "no HTTP results"],
@@ -300,7 +300,7 @@ def main(argv=None) -> int:
             "signal is sent a random "
             f"0-0.8 s after a new checkpoint appears, then `multitag train --resume` continues the run. Final "
             f"per-epoch losses, val mAP, best epoch and thresholds equal the uninterrupted run's (1e-6): "
-            f"**{'yes' if same else 'NO'}**.\n\n"
+            f"**{same}**.\n\n"
             + table(["signal", "delay (s)", "landed", "epochs checkpointed", "exit status", "message"], kill_rows),
         "HTTP service under load (benchmarks/reliability_http.py)": http_text,
         "Every reliability test": table(["test", "result", "seconds"], test_rows) if test_rows else "not run",
