@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from multitag.errors import UserError
@@ -56,10 +56,44 @@ def read_json(path: Path) -> dict:
         raise UserError(f"cannot read {path} ({e.strerror}); check it is the run's file and readable.") from None
 
 
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> None:
+    """Write ``tensors`` atomically; ``meta`` (JSON-able) travels in the same file's header, so the
+    two are replaced together by one rename (see read_embedded_meta)."""
     # safetensors wants contiguous, non-shared CPU tensors.
     flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(flat, tmp))
+    header = {EMBEDDED_META: json.dumps(_json_safe(meta))} if meta is not None else None
+    atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=header))
+
+
+# The training checkpoint is tensors + JSON state. Written as two files, a kill between the two
+# renames left epoch N's tensors beside epoch N-1's state, and --resume then trained epoch N twice
+# (found by the kill campaign of benchmarks/reliability_report.py). The state therefore also lives
+# in the tensors file's header, and --resume reads it from there: checkpoint.json is a readable copy.
+EMBEDDED_META = "multitag_checkpoint"
+
+
+def read_embedded_meta(path: Path) -> dict | None:
+    """The JSON state saved inside a safetensors file by save_tensors(meta=...), or None when the file
+    has none (written by an older version). A damaged header is a one-line UserError."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            text = (f.metadata() or {}).get(EMBEDDED_META)
+        return None if text is None else json.loads(text)
+    except (SafetensorError, OSError, ValueError) as e:
+        reason = " ".join(str(e).split())
+        raise UserError(f"{path} is not a readable safetensors file ({reason}); it is truncated or was "
+                        "changed: restore it from a copy of the run or train again.") from None
+
+
+def read_checkpoint_meta(run: Path) -> dict | None:
+    """The training state of RUN's last checkpoint (None without one): the copy inside
+    checkpoint.safetensors, which always matches its tensors; checkpoint.json for older runs."""
+    run = Path(run)
+    if (run / TRAIN_STATE).exists():
+        meta = read_embedded_meta(run / TRAIN_STATE)
+        if meta is not None:
+            return meta
+    return read_json(run / TRAIN_META) if (run / TRAIN_META).exists() else None
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:

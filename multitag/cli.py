@@ -391,14 +391,12 @@ def _resume_hint(args) -> str:
 
 
 def _checkpoint_epoch(run: str) -> int | None:
-    """Epochs completed according to RUN/checkpoint.json, or None when it is absent or unreadable."""
-    from pathlib import Path
-
-    from multitag.checkpoint import TRAIN_META
+    """Epochs completed according to RUN's last checkpoint, or None when it is absent or unreadable."""
+    from multitag.checkpoint import read_checkpoint_meta
 
     try:
-        return int(json.loads((Path(run) / TRAIN_META).read_text())["state"]["epoch"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return int(read_checkpoint_meta(run)["state"]["epoch"])
+    except (UserError, KeyError, TypeError, ValueError):
         return None
 
 

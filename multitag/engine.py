@@ -21,7 +21,7 @@ import yaml
 
 from multitag import __version__, distributed
 from multitag.calibration import fit_thresholds
-from multitag.checkpoint import (MODEL_META, MODEL_WEIGHTS, TRAIN_META, TRAIN_STATE, load_model_state,
+from multitag.checkpoint import (MODEL_META, MODEL_WEIGHTS, TRAIN_META, TRAIN_STATE, load_model_state, read_checkpoint_meta,
                                  load_tensors, model_state, optimizer_tensors, read_json, restore_optimizer,
                                  save_tensors, write_json)
 from multitag.config import Config, StageConfig, config_from_dict
@@ -311,7 +311,7 @@ def _fit(cfg: Config, run: Path, resume: bool, log) -> Path:
         torch.set_num_threads(distributed.cpu_threads(cfg.train.threads))
     elif cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
-    saved = read_json(run / TRAIN_META) if main and resume and (run / TRAIN_META).exists() else None
+    saved = read_checkpoint_meta(run) if main and resume else None
     saved = distributed.broadcast_object(saved)
 
     job = setup_job(cfg, run, saved, log)
@@ -548,15 +548,16 @@ def _save_checkpoint(run: Path, model, optimizer, scheduler, state: TrainState, 
     tensors, optim_meta = optimizer_tensors(optimizer)
     tensors.update({f"model.{k}": v for k, v in model_state(model).items()})
     tensors.update(ema.tensors() if ema is not None else {})
-    save_tensors(run / TRAIN_STATE, tensors)
-    write_json(run / TRAIN_META, {
+    meta = {
         "state": vars(state),
         "optimizer": optim_meta,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "runtime": {"device": str(rt.device), "precision": rt.precision, "channels_last": rt.channels_last,
                     "threads": rt.threads},
         "ema_updates": ema.updates if ema is not None else 0,
-    })
+    }
+    save_tensors(run / TRAIN_STATE, tensors, meta)     # the commit point: tensors and state in one file
+    write_json(run / TRAIN_META, meta)                 # a readable copy; --resume never trusts it alone
 
 
 def _truncate_metrics(path: Path, epochs_done: int) -> None:

@@ -186,7 +186,8 @@ def fail_second_write(monkeypatch, run: Path, target: str) -> dict:
         kept["bytes"] = (run / target).read_bytes()
         disk_full_midway(path, write_real)
 
-    monkeypatch.setattr(checkpoint, "save_file", lambda tensors, path: failing(path, lambda: real_save(tensors, path)))
+    monkeypatch.setattr(checkpoint, "save_file",
+                        lambda tensors, path, **kw: failing(path, lambda: real_save(tensors, path, **kw)))
     monkeypatch.setattr(pathlib.Path, "write_text",
                         lambda self, *a, **k: failing(str(self), lambda: real_write_text(self, *a, **k)))
     return kept
@@ -274,6 +275,29 @@ def test_resume_drops_a_metrics_line_cut_short(digits_csv, tmp_path, monkeypatch
         f.write('{"epoch": 2, "train_lo')
     train(resume=run, log=lambda *a: None)
     assert [r["epoch"] for r in metrics_of(run)] == [1, 2, 3]
+
+
+def test_a_kill_between_the_checkpoint_files_resumes_from_the_tensors_own_state(digits_csv, tmp_path, monkeypatch):
+    """Ctrl-C (or a kill) after epoch 2's checkpoint.safetensors is in place but before checkpoint.json
+    is replaced: the JSON still says epoch 1. --resume must take the state saved inside the tensors
+    file (epoch 2), not train epoch 2 a second time on top of its own result (found by the kill
+    campaign in benchmarks/reliability_report.py)."""
+    reference = train("demo", data=str(digits_csv), out=tmp_path / "reference", overrides=THREE_EPOCHS,
+                      log=lambda *a: None)
+    run, real_write_json = tmp_path / "run", engine.write_json
+
+    def write_json(path, data):
+        if Path(path).name == TRAIN_META and data["state"]["epoch"] == 2:
+            raise KeyboardInterrupt
+        real_write_json(path, data)
+
+    monkeypatch.setattr(engine, "write_json", write_json)
+    with pytest.raises(KeyboardInterrupt):
+        train("demo", data=str(digits_csv), out=run, overrides=THREE_EPOCHS, log=lambda *a: None)
+    assert json.loads((run / TRAIN_META).read_text())["state"]["epoch"] == 1     # the stale copy
+    monkeypatch.undo()
+    train(resume=run, log=lambda *a: None)
+    assert_same_result(run, reference)
 
 
 # --- Ctrl-C ------------------------------------------------------------------------------------------
