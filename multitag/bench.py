@@ -44,6 +44,7 @@ from multitag.data.loader import BatchLoader
 from multitag.data.prepare import PreparedData, load_table, prepare
 from multitag.data.transforms import BatchAugment
 from multitag.errors import UserError
+from multitag.models import build_model, count_parameters
 from multitag.progress import track
 from multitag.runtime import Runtime, candidates, choose_device, choose_runtime, cpu_flags
 
@@ -335,12 +336,8 @@ def optimizer_rows(model: torch.nn.Module, device: torch.device, rounds: int) ->
             times[k].append(time.perf_counter() - t0)
     fastest = {k: min(v) for k, v in times.items()}
     return [{"section": "optimizer", "name": f"AdamW step, {k}", "ms": 1000 * t,
-             "ratio": fastest["for-loop (torch's CPU default)"] / t, "note": f"{count_params(model):,} parameters"}
+             "ratio": fastest["for-loop (torch's CPU default)"] / t, "note": f"{count_parameters(model):,} parameters"}
             for k, t in fastest.items()]
-
-
-def count_params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def memory() -> dict[str, float]:
@@ -412,7 +409,6 @@ def run_bench(opts: BenchOptions, log=print) -> dict:
     """Every section; returns {"machine": {...}, "options": {...}, "rows": [...]}."""
     from multitag.engine import make_loaders, model_meta
     from multitag.losses import build_loss
-    from multitag.models import build_model
 
     if opts.images < opts.batch_size or min(opts.steps, opts.rounds, opts.batch_size, opts.image_size) < 1:
         raise UserError(f"--images ({opts.images}) must be at least --batch-size ({opts.batch_size}), and "
@@ -453,7 +449,7 @@ def run_bench(opts: BenchOptions, log=print) -> dict:
             # A run directory for the exporters; the weights do not change inference speed.
             save_tensors(run / MODEL_WEIGHTS, model_state(model))
             write_json(run / MODEL_META, model_meta(cfg, data, rt, TrainState(best_epoch=1, best_value=0.0),
-                                                    count_params(model)))
+                                                    count_parameters(model)))
             log("inference: exporting ONNX + int8 and timing the backends")
             out += [{"section": "inference", "name": r.pop("backend"), **r}
                     for r in inference_rows(run, opts.inference_rounds, log)]
