@@ -79,10 +79,8 @@ def read_embedded_meta(path: Path) -> dict | None:
         with safe_open(str(path), framework="pt") as f:
             text = (f.metadata() or {}).get(EMBEDDED_META)
         return None if text is None else json.loads(text)
-    except (SafetensorError, OSError, ValueError) as e:
-        reason = " ".join(str(e).split())
-        raise UserError(f"{path} is not a readable safetensors file ({reason}); it is truncated or was "
-                        "changed: restore it from a copy of the run or train again.") from None
+    except (SafetensorError, OSError, ValueError) as e:     # ValueError: a header that is not JSON
+        raise _unreadable(path, e) from None
 
 
 def read_checkpoint_meta(run: Path) -> dict | None:
@@ -96,19 +94,27 @@ def read_checkpoint_meta(run: Path) -> dict | None:
     return read_json(run / TRAIN_META) if (run / TRAIN_META).exists() else None
 
 
-def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file (a format that cannot run code on load; nothing is unpickled).
+def load_tensors(path: Path, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (a format that cannot run code on load; nothing is unpickled);
+    with ``prefix``, only those whose names start with it are read (e.g. "optim." of a checkpoint).
 
     A missing, truncated or tampered file is a one-line UserError, not safetensors' own exception.
     """
     if not Path(path).exists():
         raise UserError(f"{path} does not exist; point to a run directory made by `multitag train`.")
     try:
-        return load_file(str(path))
+        if not prefix:
+            return load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
     except (SafetensorError, OSError) as e:   # OSError: a directory, no permission, an I/O error
-        reason = " ".join(str(e).split())
-        raise UserError(f"{path} is not a readable safetensors file ({reason}); it is truncated or was "
-                        "changed: restore it from a copy of the run or train again.") from None
+        raise _unreadable(path, e) from None
+
+
+def _unreadable(path: Path, e: Exception) -> UserError:
+    reason = " ".join(str(e).split())
+    return UserError(f"{path} is not a readable safetensors file ({reason}); it is truncated or was "
+                     "changed: restore it from a copy of the run or train again.")
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -30,7 +30,7 @@ from multitag.data.prepare import PreparedData, prepare
 from multitag.data.transforms import BatchAugment, normalize
 from multitag.ema import ModelEMA
 from multitag.errors import UserError, did_you_mean
-from multitag.fileio import append_line, atomic_write_text
+from multitag.fileio import append_line, atomic_write_text, read_jsonl
 from multitag.finetune import (FeatureTable, apply_freeze, check_feature_cache, frozen_batchnorm_to_eval,
                                head_inputs, param_groups, resolve_stages)
 from multitag.inference import logits_of, scores_from_logits
@@ -518,7 +518,7 @@ def _checkpoint_tensors(run: Path, prefix: str) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors whose names start with ``prefix``: read by rank 0, sent to the others."""
     tensors = None
     if distributed.is_main():
-        tensors = {k: v for k, v in load_tensors(run / TRAIN_STATE).items() if k.startswith(prefix)}
+        tensors = load_tensors(run / TRAIN_STATE, prefix)     # only this part of the file is read
     return distributed.broadcast_tensors(tensors)
 
 
@@ -564,16 +564,8 @@ def _truncate_metrics(path: Path, epochs_done: int) -> None:
     """Drop metric lines of epochs after the checkpoint (written just before a kill), and a last line
     cut short by a power loss (append_line never leaves one, but an older version or the OS might)."""
     if path.exists():
-        lines = [ln for ln in path.read_text().splitlines() if _epoch_of(ln) <= epochs_done]
-        atomic_write_text(path, "".join(ln + "\n" for ln in lines))
-
-
-def _epoch_of(line: str) -> float:
-    """The epoch a metrics line records; infinity (dropped) for an empty or unreadable line."""
-    try:
-        return json.loads(line)["epoch"]
-    except (ValueError, KeyError, TypeError):
-        return math.inf
+        rows = [r for r in read_jsonl(path) if r.get("epoch", math.inf) <= epochs_done]
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def load_run_config(run: Path) -> Config:
