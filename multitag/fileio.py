@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -70,6 +71,24 @@ def append_line(path: str | Path, line: str) -> None:
             raise
     finally:
         os.close(fd)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The JSON objects of a file written by append_line, one per line, or [] when it does not exist.
+    A line that is not a JSON object (cut short by a power loss, or by a version before append_line) is left
+    out rather than failing the reader."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
 
 
 def disk_full_error(path: str | Path) -> DiskFullError:

@@ -11,7 +11,6 @@ positives and negatives, Grad-CAM overlays.
 from __future__ import annotations
 
 import html
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from multitag.data.decode import decode_image
 from multitag.data.prepare import PreparedData
 from multitag.evaluation import Scored, prepare_for, score_run
 from multitag.explain import explain_images
+from multitag.fileio import read_jsonl
 from multitag.metrics import binarize, counts, rank_by_class
 from multitag.predict import Model, load
 from multitag.summary import SET_METRICS, TOP3_METRICS
@@ -98,18 +98,8 @@ def choose_split(prepared: PreparedData, requested: str, calibrated: bool) -> tu
 
 
 def read_history(run_dir: Path) -> list[dict]:
-    """metrics.jsonl rows (one per epoch), or [] when the run has none. A line that is not JSON (cut
-    short by a power loss) is left out rather than failing the report."""
-    path = Path(run_dir) / HISTORY_FILE
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue
-    return rows
+    """metrics.jsonl rows (one per epoch), or [] when the run has none (unreadable lines left out)."""
+    return read_jsonl(Path(run_dir) / HISTORY_FILE)
 
 
 def pr_points(scores: np.ndarray, targets: np.ndarray, ignore: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
