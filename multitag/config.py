@@ -64,9 +64,11 @@ class OptimConfig:
 
 @dataclass
 class SchedConfig:
-    name: str = "onecycle"            # onecycle | cosine | plateau | none
+    name: str = "onecycle"            # onecycle | triangle | cosine | plateau | none
     warmup_epochs: float = 1.0        # cosine: linear warm-up length
-    pct_start: float = 0.25           # onecycle: fraction of steps spent warming up
+    pct_start: float = 0.25           # onecycle, triangle: fraction of steps spent warming up
+    start_factor: float = 0.2         # triangle: LR at step 0 as a fraction of the peak
+    end_factor: float = 0.0           # triangle: LR at the last step as a fraction of the peak
     factor: float = 0.5               # plateau: LR multiplier on a plateau
     patience: int = 2                 # plateau: epochs without improvement before cutting the LR
     min_lr: float = 0.0
@@ -98,6 +100,11 @@ class TrainConfig:
     report: bool = True               # write RUN_DIR/report/index.html (test split, else val) after training
     ema: float = 0.0                  # decay of an exponential moving average of the weights (e.g. 0.999);
                                       # the average is what is evaluated and saved; 0 = off
+    lookahead: float = 0.0            # airbench's lookahead (lookahead.py): every lookahead_every steps from epoch
+                                      # lookahead_from_epoch on, the weights are pulled back to a slow average whose
+                                      # decay rises as base^every · progress³ (airbench: 0.95); 0 = off
+    lookahead_every: int = 5
+    lookahead_from_epoch: int = 3     # 0-based epoch of the stage where it starts
     track_test: bool = False          # benchmarks only: also score the test split after every epoch into
                                       # metrics.jsonl (test_<metric>); never used to pick the epoch or stop
     # Gradient accumulation and distributed training (torchrun / --nproc). batch_size is the global
@@ -125,10 +132,12 @@ class AugConfig:
     color_jitter: float | None = None  # brightness/contrast/saturation strength (0 = off)
     erasing: float | None = None      # probability of random erasing per image
     trivial_augment: bool | None = None  # one random TrivialAugmentWide op per image (uint8, before the rest)
+    alternate_flip: bool | None = None  # with hflip: each image mirrored on every other epoch (airbench) rather
+                                      # than by a fresh coin each epoch
 
 
 _NO_AUG = {"hflip": False, "scale": (1.0, 1.0), "ratio": (0.75, 1.3333), "rotate": 0.0, "translate": 0.0,
-           "color_jitter": 0.0, "erasing": 0.0, "trivial_augment": False}
+           "color_jitter": 0.0, "erasing": 0.0, "trivial_augment": False, "alternate_flip": False}
 # Named augmentation recipes: every AugConfig field except `preset`. "light" is what multitag did
 # before presets existed; "standard" is the Inception-ResNet reference's flip/crop/±15°/jitter;
 # "strong" is timm-style crop + flip + TrivialAugment + erasing (TA has its own colour and rotation ops).
@@ -158,7 +167,7 @@ class StageConfig:
     name: str = ""
     epochs: int = 1
     lr: float = 1e-3                  # head LR (and the backbone's, times backbone_lr_mult)
-    sched: str = "onecycle"           # onecycle | cosine | plateau | none (constant LR)
+    sched: str = "onecycle"           # onecycle | triangle | cosine | plateau | none (constant LR)
     freeze: tuple = ()                # parameter-name patterns to freeze (fnmatch); "backbone" = all but the head
     backbone_lr_mult: float = 1.0     # discriminative LR: backbone LR = lr × this
     cache_features: bool = False      # frozen backbone: compute the head's input features once (no

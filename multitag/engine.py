@@ -34,6 +34,7 @@ from multitag.fileio import append_line, atomic_write_text, read_jsonl
 from multitag.finetune import (FeatureTable, apply_freeze, check_feature_cache, frozen_batchnorm_to_eval,
                                head_inputs, param_groups, resolve_stages)
 from multitag.inference import logits_of, scores_from_logits
+from multitag.lookahead import Lookahead
 from multitag.losses import build_loss, loss_count, training_loss
 from multitag.models import build_model, count_parameters, get_spec
 from multitag.models.weights import init_from_file
@@ -101,6 +102,9 @@ def _fused(groups: list[dict]) -> dict:
     return {"fused": True} if fusable else {}
 
 
+SCHEDULES = ["onecycle", "triangle", "cosine", "plateau", "none"]
+
+
 def build_scheduler(cfg: Config, optimizer, stage: StageConfig, steps_per_epoch: int):
     """Returns (scheduler or None, steps_per_batch: bool). Per-batch schedules step every batch.
 
@@ -114,6 +118,16 @@ def build_scheduler(cfg: Config, optimizer, stage: StageConfig, steps_per_epoch:
     if stage.sched == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peak, total_steps=max(total, 1),
                                                    pct_start=s.pct_start), True
+    if stage.sched == "triangle":
+        # Smith's linear one-cycle as airbench runs it: start_factor → 1 at pct_start → end_factor, the
+        # momentum left as configured (torch's OneCycleLR also cycles it 0.95 → 0.85 → 0.95).
+        top = max(1, int(s.pct_start * total))
+
+        def triangle(step: int) -> float:
+            if step < top:
+                return s.start_factor + (1 - s.start_factor) * step / top
+            return 1 + (s.end_factor - 1) * min(1.0, (step - top) / max(1, total - top))
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, triangle), True
     if stage.sched == "cosine":
         warm = max(1, int(s.warmup_epochs * steps_per_epoch))
         floor = s.min_lr / stage.lr if stage.lr > 0 else 0.0
@@ -128,7 +142,7 @@ def build_scheduler(cfg: Config, optimizer, stage: StageConfig, steps_per_epoch:
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=s.factor,
                                                           patience=s.patience, min_lr=s.min_lr), False
     raise UserError(f'unknown scheduler "{stage.sched}"'
-                    f'{did_you_mean(stage.sched, ["onecycle", "cosine", "plateau", "none"])}.')
+                    f'{did_you_mean(stage.sched, SCHEDULES)}.')
 
 
 def make_loaders(cfg: Config, data: PreparedData, log=print) -> tuple[BatchLoader, BatchLoader]:
@@ -420,6 +434,14 @@ def run_stage(job: Job, stages: list[StageConfig], state: TrainState, saved: dic
         if stage.cache_features:
             raise UserError(f'stage "{stage.name}": train.ema does not work with cache_features; set train.ema=0.')
         optimizer.register_step_post_hook(lambda *_: job.ema.update())     # average after every step
+    lookahead = None
+    if cfg.train.lookahead:
+        if stage.cache_features:
+            raise UserError(f'stage "{stage.name}": train.lookahead does not work with cache_features; '
+                            'set train.lookahead=0.')
+        lookahead = Lookahead(job.model, cfg.train.lookahead, cfg.train.lookahead_every,
+                              cfg.train.lookahead_from_epoch, len(job.train_loader), stage.epochs)
+        optimizer.register_step_post_hook(lambda *_: lookahead.after_step())
     if saved and state.stage_epoch > 0:          # resuming inside this stage
         restore_optimizer(optimizer, _checkpoint_tensors(job.run, "optim."), saved["optimizer"])
         if scheduler is not None:
@@ -436,8 +458,12 @@ def run_stage(job: Job, stages: list[StageConfig], state: TrainState, saved: dic
     total_epochs = sum(s.epochs for s in stages)
     while state.stage_epoch < stage.epochs and not state.stopped:
         epoch, start = state.epoch, time.perf_counter()
+        if lookahead is not None:
+            lookahead.begin_epoch(state.stage_epoch)
         train_loss, lr = train_one_epoch(net, train_loader, job.loss_fn, optimizer, scheduler, per_batch,
                                          rt, cfg, epoch, ddp=ddp)
+        if lookahead is not None:
+            lookahead.end_epoch()
         val = evaluate(scored, val_loader, job.loss_fn, rt, job.data)
         value = evaluate_scores(val["scores"], t.targets[val["rows"]], t.ignore[val["rows"]], t.multi_label)[monitor]
         if scheduler is not None and not per_batch:
@@ -490,7 +516,7 @@ def feature_stage(job: Job, stage: StageConfig):
     return head, loaders[0], loaders[1], Runtime(job.rt.device, job.rt.precision, channels_last=False)
 
 
-def _as_is(x: torch.Tensor, g: torch.Generator, part=None) -> torch.Tensor:
+def _as_is(x: torch.Tensor, g: torch.Generator, part=None, flip=None) -> torch.Tensor:
     return x
 
 

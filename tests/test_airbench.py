@@ -1,4 +1,5 @@
-"""airbench model family, patch whitening, weight EMA, flip TTA, whole-pixel translate, cifar10_speed recipe."""
+"""airbench model family, patch whitening, weight EMA, lookahead, flip/translate TTA, whole-pixel translate,
+alternating flips, the triangle schedule and the cifar10_speed recipe."""
 import json
 
 import numpy as np
@@ -11,8 +12,12 @@ from torch import nn
 from multitag.api import evaluate, train
 from multitag.checkpoint import MODEL_WEIGHTS, TRAIN_META
 from multitag.config import AugConfig
+from multitag.data.loader import BatchLoader
 from multitag.data.transforms import BatchAugment
 from multitag.ema import ModelEMA
+from multitag.engine import build_scheduler
+from multitag.config import Config, StageConfig
+from multitag.lookahead import Lookahead
 from multitag.models import build_model, count_parameters
 from multitag.models.airbench import Whiten
 from multitag.predict import load
@@ -127,8 +132,8 @@ def test_recipe_runs_one_epoch_with_ema_tta_and_test_tracking(tiny_cifar, tmp_pa
     assert evaluate(run, split="test", log=lambda *a: None)["accuracy"] == pytest.approx(row["test_accuracy"])
 
 
-def test_resume_with_ema_reproduces_an_unbroken_run(tiny_cifar, tmp_path, stop_after_checkpoint):
-    over = FAST + ["train.epochs=2"]
+def test_resume_with_ema_and_lookahead_reproduces_an_unbroken_run(tiny_cifar, tmp_path, stop_after_checkpoint):
+    over = FAST + ["train.epochs=2", "train.lookahead_from_epoch=0", "train.lookahead_every=2"]
     full = train("cifar10_speed", data=str(tiny_cifar), out=tmp_path / "full", overrides=over, log=lambda *a: None)
     undo = stop_after_checkpoint(1)
     with pytest.raises(KeyboardInterrupt):
@@ -158,3 +163,97 @@ def test_shift_only_bn_steps_bias_scaler_times_the_lr():
     grad = (2 * (bn(x).detach() - target) / target.numel()).sum((0, 2, 3))
     torch.optim.SGD([bn.shift], lr=0.01).step()
     assert torch.allclose(shift() - before, -0.01 * 64.0 * grad, atol=1e-6)
+
+
+def test_translate_tta_weighs_the_unshifted_and_two_one_pixel_shifted_views():
+    torch.manual_seed(0)
+    flip = build_model("airbench", 5, tta_flip=True).eval()
+    both = build_model("airbench", 5, tta_flip=True, tta_translate=True).eval()
+    both.load_state_dict(flip.state_dict())
+    x = torch.randn(3, 3, 32, 32)
+    padded = nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    with torch.no_grad():
+        want = flip(x) / 2 + flip(padded[..., :32, :32]) / 4 + flip(padded[..., 2:, 2:]) / 4
+        assert torch.allclose(both(x), want, atol=1e-5)
+        assert not torch.allclose(both(x), flip(x), atol=1e-3)
+    both.train(), flip.train()
+    torch.manual_seed(1)
+    a = flip(x)
+    torch.manual_seed(1)
+    assert torch.allclose(both(x), a)                             # training sees one view
+
+
+def test_lookahead_pulls_back_every_k_steps_with_a_rising_decay():
+    model = nn.Linear(1, 1, bias=False)
+    nn.init.constant_(model.weight, 0.0)
+    la = Lookahead(model, base=0.9, every=2, from_epoch=1, steps_per_epoch=4, epochs=2)
+    la.begin_epoch(0)                                             # before from_epoch: off
+    model.weight.data.fill_(1.0)
+    la.after_step(), la.after_step()
+    assert model.weight.item() == 1.0
+    la.end_epoch()
+    assert model.weight.item() == 1.0
+    la.begin_epoch(1)                                             # average restarts at the live weights (1.0)
+    model.weight.data.fill_(3.0)
+    la.after_step()                                               # global step 5: not a multiple of 2
+    assert model.weight.item() == 3.0
+    la.after_step()                                               # step 6: ρ = 0.9² · (6/8)³
+    rho = 0.81 * 0.75 ** 3
+    assert la.decay(6) == pytest.approx(rho) and la.decay(8) == pytest.approx(0.81)
+    assert model.weight.item() == pytest.approx(rho * 1.0 + (1 - rho) * 3.0)
+    pulled = model.weight.item()
+    model.weight.data.fill_(10.0)
+    la.after_step()                                               # step 7: no update; the epoch end folds it back
+    la.end_epoch()
+    assert model.weight.item() == pytest.approx(pulled)
+    with pytest.raises(Exception, match="train.lookahead must be"):
+        Lookahead(model, base=1.5, every=5, from_epoch=0, steps_per_epoch=4, epochs=1)
+
+
+def test_triangle_schedule_is_linear_with_the_momentum_left_alone():
+    cfg = Config()
+    cfg.sched.pct_start, cfg.sched.start_factor, cfg.sched.end_factor = 0.25, 0.2, 0.1
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=2.0, momentum=0.85)
+    sched, per_batch = build_scheduler(cfg, opt, StageConfig(name="s", epochs=2, lr=2.0, sched="triangle"), 10)
+    lrs = []
+    for _ in range(21):
+        lrs.append(opt.param_groups[0]["lr"])
+        assert opt.param_groups[0]["momentum"] == 0.85
+        opt.step(), sched.step()
+    assert per_batch and lrs[0] == pytest.approx(0.4) and lrs[5] == pytest.approx(2.0)
+    assert lrs[20] == pytest.approx(0.2) and lrs[3] == pytest.approx(0.4 + 1.6 * 3 / 5)
+    assert lrs[12] == pytest.approx(2.0 - 1.8 * 7 / 15)
+
+
+def test_alternating_flip_mirrors_each_image_on_every_other_epoch():
+    class Tagged:        # image i is a constant ramp so its mirror is recognisable, tagged by its value
+        def get_batch(self, index):
+            ramp = torch.arange(8, dtype=torch.uint8).view(1, 1, 1, 8).expand(len(index), 3, 8, 8)
+            return (ramp + torch.as_tensor(index, dtype=torch.uint8).view(-1, 1, 1, 1) * 8).contiguous()
+
+    aug = BatchAugment(AugConfig(preset="none", hflip=True, alternate_flip=True), mean=(0, 0, 0), std=(1, 1, 1))
+    n = 24
+    loader = BatchLoader(Tagged(), np.arange(n), np.zeros((n, 2)), np.zeros((n, 2), bool), batch_size=6,
+                         mean=(0, 0, 0), std=(1, 1, 1), augment=aug, shuffle=True)
+    flipped = []
+    for epoch in range(4):
+        seen = {}
+        for b in loader.iterate(epoch, seed=3):
+            for i, img in zip(b.index, b.images):
+                seen[int(i)] = bool(img[0, 0, 0] > img[0, 0, -1])     # a mirrored ramp decreases
+        flipped.append([seen[i] for i in range(n)])
+    assert all(a != b for a, b in zip(flipped[0], flipped[1]))      # every image switches each epoch
+    assert flipped[0] == flipped[2] and flipped[1] == flipped[3]
+    assert 0 < sum(flipped[0]) < n                                  # which epochs: a coin per image
+    assert "hflip on alternate epochs" in aug.describe()
+
+
+def test_whitening_runs_in_fp32_under_bf16_autocast():
+    # bf16 inputs left 17 % rms error in the finest whitened components of CIFAR-10 patches.
+    x = torch.randn(4, 3, 16, 16) + 3.0                           # offset: differences of near-equal values
+    w = Whiten()
+    w.init_from_data(x)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = w(x)
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, nn.functional.conv2d(x, w.weight, w.bias), atol=1e-5)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from multitag.data.device_cache import DeviceCache, to_device
-from multitag.data.transforms import Part, normalize
+from multitag.data.transforms import Part, alternating_flip, normalize
 from multitag.errors import UserError
 
 
@@ -101,7 +101,8 @@ class BatchLoader:
     """Iterates over ``rows`` of an image cache in batches.
 
     cache:   object with ``get_batch(indices) -> uint8 (B, 3, S, S)`` (data/cache.py's ImageCache).
-    augment: callable (uint8 batch, generator[, Part]) → normalised float batch, or None for evaluation.
+    augment: callable (uint8 batch, generator, Part | None, mirror flags | None) → normalised float batch,
+             or None for evaluation (transforms.BatchAugment).
     shard:   (rank, world) in distributed training. Every rank draws the same epoch order and the
              same global batches of ``batch_size`` (all randomness comes from (seed, epoch)), then
              takes its contiguous share of each; augmentation draws are made for the whole batch
@@ -121,6 +122,7 @@ class BatchLoader:
         # Dropping a last tiny batch keeps BatchNorm statistics sane in training.
         self.drop_last = drop_last and self.epoch_size > batch_size
         self.device = torch.device("cpu")
+        self._first_flip = None           # (seed, (table rows,) bool) for aug.alternate_flip
 
     def to(self, device: torch.device | str) -> "BatchLoader":
         """Deliver image batches on ``device``, augmented there. On a GPU the uint8 rows cross the bus
@@ -130,6 +132,16 @@ class BatchLoader:
         if self.device.type == "cuda" and DeviceCache.fits(self.cache, self.rows, self.device):
             self.cache = DeviceCache(self.cache, self.rows, self.device)
         return self
+
+    def _alternating_flip(self, index: np.ndarray, epoch: int, seed: int) -> torch.Tensor | None:
+        """(B,) bool mirror flags of these rows under aug.alternate_flip, else None (a coin per image)."""
+        aug = getattr(self.augment, "aug", None)
+        if aug is None or not (aug.hflip and aug.alternate_flip):
+            return None
+        if self._first_flip is None or self._first_flip[0] != seed:   # one coin per table row
+            coins = torch.rand(len(self.targets), generator=torch.Generator().manual_seed(seed + 7_919)) < 0.5
+            self._first_flip = (seed, coins)
+        return alternating_flip(index, epoch, self._first_flip[1])
 
     @property
     def epoch_size(self) -> int:
@@ -154,6 +166,6 @@ class BatchLoader:
             if not self.augment:
                 images = normalize(pixels, self.mean, self.std)
             else:
-                images = self.augment(pixels, g) if part is None else self.augment(pixels, g, part)
+                images = self.augment(pixels, g, part, self._alternating_flip(index, epoch, seed))
             t = torch.from_numpy(index)
             yield Batch(images, self.targets[t], self.ignore[t], index, whole)
