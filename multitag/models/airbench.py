@@ -55,12 +55,10 @@ class Whiten(nn.Module):
         self.weight.copy_(torch.cat([w, -w]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Always fp32, also under bf16 autocast: the components of the smallest eigenvalues are small
-        # differences of neighbouring pixels scaled up ~30×, and bf16's 8-bit mantissa on the inputs
-        # left 17 % rms error in the two finest of them (CIFAR-10; 0.2 % in the coarsest). The layer
-        # is ~0.1 % of the net's work.
-        with torch.autocast(x.device.type, enabled=False):
-            return F.conv2d(x.float(), self.weight.float(), self.bias.float())   # (B, 24, H-1, W-1) fp32
+        # Under bf16 autocast this conv sees bf16 inputs: 17 % rms error in the two finest whitened
+        # components (0.2 % in the coarsest), yet fp32 here measured the same accuracy (CIFAR-10, 10
+        # epochs: 89.86 vs 90.07 % test, one seed each) and 16 % slower epochs, so it stays in bf16.
+        return F.conv2d(x, self.weight.to(x.dtype), self.bias.to(x.dtype))   # (B, 24, H-1, W-1)
 
 
 def _conv(cin: int, cout: int) -> nn.Conv2d:
