@@ -193,7 +193,7 @@ def model_meta(cfg: Config, data: PreparedData, rt: Runtime, state: TrainState, 
         "thresholds": None,
         "monitor": monitor_name(t.multi_label),
         "best_epoch": state.best_epoch,
-        "best_value": state.best_value,
+        "best_value": state.best_value if math.isfinite(state.best_value) else None,   # None: no val split
         "runtime": rt.describe(),
         "data": {"path": str(Path(cfg.data.path).resolve()), "format": cfg.data.format,
                  "hash": data.data_hash, "num_images": len(t), "skipped": len(data.skipped)},
@@ -356,8 +356,10 @@ def setup_job(cfg: Config, run: Path, saved: dict | None, log) -> Job:
     """Data (split fixed, pixels decoded once), model, loss and the measured runtime."""
     data = prepare_in_turn(cfg, run, saved is not None, log)
     t = data.table
-    if len(data.rows("train")) == 0 or len(data.rows("val")) == 0:
-        raise UserError(f"{t.source} has no usable train or val images after the split; add images or a split column.")
+    if len(data.rows("train")) == 0:
+        raise UserError(f"{t.source} has no usable train images after the split; add images or a split column.")
+    if len(data.rows("val")) == 0:
+        check_no_val(cfg, t, log)
     if data.skipped:
         total = len(t) + len(t.extra.get("skipped", []))     # rows the reader dropped are not in t
         log(f"skipped {len(data.skipped)} of {total} images (listed in {run / 'skipped.txt'})")
@@ -424,6 +426,21 @@ def setup_job(cfg: Config, run: Path, saved: dict | None, log) -> Job:
     return Job(cfg, run, data, train_loader, val_loader, model, loss_fn, rt, n_params, log, ema)
 
 
+def check_no_val(cfg: Config, t, log) -> None:
+    """Training without a val split (data.split_fractions val 0, as in a final fit on all the data):
+    allowed, and said, where nothing depends on val; an error where something would."""
+    if cfg.data.split_fractions[1] > 0:
+        raise UserError(f"{t.source} has no usable val images after the split; add images or a split column.")
+    needs = [name for name, on in (("sched.name=plateau", any(s.sched == "plateau" for s in resolve_stages(cfg))),
+                                   ("train.early_stop_patience", cfg.train.early_stop_patience > 0)) if on]
+    if needs:
+        raise UserError(f"{' and '.join(needs)} {'needs' if len(needs) == 1 else 'need'} a val split, and "
+                        "data.split_fractions gives val 0; "
+                        "give val a share (e.g. [0.85, 0.15, 0]) or turn them off.")
+    log("no val split (data.split_fractions val 0): every epoch trains on all the train rows, the last epoch "
+        "is the result" + (" and thresholds stay at 0.5 (a val split calibrates them)" if t.multi_label else ""))
+
+
 def run_stage(job: Job, stages: list[StageConfig], state: TrainState, saved: dict | None) -> None:
     """Epochs of one stage: its own freezing, optimizer and schedule; best kept across stages."""
     cfg, t, stage = job.cfg, job.data.table, stages[state.stage]
@@ -464,20 +481,25 @@ def run_stage(job: Job, stages: list[StageConfig], state: TrainState, saved: dic
                                          rt, cfg, epoch, ddp=ddp)
         if lookahead is not None:
             lookahead.end_epoch()
-        val = evaluate(scored, val_loader, job.loss_fn, rt, job.data)
-        value = evaluate_scores(val["scores"], t.targets[val["rows"]], t.ignore[val["rows"]], t.multi_label)[monitor]
-        if scheduler is not None and not per_batch:
-            scheduler.step(value)
-        improved = value > state.best_value
+        has_val = len(val_loader.rows) > 0     # no val split (check_no_val): the latest epoch is the result
+        if has_val:
+            val = evaluate(scored, val_loader, job.loss_fn, rt, job.data)
+            value = evaluate_scores(val["scores"], t.targets[val["rows"]], t.ignore[val["rows"]],
+                                    t.multi_label)[monitor]
+            if scheduler is not None and not per_batch:
+                scheduler.step(value)
+        improved = not has_val or value > state.best_value
         if improved:
-            state.best_value, state.best_epoch, state.bad_epochs = value, epoch + 1, 0
+            state.best_epoch, state.bad_epochs = epoch + 1, 0
+            state.best_value = value if has_val else state.best_value
         else:
             state.bad_epochs += 1
         state.epoch, state.stage_epoch = epoch + 1, state.stage_epoch + 1
         state.stopped = 0 < cfg.train.early_stop_patience <= state.bad_epochs
         seconds = time.perf_counter() - start
-        row = {"epoch": epoch + 1, "stage": stage.name, "train_loss": train_loss, "val_loss": val["loss"],
-               f"val_{monitor}": value, "lr": lr, "seconds": seconds,
+        row = {"epoch": epoch + 1, "stage": stage.name, "train_loss": train_loss,
+               **({"val_loss": val["loss"], f"val_{monitor}": value} if has_val else {}),
+               "lr": lr, "seconds": seconds,
                "train_img_per_s": len(job.train_loader) * job.train_loader.batch_size / seconds}
         if cfg.train.track_test and not stage.cache_features:     # benchmarks: logged, never selects
             row.update(test_score(job, scored, monitor))
@@ -490,9 +512,10 @@ def run_stage(job: Job, stages: list[StageConfig], state: TrainState, saved: dic
             save_tensors(job.run / MODEL_WEIGHTS, model_state(job.model if job.ema is None else job.ema.module))
             write_json(job.run / MODEL_META, model_meta(cfg, job.data, job.rt, state, job.n_params))
         _save_checkpoint(job.run, job.model, optimizer, scheduler, state, job.rt, job.ema)
-        job.log(f"epoch {epoch + 1}/{total_epochs}  train_loss {train_loss:.4f}  val_loss {val['loss']:.4f}  "
-                f"val_{monitor} {value:.4f}  lr {lr:.2e}  {seconds:.1f}s"
-                + ("  *best*" if improved else "") + ("  (early stop)" if state.stopped else ""))
+        job.log(f"epoch {epoch + 1}/{total_epochs}  train_loss {train_loss:.4f}  "
+                + (f"val_loss {val['loss']:.4f}  val_{monitor} {value:.4f}  " if has_val else "")
+                + f"lr {lr:.2e}  {seconds:.1f}s"
+                + ("  *best*" if improved and has_val else "") + ("  (early stop)" if state.stopped else ""))
 
 
 def feature_stage(job: Job, stage: StageConfig):
@@ -525,6 +548,9 @@ def finish(job: Job, state: TrainState) -> Path:
     t = job.data.table
     best = distributed.broadcast_tensors(load_tensors(job.run / MODEL_WEIGHTS) if distributed.is_main() else None)
     load_model_state(job.model, best, str(job.run / MODEL_WEIGHTS))
+    if len(job.val_loader.rows) == 0:      # no val split: nothing to calibrate on; thresholds stay 0.5
+        job.log(f"last epoch {state.best_epoch} kept (no val split); run directory: {job.run}")
+        return job.run
     val = evaluate(job.model, job.val_loader, job.loss_fn, job.rt, job.data)
     if not distributed.is_main():
         return job.run

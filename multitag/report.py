@@ -88,6 +88,9 @@ def choose_split(prepared: PreparedData, requested: str, calibrated: bool) -> tu
     if requested == "test" and len(prepared.rows("test")) == 0:
         split = "val"
         notes.append("The data has no test split, so this report is on the validation split instead.")
+    if split == "val" and len(prepared.rows("val")) == 0:     # trained without a val split as well
+        split = "train"
+        notes.append("The data has no test or val split, so this report is on the training images.")
     if split in ("val", "all"):
         notes.append("The best epoch was chosen on the validation split"
                      + (" and the calibrated thresholds were fitted on it, so the 'calibrated' column is "

@@ -53,3 +53,15 @@ def test_bench_refuses_too_few_images():
 def test_bench_scaling_text_is_checked(capsys):
     assert main(["bench", "--scaling", "1,x"]) == 2
     assert "--scaling" in capsys.readouterr().err
+
+
+def test_profile_step_script_runs_tiny():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_step.py"
+    out = subprocess.run([sys.executable, str(script), "--model", "simple_cnn", "--image-size", "32", "--batch-size", "4",
+                          "--steps", "1", "--threads", "1", "--precision", "fp32"],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    assert "img/s" in out and "convolution_backward" in out and "mkldnn_convolution" in out

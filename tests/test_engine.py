@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 import multitag.engine as engine
-from multitag.api import train
+from multitag.api import evaluate, train
 from multitag.checkpoint import MODEL_META, MODEL_WEIGHTS, TRAIN_META
 from multitag.errors import UserError
 from multitag.predict import load
@@ -139,3 +139,24 @@ def test_early_stopping_stops_and_reports_best(digits_csv, tmp_path, monkeypatch
     rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     assert json.loads((run / MODEL_META).read_text())["best_epoch"] == 1
+
+
+def test_training_without_a_val_split_keeps_the_last_epoch(tmp_path):
+    from multitag.demo_data import make_digit_mosaics
+
+    digits_csv = make_digit_mosaics(tmp_path / "digits", {"train": 120, "val": 0, "test": 40}, seed=1)   # no val rows
+    logs = []
+    over = FAST + ["data.split_fractions=[0.85, 0.0, 0.15]", "train.report=true"]
+    run = train("demo", data=digits_csv, out=tmp_path / "run", overrides=over, log=logs.append)
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and not any(k.startswith("val_") for r in rows for k in r)
+    meta = json.loads((run / MODEL_META).read_text())
+    assert meta["best_epoch"] == 3 and meta["best_value"] is None and meta["thresholds"] is None
+    assert any("no val split" in line and "thresholds stay at 0.5" in line for line in logs)
+    assert ",val" not in (run / "split.csv").read_text()
+    assert (run / "report" / "index.html").exists()                  # on the test split
+    assert evaluate(run, split="test", log=lambda *a: None)["mAP"] > 0
+    for bad, name in (("sched.name=plateau", "plateau"), ("train.early_stop_patience=2", "early_stop")):
+        with pytest.raises(UserError, match=name) as err:
+            train("demo", data=digits_csv, out=tmp_path / name, overrides=over + [bad], log=lambda *a: None)
+        assert "needs a val split" in str(err.value) and "\n" not in str(err.value)

@@ -91,8 +91,19 @@ def test_given_split_without_val_carves_val_from_train():
 def test_bad_fractions():
     with pytest.raises(UserError, match="sum to 1"):
         assign_split(multi_label_table(10), fractions=(0.8, 0.3, 0.1))
-    with pytest.raises(UserError, match="val > 0"):
-        assign_split(multi_label_table(10), fractions=(1.0, 0.0, 0.0))
+    with pytest.raises(UserError, match="train > 0"):
+        assign_split(multi_label_table(10), fractions=(0.0, 0.5, 0.5))
+    with pytest.raises(UserError, match="val >= 0"):
+        assign_split(multi_label_table(10), fractions=(1.2, -0.2, 0.0))
+
+
+def test_val_fraction_zero_makes_no_val_split():
+    assert Counter(assign_split(multi_label_table(100), fractions=(0.8, 0.0, 0.2))) == {"train": 80, "test": 20}
+    assert set(assign_split(multi_label_table(10), fractions=(1.0, 0.0, 0.0))) == {"train"}
+    given = ["train"] * 85 + ["test"] * 15                       # train/ and test/ folders: nothing carved
+    assert assign_split(multi_label_table(100, split=given), fractions=(1.0, 0.0, 0.0)) == given
+    with_val = ["train"] * 80 + ["val"] * 5 + ["test"] * 15      # a table's own val rows are kept
+    assert assign_split(multi_label_table(100, split=with_val), fractions=(1.0, 0.0, 0.0)) == with_val
 
 
 def test_split_csv_round_trip(tmp_path):

@@ -11,8 +11,10 @@ Rules (``assign_split``):
   single-label tables use scikit-learn's ``StratifiedShuffleSplit``, falling back to a plain
   shuffled split (with a note, never silently) when a class has fewer than 2 images or a part
   is smaller than the number of classes.
-- Sizes are whole numbers fixed up front: val and train always get at least one row (two rows
+- Sizes are whole numbers fixed up front: train and a val of fraction > 0 get at least one row (two rows
   are enough), test at least one when there are three rows or more and its fraction is > 0.
+- A val fraction of 0 makes no val split (train on everything; the engine then keeps the last
+  epoch and leaves thresholds at 0.5). A table's own val rows are kept whatever the fractions.
 - The same table and seed always give the same split.
 
 ``write_split_csv`` / ``read_split_csv`` keep a run's split as ``image,split`` rows.
@@ -50,26 +52,27 @@ def assign_split(table: LabelTable, fractions: tuple[float, float, float] = (0.7
     if n < 2:
         raise UserError(f"{table.source} has {n} image(s); a train and a val split need at least 2")
     n_test = _part_size(n, f_test, minimum=1 if n >= 3 and f_test > 0 else 0, leave=2)
-    n_val = _part_size(n - n_test, f_val / (f_train + f_val), minimum=1, leave=1)
+    n_val = _part_size(n - n_test, f_val / (f_train + f_val), minimum=1, leave=1) if f_val > 0 else 0
     split = np.full(n, "train", dtype=object)
     rest = np.arange(n)
     if n_test:
         test = _holdout(table, rest, n_test, rng, log)
         split[test] = "test"
         rest = np.setdiff1d(rest, test)
-    split[_holdout(table, rest, n_val, rng, log)] = "val"
+    if n_val:
+        split[_holdout(table, rest, n_val, rng, log)] = "val"
     return split.tolist()
 
 
 def _check_fractions(fractions) -> tuple[float, float, float]:
-    """(train, val, test) fractions that are ≥ 0, sum to 1, with train and val > 0."""
+    """(train, val, test) fractions that are ≥ 0, sum to 1, with train > 0 (val 0: no val split, see engine)."""
     try:
         f_train, f_val, f_test = (float(f) for f in fractions)
     except (TypeError, ValueError):
         raise UserError(f"split fractions must be three numbers (train, val, test), got {fractions!r}") from None
-    if min(f_train, f_val) <= 0 or f_test < 0 or abs(f_train + f_val + f_test - 1) > 1e-6:
+    if f_train <= 0 or min(f_val, f_test) < 0 or abs(f_train + f_val + f_test - 1) > 1e-6:
         raise UserError(
-            f"split fractions {fractions!r} must be train > 0, val > 0, test >= 0 and sum to 1; "
+            f"split fractions {fractions!r} must be train > 0, val >= 0, test >= 0 and sum to 1; "
             "e.g. 0.7, 0.15, 0.15"
         )
     return f_train, f_val, f_test
@@ -87,7 +90,7 @@ def _complete_given_split(table: LabelTable, val_share: float, rng: np.random.Ra
     bad = sorted(set(split.tolist()) - set(SPLITS))
     if bad:
         raise UserError(f"{table.source} has split values {bad}; use train, val or test")
-    if (split == "val").any():
+    if (split == "val").any() or val_share == 0:      # its own val rows, or none asked for
         return split.tolist()
     train = np.flatnonzero(split == "train")
     if len(train) < 2:
