@@ -43,7 +43,8 @@ def report(run: Path) -> None:
     for r in rows:
         elapsed += r["seconds"]
         test = r.get("test_accuracy")
-        print(f"{r['epoch']:5d}  {r['seconds']:7.1f}  {elapsed:10.1f}  {r['val_accuracy']:7.4f}  "
+        val = f"{r['val_accuracy']:7.4f}" if "val_accuracy" in r else "      -"      # "-": trained without val
+        print(f"{r['epoch']:5d}  {r['seconds']:7.1f}  {elapsed:10.1f}  {val}  "
               + (f"{test:8.4f}" if test is not None else "       -"))
         for target in TARGETS:
             if test is not None and test >= target and target not in reached:
@@ -62,7 +63,8 @@ def report(run: Path) -> None:
     if out.returncode == 0:
         result = json.loads(out.stdout)
         acc = result.get("accuracy", result.get("metrics", {}).get("accuracy"))
-        print(f"kept model (best val epoch {meta['best_epoch']}): multitag eval --split test accuracy {acc}")
+        kept = "best val" if meta.get("best_value") is not None else "last, no val split:"
+        print(f"kept model ({kept} epoch {meta['best_epoch']}): multitag eval --split test accuracy {acc}")
     else:
         print(f"multitag eval failed: {out.stderr.strip().splitlines()[-1:]}")
 
