@@ -145,6 +145,43 @@ def _timed_steps(model, loss_fn, x, y, ignore, rt: Runtime, steps: int, give_up_
     return sorted(times)[len(times) // 2]
 
 
+# The best thread count (and so the choice) depends on how busy the cores are: a choice measured while
+# other processes kept a core busy is measured again once they have gone, and the other way round.
+LOAD_CHANGE = 0.75      # cores
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    wall: float          # time.perf_counter()
+    busy: float          # CPU-seconds the whole machine has spent busy (/proc/stat)
+    own: float           # CPU-seconds this process has used
+
+
+def cpu_sample() -> CpuSample | None:
+    """A reading of machine-wide and own CPU time; None where /proc/stat is missing (not Linux)."""
+    try:
+        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    except (OSError, ValueError):
+        return None
+    busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")      # minus idle and iowait
+    t = os.times()
+    return CpuSample(time.perf_counter(), busy, t.user + t.system)
+
+
+def other_cores(a: CpuSample | None, b: CpuSample | None) -> float | None:
+    """Cores kept busy by other processes between two samples (what this process used is taken out)."""
+    if a is None or b is None or b.wall - a.wall <= 0:
+        return None
+    return max(0.0, ((b.busy - a.busy) - (b.own - a.own)) / (b.wall - a.wall))
+
+
+def other_load(seconds: float = 0.5) -> float | None:
+    """Cores busy with other processes over the next ``seconds`` (this process idles meanwhile)."""
+    a = cpu_sample()
+    time.sleep(seconds)
+    return other_cores(a, cpu_sample())
+
+
 def choose_runtime(model, loss_fn, example, targets, *, device: str = "auto", precision: str = "auto",
                    channels_last: str = "auto", key_extra: str = "", threads: int = 0, log=print) -> Runtime:
     """Pick device, precision, memory format and (CPU, ``threads`` 0) the thread count; measure
@@ -167,23 +204,32 @@ def choose_runtime(model, loss_fn, example, targets, *, device: str = "auto", pr
     known = json.loads(cache.read_text()) if cache.exists() else {}
     # Entries written before the thread count was measured have no "threads": measure those again.
     if key in known and "threads" in known[key] and (*known[key]["choice"], known[key]["threads"]) in cands:
-        rt = Runtime(dev, *known[key]["choice"], known[key]["threads"])
-        log(f"runtime: {rt.describe()} (measured before on this machine: {known[key]['timings']})")
-        return rt
+        then = known[key].get("other_load")
+        now = other_load() if dev.type == "cpu" and then is not None else None
+        if now is None or abs(now - then) < LOAD_CHANGE:
+            rt = Runtime(dev, *known[key]["choice"], known[key]["threads"])
+            log(f"runtime: {rt.describe()} (measured before on this machine: {known[key]['timings']})")
+            return rt
+        log(f"runtime: measuring again: other processes keep {now:.1f} cores busy now, {then:.1f} when it was measured")
 
     # Interleaved rounds, fastest per candidate: a burst of load from another process then slows
     # one round of every candidate instead of deciding the choice (seen on shared 2-core machines).
+    start = cpu_sample()
     seconds: dict[tuple[str, bool, int], float] = {}
     for _ in range(MEASURE_ROUNDS):
         for cand in cands:
             best = min(seconds.values(), default=float("inf"))
             t = time_train_step(model, loss_fn, example, targets, Runtime(dev, *cand), give_up_after=5 * best)
             seconds[cand] = min(seconds.get(cand, float("inf")), t)
+    end = cpu_sample()
+    load = other_cores(start, end) if end is not None and end.wall - start.wall >= 0.25 else other_load(0.25)
     timings = {Runtime(dev, *c).describe(): round(example.shape[0] / t, 1) for c, t in seconds.items()}
     choice = min(seconds, key=seconds.get)
     rt = Runtime(dev, *choice)
-    log(f"runtime: {rt.describe()} (measured img/s: {timings})")
-    known[key] = {"choice": list(choice[:2]), "threads": choice[2], "timings": timings}
+    log(f"runtime: {rt.describe()} (measured img/s: {timings}" + (f"; other processes kept {load:.1f} cores busy)"
+                                                                   if load is not None else ")"))
+    known[key] = {"choice": list(choice[:2]), "threads": choice[2], "timings": timings,
+                  **({"other_load": round(load, 2)} if load is not None and dev.type == "cpu" else {})}
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(known, indent=1))
     return rt

@@ -1,5 +1,6 @@
 """Precision / memory-format choice: explicit settings are obeyed, auto measures once and caches."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,6 +35,37 @@ def test_auto_measures_picks_fastest_and_caches(tmp_path, monkeypatch):
     # second call: no measuring
     monkeypatch.setattr(runtime, "time_train_step", lambda *a, **k: pytest.fail("measured twice"))
     assert runtime.choose_runtime(*setup(), log=logs.append) == rt
+
+
+def test_a_choice_is_measured_again_when_the_load_has_changed(tmp_path, monkeypatch):
+    monkeypatch.setenv("MULTITAG_CACHE", str(tmp_path))
+    fake = {("fp32", False): 0.3, ("fp32", True): 0.1, ("bf16", True): 0.2}
+    measured = []
+    monkeypatch.setattr(runtime, "time_train_step",
+                        lambda m, l, x, y, rt, **k: measured.append(1) or fake[(rt.precision, rt.channels_last)])
+    load = {"now": 1.0}
+    monkeypatch.setattr(runtime, "other_load", lambda seconds=0.5: load["now"])
+    logs = []
+    runtime.choose_runtime(*setup(), log=logs.append)                 # measured with a core busy elsewhere
+    assert list(json.loads((tmp_path / "precision.json").read_text()).values())[0]["other_load"] == 1.0
+    first = len(measured)
+    load["now"] = 1.5                                                  # about as busy: the cached choice
+    runtime.choose_runtime(*setup(), log=logs.append)
+    assert len(measured) == first and "measured before" in logs[-1]
+    load["now"] = 0.0                                                  # the other job has gone: measure again
+    runtime.choose_runtime(*setup(), log=logs.append)
+    assert len(measured) == 2 * first
+    assert any("measuring again" in line and "0.0 cores busy now, 1.0 when" in line for line in logs)
+    assert list(json.loads((tmp_path / "precision.json").read_text()).values())[0]["other_load"] == 0.0
+
+
+def test_other_cores_takes_out_this_process():
+    a = runtime.CpuSample(wall=0.0, busy=10.0, own=2.0)
+    b = runtime.CpuSample(wall=2.0, busy=14.0, own=4.0)             # 4 CPU-s busy in 2 s, 2 of them ours
+    assert runtime.other_cores(a, b) == pytest.approx(1.0)
+    assert runtime.other_cores(None, b) is None
+    if Path("/proc/stat").exists():
+        assert runtime.other_load(0.05) >= 0.0
 
 
 def test_real_step_timing_leaves_model_untouched():
