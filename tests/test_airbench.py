@@ -246,4 +246,6 @@ def test_alternating_flip_mirrors_each_image_on_every_other_epoch():
     assert flipped[0] == flipped[2] and flipped[1] == flipped[3]
     assert 0 < sum(flipped[0]) < n                                  # which epochs: a coin per image
     assert "hflip on alternate epochs" in aug.describe()
+    with pytest.raises(Exception, match="aug.hflip is off"):
+        BatchAugment(AugConfig(preset="none", hflip=False, alternate_flip=True), mean=(0, 0, 0), std=(1, 1, 1))
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 
 from multitag.config import AugConfig, resolve_aug
+from multitag.errors import UserError
 
 
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
@@ -172,6 +173,9 @@ class BatchAugment:
 
     def __init__(self, aug: AugConfig, mean, std):
         self.aug, self.mean, self.std = resolve_aug(aug), mean, std
+        if self.aug.alternate_flip and not self.aug.hflip:
+            raise UserError("aug.alternate_flip=true says when to mirror images, but aug.hflip is off; "
+                            "set aug.hflip=true as well, or aug.alternate_flip=false.")
 
     def describe(self) -> str:
         """One line for the training log: the preset and the operations it resolved to."""
