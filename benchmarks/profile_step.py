@@ -10,7 +10,6 @@ on the cores, 2-thread kernels are descheduled and the breakdown says more about
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import time
 
@@ -18,6 +17,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from multitag.models import build_model
+from multitag.runtime import Runtime
 
 
 def main() -> None:
@@ -40,10 +40,11 @@ def main() -> None:
     y = (torch.rand(a.batch_size, 20) < 0.1).float()
     loss_fn = torch.nn.BCEWithLogitsLoss()
 
+    rt = Runtime(torch.device("cpu"), a.precision, channels_last=not a.nchw)     # the engine's autocast
+
     def step():
         opt.zero_grad(set_to_none=True)
-        cast = torch.autocast("cpu", dtype=torch.bfloat16) if a.precision == "bf16" else contextlib.nullcontext()
-        with cast:
+        with rt.autocast():
             out = net(x)                                                  # (B, 20) logits
         loss_fn(out.float(), y).backward()
         opt.step()

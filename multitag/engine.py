@@ -21,9 +21,9 @@ import yaml
 
 from multitag import __version__, distributed
 from multitag.calibration import fit_thresholds
-from multitag.checkpoint import (MODEL_META, MODEL_WEIGHTS, TRAIN_META, TRAIN_STATE, load_model_state, read_checkpoint_meta,
-                                 load_tensors, model_state, optimizer_tensors, read_json, restore_optimizer,
-                                 save_tensors, write_json)
+from multitag.checkpoint import (MODEL_META, MODEL_WEIGHTS, TRAIN_META, TRAIN_STATE, load_model_state,
+                                 load_tensors, model_state, optimizer_tensors, read_checkpoint_meta, read_json,
+                                 restore_optimizer, save_tensors, write_json)
 from multitag.config import Config, StageConfig, config_from_dict
 from multitag.data.loader import BatchLoader, describe_oversampling, label_counts, repeat_factors, shard_bounds
 from multitag.data.prepare import PreparedData, prepare
@@ -494,7 +494,8 @@ def run_stage(job: Job, stages: list[StageConfig], state: TrainState, saved: dic
         improved = not has_val or value > state.best_value
         if improved:
             state.best_epoch, state.bad_epochs = epoch + 1, 0
-            state.best_value = value if has_val else state.best_value
+            if has_val:
+                state.best_value = value
         else:
             state.bad_epochs += 1
         state.epoch, state.stage_epoch = epoch + 1, state.stage_epoch + 1

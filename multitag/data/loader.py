@@ -135,8 +135,8 @@ class BatchLoader:
 
     def _alternating_flip(self, index: np.ndarray, epoch: int, seed: int) -> torch.Tensor | None:
         """(B,) bool mirror flags of these rows under aug.alternate_flip, else None (a coin per image)."""
-        aug = getattr(self.augment, "aug", None)
-        if aug is None or not (aug.hflip and aug.alternate_flip):
+        aug = getattr(self.augment, "aug", None)          # BatchAugment's resolved AugConfig
+        if aug is None or not aug.alternate_flip:        # (BatchAugment refuses it without hflip)
             return None
         if self._first_flip is None or self._first_flip[0] != seed:   # one coin per table row
             coins = torch.rand(len(self.targets), generator=torch.Generator().manual_seed(seed + 7_919)) < 0.5
