@@ -58,6 +58,8 @@ class OptimConfig:
     name: str = "adamw"               # adam | adamw | sgd
     lr: float = 1e-3
     weight_decay: float = 1e-4
+    wd_bn_bias: bool = False          # also decay biases and normalisation weights (1-D tensors); off as in
+                                      # timm/fastai, on for airbench (which decays its BN shifts and biases)
     momentum: float = 0.9             # sgd only
     betas: tuple = (0.9, 0.999)       # adam/adamw only
 

@@ -83,7 +83,7 @@ class Job:
 def build_optimizer(cfg: Config, model: torch.nn.Module, stage: StageConfig) -> torch.optim.Optimizer:
     """The configured optimizer over the stage's trainable parameters (head / backbone LR groups)."""
     o = cfg.optim
-    groups = param_groups(model, stage, o.weight_decay)
+    groups = param_groups(model, stage, o.weight_decay, o.wd_bn_bias)
     if o.name == "adam":
         return torch.optim.Adam(groups, lr=stage.lr, betas=o.betas, **_fused(groups))
     if o.name == "adamw":
@@ -478,6 +478,8 @@ def run_stage(job: Job, stages: list[StageConfig], state: TrainState, saved: dic
     total_epochs = sum(s.epochs for s in stages)
     while state.stage_epoch < stage.epochs and not state.stopped:
         epoch, start = state.epoch, time.perf_counter()
+        if not stage.cache_features and begin_model_epoch(job.model, epoch):
+            ddp = distributed.wrap(net, job.loss_fn, rt.device)   # what trains changed: DDP must know
         if lookahead is not None:
             lookahead.begin_epoch(state.stage_epoch)
         train_loss, lr = train_one_epoch(net, train_loader, job.loss_fn, optimizer, scheduler, per_batch,
@@ -520,6 +522,13 @@ def run_stage(job: Job, stages: list[StageConfig], state: TrainState, saved: dic
                 + (f"val_loss {val['loss']:.4f}  val_{monitor} {value:.4f}  " if has_val else "")
                 + f"lr {lr:.2e}  {seconds:.1f}s"
                 + ("  *best*" if improved and has_val else "") + ("  (early stop)" if state.stopped else ""))
+
+
+def begin_model_epoch(model: torch.nn.Module, epoch: int) -> bool:
+    """Tell a model with an epoch schedule of its own (``set_epoch``, e.g. airbench's whitening-bias
+    freeze) which 0-based epoch of the run begins; True when that changed which parameters train."""
+    set_epoch = getattr(getattr(model, "_orig_mod", model), "set_epoch", None)
+    return bool(set_epoch(epoch)) if set_epoch is not None else False
 
 
 def feature_stage(job: Job, stage: StageConfig):

@@ -81,17 +81,18 @@ def frozen_batchnorm_to_eval(model: nn.Module) -> None:
                 m.eval()
 
 
-def param_groups(model: nn.Module, stage: StageConfig, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, stage: StageConfig, weight_decay: float, wd_bn_bias: bool = False) -> list[dict]:
     """Trainable parameters in two groups: head at stage.lr, backbone at stage.lr × backbone_lr_mult.
 
-    Biases and normalisation weights (1-D tensors) get no weight decay, as in timm/fastai.
+    Biases and normalisation weights (1-D tensors) get no weight decay, as in timm/fastai, unless
+    ``wd_bn_bias`` (fastai's name; airbench decays them like the weights).
     """
     base = getattr(model, "_orig_mod", model)
     head = head_parameter_names(model)
     groups: dict[tuple[str, bool], list] = {}
     for n, p in base.named_parameters():
         if p.requires_grad:
-            groups.setdefault(("head" if n in head else "backbone", p.ndim > 1), []).append(p)
+            groups.setdefault(("head" if n in head else "backbone", wd_bn_bias or p.ndim > 1), []).append(p)
     out = []
     for (part, decay), params in sorted(groups.items()):
         lr = stage.lr if part == "head" else stage.lr * stage.backbone_lr_mult

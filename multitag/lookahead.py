@@ -6,9 +6,11 @@ weights are set back to that average. ρ rises with training progress, ρ = base
 so early steps move fast (ρ ≈ 0) and late ones are averaged strongly (ρ → base^every ≈ 0.77 for 0.95):
 the averaging does part of the LR annealing. Float buffers (BatchNorm statistics) are averaged too.
 
-At every epoch's end the live weights are set to the average (airbench: the steps since the last
-update are folded in as they are in the average), so at a checkpoint the average *is* the model:
-lookahead keeps no state of its own across epochs and a resumed run continues exactly.
+At every epoch's end the steps since the last update are folded in by one more update (at that
+step's ρ) and the live weights are set to the average, so at a checkpoint the average *is* the model:
+lookahead keeps no state of its own across epochs and a resumed run continues exactly. (airbench
+carries those steps into the next epoch instead; dropping them would lose up to every−1 steps of
+progress per epoch, 3 of 43 in cifar10_speed.)
 """
 from __future__ import annotations
 
@@ -38,23 +40,24 @@ class Lookahead:
         active = epoch >= self.from_epoch
         self.avg = {k: v.detach().clone() for k, v in self._floats().items()} if active else None
 
-    @torch.no_grad()
     def after_step(self) -> None:
         self.step += 1
-        if self.avg is None or self.step % self.every:
-            return
+        if self.avg is not None and self.step % self.every == 0:
+            self._pull_back()
+
+    def end_epoch(self) -> None:
+        """The live weights become the average (what is evaluated, saved and trained on next), with the
+        steps since the last update folded in."""
+        if self.avg is not None and self.step % self.every:
+            self._pull_back()
+
+    @torch.no_grad()
+    def _pull_back(self) -> None:
         rho = self.decay(self.step)
         for name, live in self._floats().items():
             avg = self.avg[name]
             avg.lerp_(live, 1 - rho)                                     # avg = ρ·avg + (1-ρ)·live
             live.copy_(avg)
-
-    @torch.no_grad()
-    def end_epoch(self) -> None:
-        """The live weights become the average (what is evaluated, saved and trained on next)."""
-        if self.avg is not None:
-            for name, live in self._floats().items():
-                live.copy_(self.avg[name])
 
     def _floats(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.model.state_dict().items() if v.is_floating_point()}

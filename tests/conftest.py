@@ -72,3 +72,22 @@ def stop_after_checkpoint(monkeypatch):
         monkeypatch.setattr(engine, "_save_checkpoint", save_then_die)
         return lambda: monkeypatch.setattr(engine, "_save_checkpoint", real_save)
     return arm
+
+
+@pytest.fixture(scope="session")
+def tiny_cifar(tmp_path_factory):
+    """A CIFAR-shaped folder dataset: train/ and test/, 3 classes told apart by colour, 32 px PNGs."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("tiny_cifar")
+    rng = np.random.RandomState(0)
+    for split, n in (("train", 30), ("test", 8)):
+        for c in range(3):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.randint(0, 90, (32, 32, 3)).astype(np.uint8)
+                pixels[..., c] += 120
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root

@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
@@ -101,22 +100,6 @@ def test_translate_alone_shifts_by_whole_pixels():
     assert len(shifts) > 3                                        # the shifts vary per image
 
 
-@pytest.fixture(scope="module")
-def tiny_cifar(tmp_path_factory):
-    """A CIFAR-shaped folder dataset: train/ and test/, 3 classes told apart by colour, 32 px PNGs."""
-    root = tmp_path_factory.mktemp("tiny_cifar")
-    rng = np.random.RandomState(0)
-    for split, n in (("train", 30), ("test", 8)):
-        for c in range(3):
-            folder = root / split / f"class{c}"
-            folder.mkdir(parents=True)
-            for i in range(n):
-                pixels = rng.randint(0, 90, (32, 32, 3)).astype(np.uint8)
-                pixels[..., c] += 120
-                Image.fromarray(pixels).save(folder / f"{i}.png")
-    return root
-
-
 FAST = ["train.batch_size=16", "train.eval_batch_size=32", "train.precision=fp32", "train.channels_last=false",
         "train.ema=0.9", "train.track_test=true", "optim.lr=0.2"]
 
@@ -132,13 +115,19 @@ def test_recipe_runs_one_epoch_with_ema_tta_and_test_tracking(tiny_cifar, tmp_pa
     assert evaluate(run, split="test", log=lambda *a: None)["accuracy"] == pytest.approx(row["test_accuracy"])
 
 
-def test_resume_with_ema_and_lookahead_reproduces_an_unbroken_run(tiny_cifar, tmp_path, stop_after_checkpoint):
-    over = FAST + ["train.epochs=2", "train.lookahead_from_epoch=0", "train.lookahead_every=2"]
+def test_resume_with_ema_lookahead_and_bias_freeze_reproduces_an_unbroken_run(tiny_cifar, tmp_path,
+                                                                               stop_after_checkpoint):
+    over = FAST + ["train.epochs=2", "train.lookahead_from_epoch=0", "train.lookahead_every=2",
+                   "model.args.whiten_bias_epochs=1"]
     full = train("cifar10_speed", data=str(tiny_cifar), out=tmp_path / "full", overrides=over, log=lambda *a: None)
     undo = stop_after_checkpoint(1)
     with pytest.raises(KeyboardInterrupt):
         train("cifar10_speed", data=str(tiny_cifar), out=tmp_path / "killed", overrides=over, log=lambda *a: None)
     assert json.loads((tmp_path / "killed" / TRAIN_META).read_text())["ema_updates"] > 0
+    # The whitening bias trained in epoch 1 (it starts at 0) and stayed frozen through epoch 2.
+    after_one = load_file(str(tmp_path / "killed" / "checkpoint.safetensors"))["model.whiten.bias"]
+    assert after_one.abs().max() > 0
+    assert torch.equal(load_file(str(full / "checkpoint.safetensors"))["model.whiten.bias"], after_one)
     undo()
     resumed = train(resume=tmp_path / "killed", log=lambda *a: None)
     for name in ("checkpoint.safetensors", MODEL_WEIGHTS):
@@ -203,11 +192,30 @@ def test_lookahead_pulls_back_every_k_steps_with_a_rising_decay():
     assert model.weight.item() == pytest.approx(rho * 1.0 + (1 - rho) * 3.0)
     pulled = model.weight.item()
     model.weight.data.fill_(10.0)
-    la.after_step()                                               # step 7: no update; the epoch end folds it back
+    la.after_step()                                               # step 7: no update; the epoch end folds it in
+    assert model.weight.item() == 10.0
     la.end_epoch()
-    assert model.weight.item() == pytest.approx(pulled)
+    rho = 0.81 * (7 / 8) ** 3
+    assert model.weight.item() == pytest.approx(rho * pulled + (1 - rho) * 10.0)
+    la.begin_epoch(1)
+    model.weight.data.fill_(5.0)
+    la.after_step(), la.after_step()                              # steps 5, 6: the update at 6 ends on a multiple
+    at_six = model.weight.item()
+    la.end_epoch()                                                # nothing since the last update: no extra one
+    assert model.weight.item() == at_six
     with pytest.raises(Exception, match="train.lookahead must be"):
         Lookahead(model, base=1.5, every=5, from_epoch=0, steps_per_epoch=4, epochs=1)
+
+
+def test_whiten_bias_freezes_from_its_epoch_and_stage_freezes_win():
+    model = build_model("airbench", 3, whiten_bias_epochs=2)
+    assert [model.set_epoch(e) for e in range(4)] == [False, False, True, False]   # True: what trains changed
+    assert not model.whiten.bias.requires_grad
+    never = build_model("airbench", 3)                            # 0: always trained
+    assert not any(never.set_epoch(e) for e in range(5)) and never.whiten.bias.requires_grad
+    staged = build_model("airbench", 3, whiten_bias_epochs=2)
+    staged.whiten.bias.requires_grad_(False)                      # frozen by a stage: set_epoch never unfreezes
+    assert not staged.set_epoch(0) and not staged.whiten.bias.requires_grad
 
 
 def test_triangle_schedule_is_linear_with_the_momentum_left_alone():

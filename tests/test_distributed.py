@@ -255,3 +255,15 @@ def test_hung_process_times_out_with_one_line(digits_csv, tmp_path):
     line = lines[0]
     assert "stopped waiting for the other training processes" in line and "dist_timeout_s=5 s" in line
     assert len(metrics(run)) == 1
+
+
+def test_a_parameter_frozen_mid_stage_keeps_two_processes_training(tiny_cifar, tmp_path):
+    """airbench's whitening bias stops training after epoch 1 (model.set_epoch): DDP, built when it still
+    trained, must be rebuilt or epoch 2 fails waiting for a gradient that never comes."""
+    run = tmp_path / "run"
+    sets = ["train.epochs=2", "model.args.whiten_bias_epochs=1", "train.batch_size=16", "train.eval_batch_size=32",
+            "train.precision=fp32", "train.channels_last=false", "train.threads=1", "train.dist_timeout_s=60"]
+    done = torchrun("cifar10_speed", "--data", str(tiny_cifar), "--out", str(run),
+                    *[f for s in sets for f in ("--set", s)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["epoch"] for r in metrics(run)] == [1, 2]

@@ -48,6 +48,9 @@ def test_param_groups_discriminative_lr_and_no_decay_on_1d():
     by = {(g["name"], g["weight_decay"]): g for g in groups}
     assert by[("head", 0.05)]["lr"] == 0.01 and by[("backbone", 0.05)]["lr"] == pytest.approx(0.001)
     assert all(p.ndim == 1 for p in by[("backbone", 0.0)]["params"])
+    every = param_groups(model, StageConfig(lr=0.01), weight_decay=0.05, wd_bn_bias=True)     # airbench
+    assert all(g["weight_decay"] == 0.05 for g in every)
+    assert sum(p.numel() for g in every for p in g["params"]) == sum(p.numel() for p in model.parameters())
 
 
 def test_staged_run_applies_each_stage_lr_and_keeps_best(digits_csv, tmp_path, monkeypatch):

@@ -15,6 +15,9 @@ Speed-run choices kept from airbench, each for its reason:
 - Logits are scaled by 1/9: small initial logits tolerate the large learning rate of the recipe.
 - ``bias_scaler`` > 0: airbench's BN (scale fixed at 1, shift at bias_scaler × the LR; airbench: 64);
   0 = ordinary BN with a learned scale and shift.
+- ``whiten_bias_epochs`` > 0: the whitening layer's bias trains for that many epochs, then is frozen
+  (airbench: 3). The backward pass then stops at the first conv group: ~3 % faster steps on a CPU,
+  the same accuracy in airbench's ablation. The engine calls ``set_epoch`` before every epoch.
 - ``tta_flip``: in eval mode the logits are the mean of the image's and its mirror image's, so
   evaluation, predict, export and serving all average the same two views (training is unaffected).
 - ``tta_translate``: also the image shifted by one pixel up-left and down-right (reflect-padded), each
@@ -99,7 +102,8 @@ class ConvGroup(nn.Sequential):
 
 class AirbenchNet(nn.Module):
     def __init__(self, num_classes: int, in_chans: int = 3, widths=(64, 256, 256), logit_scale: float = 1 / 9,
-                 tta_flip: bool = False, tta_translate: bool = False, bias_scaler: float = 0.0):
+                 tta_flip: bool = False, tta_translate: bool = False, bias_scaler: float = 0.0,
+                 whiten_bias_epochs: int = 0):
         super().__init__()
         self.whiten = Whiten(in_chans)
         chans = (self.whiten.out_chans, *widths)
@@ -108,6 +112,16 @@ class AirbenchNet(nn.Module):
         self.pool = nn.AdaptiveMaxPool2d(1)                               # airbench: MaxPool(3) on the 3×3 map
         self.fc = nn.Linear(widths[-1], num_classes, bias=False)
         self.logit_scale, self.tta_flip, self.tta_translate = logit_scale, tta_flip, tta_translate
+        self.whiten_bias_epochs = whiten_bias_epochs
+
+    def set_epoch(self, epoch: int) -> bool:
+        """Before the run's 0-based ``epoch``: freeze the whitening bias from whiten_bias_epochs on (it is
+        never unfrozen here: a stage's freeze patterns decide before). True when that changed which
+        parameters train (a DistributedDataParallel wrapper must then be rebuilt)."""
+        if not 0 < self.whiten_bias_epochs <= epoch or not self.whiten.bias.requires_grad:
+            return False
+        self.whiten.bias.requires_grad_(False)
+        return True
 
     def init_from_data(self, x: torch.Tensor) -> None:
         """Data-dependent init (the engine calls it once with normalised training images, N ≥ ~1,000)."""
