@@ -37,6 +37,16 @@ def test_auto_measures_picks_fastest_and_caches(tmp_path, monkeypatch):
     assert runtime.choose_runtime(*setup(), log=logs.append) == rt
 
 
+def test_a_large_batch_is_measured_on_its_first_images(tmp_path, monkeypatch):
+    monkeypatch.setenv("MULTITAG_CACHE", str(tmp_path))
+    monkeypatch.setattr(runtime, "MEASURE_MAX_IMAGES", 5)
+    sizes = []
+    monkeypatch.setattr(runtime, "time_train_step", lambda m, l, x, y, rt, **k: sizes.append((len(x), len(y))) or 0.1)
+    logs = []
+    runtime.choose_runtime(*setup(), log=logs.append)                  # a batch of 8
+    assert set(sizes) == {(5, 5)} and "'cpu fp32 NCHW': 50.0" in logs[0]   # img/s of the 5 images timed
+
+
 def test_a_choice_is_measured_again_when_the_load_has_changed(tmp_path, monkeypatch):
     monkeypatch.setenv("MULTITAG_CACHE", str(tmp_path))
     fake = {("fp32", False): 0.3, ("fp32", True): 0.1, ("bf16", True): 0.2}
