@@ -55,6 +55,21 @@ def test_loader_covers_every_row_once_without_oversampling():
     assert np.array_equal(seen, again)          # same (seed, epoch) → same order
 
 
+def test_micro_batches_and_shards_of_a_class_sorted_table_mix_the_classes():
+    # A folder dataset's rows are sorted by class. The first quarter of a batch (a micro-batch of
+    # train.accumulate=4) or half (the shard of process 0 of 2) must not hold only the low classes:
+    # BatchNorm statistics would then carry the labels (train loss fine, test accuracy ~50 %).
+    targets = np.eye(4, dtype=np.float32)[np.arange(400) // 100]           # rows 0-99 class 0, ...
+    common = dict(mean=(0, 0, 0), std=(1 / 255,) * 3, shuffle=True)
+    ignore = np.zeros_like(targets, bool)
+    whole = next(BatchLoader(FakeCache(), np.arange(400), targets, ignore, batch_size=400, **common).iterate())
+    assert set(whole.index[:100] // 100) == {0, 1, 2, 3}
+    assert torch.allclose(whole.images[:, 0, 0, 0], torch.as_tensor(whole.index % 256, dtype=torch.float32))  # rows in order
+    shard = next(BatchLoader(FakeCache(), np.arange(400), targets, ignore, batch_size=400, shard=(0, 2),
+                             **common).iterate())
+    assert np.array_equal(shard.index, whole.index[:200]) and set(shard.index // 100) == {0, 1, 2, 3}
+
+
 def test_balanced_pos_weight():
     targets = np.array([[1, 0], [0, 0], [0, 0], [0, 1]] * 50 + [[1, 0]] * 0, dtype=np.float32)
     targets[:, 1] = 0

@@ -97,6 +97,17 @@ def epoch_rows(rows: np.ndarray, repeats: np.ndarray, g: torch.Generator) -> np.
     return out
 
 
+def read_rows(cache, index: np.ndarray) -> torch.Tensor:
+    """cache.get_batch(index) read in ascending row order (sequential in the memory map) and returned
+    in ``index``'s order: (B, 3, S, S)."""
+    ascending = np.argsort(index, kind="stable")
+    if (ascending == np.arange(len(index))).all():
+        return cache.get_batch(index)
+    back = np.empty_like(ascending)
+    back[ascending] = np.arange(len(index))
+    return cache.get_batch(index[ascending])[torch.from_numpy(back)]
+
+
 class BatchLoader:
     """Iterates over ``rows`` of an image cache in batches.
 
@@ -156,13 +167,15 @@ class BatchLoader:
         rows = self.rows if self.repeats is None else epoch_rows(self.rows, self.repeats, g)
         order = rows[torch.randperm(len(rows), generator=g).numpy()] if self.shuffle else rows
         for k in range(len(self)):
+            # Kept in the shuffled order, not sorted: micro-batches (train.accumulate) and process shards
+            # are slices of the batch, and slices of a class-sorted table's sorted rows would give each
+            # one its own classes, and BatchNorm statistics that carry the labels.
             index = order[k * self.batch_size:(k + 1) * self.batch_size]
-            index = np.sort(index)    # sorted reads are sequential in the memory map; same batch content
             whole, part = None, None
             if self.shard[1] > 1:     # this rank's images [lo, hi) of the global batch (B/world of them)
                 lo, hi = shard_bounds(len(index), *self.shard)
                 whole, index, part = index, index[lo:hi], Part(lo, hi, len(index))
-            pixels = to_device(self.cache.get_batch(index), self.device)     # uint8 (B, 3, S, S)
+            pixels = to_device(read_rows(self.cache, index), self.device)     # uint8 (B, 3, S, S)
             if not self.augment:
                 images = normalize(pixels, self.mean, self.std)
             else:
