@@ -459,9 +459,9 @@ def run_stage(job: Job, stages: list[StageConfig], state: TrainState, saved: dic
         lookahead = Lookahead(job.model, cfg.train.lookahead, cfg.train.lookahead_every,
                               cfg.train.lookahead_from_epoch, len(job.train_loader), stage.epochs)
         optimizer.register_step_post_hook(lambda *_: lookahead.after_step())
-        start = cfg.train.lookahead_from_epoch
-        job.log(f"lookahead {cfg.train.lookahead:g} every {cfg.train.lookahead_every} steps from epoch {start + 1} of "
-                f"{stage.epochs}" + (": later than the last epoch, so it never runs" if start >= stage.epochs else ""))
+        first = cfg.train.lookahead_from_epoch          # 0-based epoch of the stage
+        job.log(f"lookahead {cfg.train.lookahead:g} every {cfg.train.lookahead_every} steps from epoch {first + 1} of "
+                f"{stage.epochs}" + (": later than the last epoch, so it never runs" if first >= stage.epochs else ""))
     if saved and state.stage_epoch > 0:          # resuming inside this stage
         restore_optimizer(optimizer, _checkpoint_tensors(job.run, "optim."), saved["optimizer"])
         if scheduler is not None:
