@@ -65,3 +65,39 @@ def test_profile_step_script_runs_tiny():
                           "--steps", "1", "--threads", "1", "--precision", "fp32"],
                          capture_output=True, text=True, timeout=120, check=True).stdout
     assert "img/s" in out and "convolution_backward" in out and "mkldnn_convolution" in out
+
+
+def test_device_data_pack_and_unpack_give_back_the_same_files(tmp_path):
+    """benchmarks/device_data.py carries the data to a GPU machine: a CIFAR-style folder and a VOC-style
+    subset (spread over both official splits, with their labels.csv rows) come back byte for byte."""
+    import csv
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    data = tmp_path / "data"
+    for i in range(3):
+        for split in ("train", "test"):
+            (data / "cifar10" / split / f"c{i}").mkdir(parents=True)
+            (data / "cifar10" / split / f"c{i}" / f"{i}.jpg").write_bytes(bytes([i]) * (i + 5) + split.encode())
+    (data / "voc2007" / "images").mkdir(parents=True)
+    rows = [(f"{n:06d}.jpg", "cat", "", "train" if n < 10 else "val") for n in range(16)]
+    for name, *_ in rows:
+        (data / "voc2007" / "images" / name).write_bytes(name.encode() * 3)
+    with open(data / "voc2007" / "labels.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("image", "labels", "difficult", "split"), *rows])
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "device_data.py"
+    run = lambda *args: subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
+                                       timeout=60, check=True).stdout
+    run("pack", "--data", str(data), "--out", str(tmp_path / "packed"), "--voc-train", "4", "--voc-val", "2", "--no-wheels")
+    run("unpack", str(tmp_path / "packed"), str(tmp_path / "back"))
+    for p in (data / "cifar10").rglob("*.jpg"):
+        assert (tmp_path / "back" / p.relative_to(data)).read_bytes() == p.read_bytes()
+    with open(tmp_path / "back" / "voc2007" / "labels.csv", newline="") as f:
+        kept = list(csv.DictReader(f))
+    assert [r["split"] for r in kept] == ["train"] * 4 + ["val"] * 2
+    assert [r["image"] for r in kept][:4] == ["000000.jpg", "000002.jpg", "000004.jpg", "000006.jpg"]  # spread
+    for r in kept:
+        assert (tmp_path / "back" / "voc2007" / "images" / r["image"]).read_bytes() == r["image"].encode() * 3
+    assert len(list((tmp_path / "back" / "voc2007" / "images").iterdir())) == 6
