@@ -135,6 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inference-rounds", type=int, default=10)
     _add_json(p)
 
+    p = sub.add_parser("cache", help="list the decode-once image caches, or prune / clear them")
+    p.add_argument("action", nargs="?", default="list", choices=["list", "prune", "clear"],
+                   help="list (default); prune: those unused for --older-than days and broken ones; clear: all")
+    p.add_argument("--older-than", type=float, default=30.0, metavar="DAYS", help="prune's age limit (default 30)")
+    p.add_argument("--dir", help="cache directory (default: <cache root>/images, as data.cache_dir's default)")
+    p.add_argument("--dry-run", action="store_true", help="say what prune / clear would remove, remove nothing")
+    _add_json(p)
+
     p = sub.add_parser("models", help="list the model architectures")
     _add_json(p)
     p = sub.add_parser("recipes", help="list the training recipes")
@@ -286,6 +294,50 @@ def cmd_recipes(args):
     return rows
 
 
+def cmd_cache(args):
+    from pathlib import Path
+
+    from multitag.data import cache_admin
+    from multitag.data.cache import default_cache_dir
+
+    if args.older_than < 0:
+        raise UserError(f"--older-than must be 0 days or more, got {args.older_than:g}.")
+    folder = Path(args.dir).expanduser() if args.dir else default_cache_dir()
+    if args.action == "list":
+        rows = [e.as_row() for e in cache_admin.list_caches(folder)]
+        if not args.json:
+            _print_caches(folder, rows)
+        return rows
+    result = cache_admin.prune(folder, args.older_than if args.action == "prune" else None, args.dry_run)
+    if not args.json:
+        verb = "would remove" if args.dry_run else "removed"
+        gone, temps = result["removed"], result["temporaries"]
+        for r in gone:
+            print(f"{verb} {r['cache']} ({r['images']:,} images, {r['bytes'] / 2**20:,.1f} MiB, last used "
+                  f"{r['last_used']}{'' if r['complete'] else ', incomplete'}) {r['source']}")
+        print(f"{verb} {len(gone)} cache{'s' * (len(gone) != 1)} and {len(temps)} leftover temporar"
+              f"{'ies' if len(temps) != 1 else 'y'} from {folder}: {result['bytes'] / 2**20:,.1f} MiB; "
+              f"{result['kept']} kept")
+    return result
+
+
+def _print_caches(folder, rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"image caches in {folder}", title_justify="left")
+    for name in ("cache", "images", "px", "MiB", "last used", "source"):
+        table.add_column(name, justify="right" if name in ("images", "px", "MiB") else "left")
+    for r in rows:
+        note = "" if r["complete"] else "  (incomplete: prune removes it)"
+        table.add_row(r["cache"], f"{r['images']:,}", str(r["image_size"]), f"{r['bytes'] / 2**20:,.1f}",
+                      r["last_used"], (r["source"] or "?") + note)
+    console = Console()
+    console.print(table)
+    console.print(f"{len(rows)} cache{'s' * (len(rows) != 1)}, {sum(r['bytes'] for r in rows) / 2**20:,.1f} MiB; "
+                  "`multitag cache prune` removes those unused for 30 days")
+
+
 def cmd_demo(args):
     from multitag import api
 
@@ -370,7 +422,8 @@ def cmd_app(args):
 
 HANDLERS = {"report": cmd_report, "explain": cmd_explain, "export": cmd_export, "serve": cmd_serve, "app": cmd_app,
             "train": cmd_train, "eval": cmd_eval, "calibrate": cmd_calibrate, "predict": cmd_predict,
-            "models": cmd_models, "bench": cmd_bench, "recipes": cmd_recipes, "demo": cmd_demo, "ablate": cmd_ablate}
+            "models": cmd_models, "bench": cmd_bench, "recipes": cmd_recipes, "demo": cmd_demo, "ablate": cmd_ablate,
+            "cache": cmd_cache}
 
 
 def _resume_hint(args) -> str:

@@ -3,13 +3,15 @@
 Layout, in ``cache_dir``:
     <key16>_<size>.u8                 raw uint8, shape (N, size, size, 3): HWC so that one image
                                       is one contiguous row; ``get_batch`` permutes to NCHW.
-    <key16>_<size>.json               sidecar: format version, full key, shape, bad rows.
+    <key16>_<size>.json               sidecar: format version, full key, shape, bad rows, the images'
+                                      folder; its mtime is the cache's last use (touched on reuse).
     <key16>_<size>.bad_images.txt     only when images were skipped: "index<TAB>path<TAB>reason" lines.
 
 The key is the sha256 of the format versions, the size, and for every path in order its
 absolute path, file size and mtime_ns. So the cache is reused across epochs and runs, and
 rebuilt when any file is touched or rewritten, a path is added, removed or reordered, or the
-size changes. It is not rebuilt when a file's bytes change with its size and mtime kept
+size changes. Nothing is deleted unasked: `multitag cache` lists the caches and prunes them
+(data/cache_admin.py). It is not rebuilt when a file's bytes change with its size and mtime kept
 (nothing ordinary does that; hashing every file's bytes would cost a full read per run).
 
 Writes are atomic: the data and sidecar are built under temporary names and moved into place
@@ -49,6 +51,9 @@ CACHE_FORMAT_VERSION = 1
 ON_BAD_IMAGE = ("error", "skip")
 _SUMMARY_NAMES = 3  # bad files named in the one-line summary; the rest are in bad_images.txt
 _LOG_EVERY_S = 10.0  # progress line period when stderr is not a terminal
+# After a build, when the directory's caches hold more than this, say how to list and prune them
+# (caches are never deleted unasked: data/cache_admin.py, `multitag cache`).
+SIZE_HINT_BYTES = 20 * 2**30
 
 
 def default_cache_dir() -> Path:
@@ -136,6 +141,7 @@ def build_cache(
     cache = _load(cache_dir / f"{stem}.u8", cache_dir / f"{stem}.json", key, (len(paths), size, size, 3))
     if cache is None:
         cache = _build(paths, size, cache_dir, stem, key, on_bad_image, num_workers, progress)
+        _hint_if_large(cache_dir)
     _report_bad(cache, len(paths), on_bad_image)
     return cache
 
@@ -178,6 +184,8 @@ def _load(data_path: Path, meta_path: Path, key: str, shape: tuple[int, ...]) ->
         return None
     if not ok:
         return None
+    with contextlib.suppress(OSError):  # "last used", for `multitag cache prune` (a read-only dir keeps its date)
+        os.utime(meta_path)
     return _make_cache(data_path, shape, bad, key)
 
 
@@ -202,7 +210,8 @@ def _build(paths: list[str], size: int, cache_dir: Path, stem: str, key: str,
         tmp_meta.write_text(json.dumps({
             "format_version": CACHE_FORMAT_VERSION, "preprocess_version": PREPROCESS_VERSION,
             "key": key, "shape": list(shape), "layout": "NHWC uint8",
-            "bad": [list(b) for b in bad],
+            "bad": [list(b) for b in bad], "source": _common_folder(paths),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }))
         os.replace(tmp_data, data_path)
         os.replace(tmp_meta, meta_path)  # the commit point: now the cache counts
@@ -216,6 +225,21 @@ def _build(paths: list[str], size: int, cache_dir: Path, stem: str, key: str,
         for tmp in (tmp_data, tmp_meta):
             tmp.unlink(missing_ok=True)
     return _make_cache(data_path, shape, bad, key)
+
+
+def _common_folder(paths: list[str]) -> str:
+    """The folder all the images are under (shown by `multitag cache`); "" when they share none."""
+    try:
+        return os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths]) if paths else ""
+    except ValueError:  # e.g. paths on different Windows drives
+        return ""
+
+
+def _hint_if_large(cache_dir: Path) -> None:
+    total = sum(p.stat().st_size for p in cache_dir.glob("*.u8"))
+    if total > SIZE_HINT_BYTES:
+        print(f"image caches in {cache_dir} now take {total / 2**30:.1f} GiB: `multitag cache` lists them and "
+              f"`multitag cache prune` removes those unused for 30 days", file=sys.stderr, flush=True)
 
 
 def _decode_into(tmp_data: Path, paths: list[str], size: int, on_bad_image: str,
@@ -314,11 +338,11 @@ def _remove_stale_temps(cache_dir: Path, stem: str) -> None:
     """Delete temporaries of this cache left by builds that were killed (their pid is gone)."""
     for tmp in cache_dir.glob(f"{stem}.*.tmp-*"):
         pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             tmp.unlink(missing_ok=True)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
