@@ -44,6 +44,7 @@ from multitag.data.loader import BatchLoader
 from multitag.data.prepare import PreparedData, load_table, prepare
 from multitag.data.transforms import BatchAugment
 from multitag.errors import UserError
+from multitag.mixed_precision import has_depthwise
 from multitag.models import build_model, count_parameters
 from multitag.progress import track
 from multitag.runtime import Runtime, candidates, choose_device, choose_runtime, cpu_flags
@@ -229,8 +230,7 @@ def engine_system(b: Bench, name: str, rt: Runtime, *, note: str = "", fused: bo
     from multitag.engine import build_optimizer, train_one_epoch
     from multitag.finetune import resolve_stages
 
-    model = copy.deepcopy(b.model).to(rt.device, memory_format=torch.channels_last if rt.channels_last
-                                      else torch.contiguous_format)
+    model = rt.prepare_model(copy.deepcopy(b.model))
     stage = resolve_stages(b.cfg)[0]
     optimizer = build_optimizer(b.cfg, model, stage)
     if not fused:       # torch's own choice on the CPU: a Python loop over the parameter tensors
@@ -274,7 +274,7 @@ class DecodeEveryRead:
 
 def multitag_systems(b: Bench, opts: BenchOptions) -> list[System]:
     rows = []
-    for cand in candidates(b.rt.device, opts.threads):       # what choose_runtime measured, one row each
+    for cand in candidates(b.rt.device, opts.threads, has_depthwise(b.model)):   # what choose_runtime measured
         rt = Runtime(b.rt.device, *cand)
         rows.append(engine_system(b, f"multitag, {rt.describe()}" + ("  [chosen]" if rt == b.rt else ""), rt))
     rows.append(engine_system(b, "multitag, unfused optimizer", b.rt, fused=False,
@@ -361,8 +361,7 @@ def scaling_rows(b: Bench, opts: BenchOptions, log) -> list[dict]:
     from multitag.finetune import resolve_stages
 
     t, rows, size = b.data.table, b.data.rows("train"), b.cfg.data.image_size
-    model = copy.deepcopy(b.model).to(b.rt.device, memory_format=torch.channels_last if b.rt.channels_last
-                                      else torch.contiguous_format)
+    model = b.rt.prepare_model(copy.deepcopy(b.model))
     optimizer = build_optimizer(b.cfg, model, resolve_stages(b.cfg)[0])
     out = []
     with tempfile.TemporaryDirectory(prefix="multitag-bench-") as tmp:

@@ -387,7 +387,8 @@ def setup_job(cfg: Config, run: Path, saved: dict | None, log) -> Job:
     loss_fn = build_loss(cfg.train, t.multi_label, t.targets[train_rows], t.ignore[train_rows])
     if saved:   # the choice made at the start of the run, so a resumed run computes the same way
         rt = Runtime(torch.device(distributed.device_name(saved["runtime"]["device"])), saved["runtime"]["precision"],
-                     saved["runtime"]["channels_last"], saved["runtime"].get("threads", 0))
+                     saved["runtime"]["channels_last"], saved["runtime"].get("threads", 0),
+                     saved["runtime"].get("fp32_depthwise", False))
     else:
         rt = None
         if distributed.is_main():   # rank 0 measures (with one process's micro-batch); all compute alike
@@ -402,7 +403,7 @@ def setup_job(cfg: Config, run: Path, saved: dict | None, log) -> Job:
             rt = dataclasses.replace(rt, device=choose_device(distributed.device_name(cfg.train.device)))
     if rt.threads:      # the thread count measured fastest here (runtime.candidates); kept on resume
         torch.set_num_threads(rt.threads)
-    model = model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
+    model = rt.prepare_model(model)
     if cfg.train.sync_bn and distributed.world().size > 1:
         if rt.device.type != "cuda":
             raise UserError("train.sync_bn needs CUDA GPUs (torch's SyncBatchNorm has no CPU kernels); on the CPU "
@@ -618,7 +619,7 @@ def _save_checkpoint(run: Path, model, optimizer, scheduler, state: TrainState, 
         "optimizer": optim_meta,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "runtime": {"device": str(rt.device), "precision": rt.precision, "channels_last": rt.channels_last,
-                    "threads": rt.threads},
+                    "threads": rt.threads, "fp32_depthwise": rt.fp32_depthwise},
         "ema_updates": ema.updates if ema is not None else 0,
     }
     save_tensors(run / TRAIN_STATE, tensors, meta)     # the commit point: tensors and state in one file

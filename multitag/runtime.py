@@ -22,6 +22,7 @@ import torch
 from multitag.config import cache_root
 from multitag.errors import UserError, did_you_mean
 from multitag.losses import training_loss
+from multitag.mixed_precision import has_depthwise, keep_depthwise_fp32
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class Runtime:
     precision: str            # "fp32" | "bf16"
     channels_last: bool
     threads: int = 0          # torch CPU threads to train with; 0 = leave torch's setting as it is
+    fp32_depthwise: bool = False   # bf16 autocast, but depthwise convs in fp32 (mixed_precision.py)
 
     def autocast(self):
         if self.precision == "bf16":
@@ -40,10 +42,18 @@ class Runtime:
         x = x.to(self.device, non_blocking=True)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``model`` (in place) on this runtime's device and memory format, with its layer precisions."""
+        model = model.to(self.device, memory_format=torch.channels_last if self.channels_last
+                         else torch.contiguous_format)
+        if self.fp32_depthwise:
+            keep_depthwise_fp32(model)
+        return model
+
     def describe(self) -> str:
         fmt = "channels_last" if self.channels_last else "NCHW"
-        return f"{self.device.type} {self.precision} {fmt}" + (f", {self.threads} thread{'s' * (self.threads > 1)}"
-                                                               if self.threads else "")
+        return (f"{self.device.type} {self.precision} {fmt}" + (", fp32 depthwise" if self.fp32_depthwise else "")
+                + (f", {self.threads} thread{'s' * (self.threads > 1)}" if self.threads else ""))
 
     @contextlib.contextmanager
     def thread_count(self):
@@ -107,24 +117,25 @@ MEASURE_ROUNDS = 2
 MEASURE_MAX_IMAGES = 256
 
 
-def candidates(device: torch.device, threads: int = 0) -> list[tuple[str, bool, int]]:
-    """(precision, channels_last, threads) to measure. On a CPU with several threads each is also
-    tried with one: when other processes share the cores, every parallel region of a 2-thread step
-    waits for its descheduled thread, and one thread was 2-5x faster (benchmarks/RESULTS.md,
-    "Performance (issue 9)"); on an idle machine two threads win. ``threads`` > 0 fixes the count."""
-    cands = [("fp32", False), ("fp32", True), ("bf16", True)]
+def candidates(device: torch.device, threads: int = 0, depthwise: bool = False) -> list[tuple[str, bool, int, bool]]:
+    """(precision, channels_last, threads, fp32_depthwise) to measure: Runtime's fields. On a CPU with
+    several threads each is also tried with one: when other processes share the cores, every parallel
+    region of a 2-thread step waits for its descheduled thread, and one thread was 2-5x faster
+    (benchmarks/RESULTS.md, "Performance (issue 9)"); on an idle machine two threads win. ``threads``
+    > 0 fixes the count. A model with depthwise convs also gets bf16 with those convs in fp32."""
+    cands = [("fp32", False, False), ("fp32", True, False), ("bf16", True, False)]
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         cands = cands[:2]
+    elif depthwise:
+        cands.append(("bf16", True, True))
     counts = [threads] if threads or device.type != "cpu" or torch.get_num_threads() == 1 else [0, 1]
-    return [(p, c, n) for n in counts for p, c in cands]
+    return [(p, c, n, dw) for n in counts for p, c, dw in cands]
 
 
 def time_train_step(model, loss_fn, example: torch.Tensor, targets: torch.Tensor, rt: Runtime,
                     steps: int = 3, give_up_after: float = float("inf")) -> float:
     """Seconds per forward+backward step (after one warm-up), on a throwaway copy of the model."""
-    model = copy.deepcopy(model).to(rt.device)
-    if rt.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = rt.prepare_model(copy.deepcopy(model))
     model.train()
     x, y = rt.prepare_input(example), targets.to(rt.device)
     ignore = torch.zeros_like(y, dtype=torch.bool)
@@ -195,25 +206,30 @@ def choose_runtime(model, loss_fn, example, targets, *, device: str = "auto", pr
     if precision not in ("auto", "fp32", "bf16"):
         raise UserError(f'unknown precision "{precision}"{did_you_mean(precision, ["auto", "fp32", "bf16"])}.')
     cl = _parse_bool(channels_last, "train.channels_last")
-    cands = [(p, c, n) for p, c, n in candidates(dev, threads)
-             if (precision == "auto" or p == precision) and (cl is None or c == cl)]
+    depthwise = has_depthwise(model)
+    cands = [cand for cand in candidates(dev, threads, depthwise)
+             if (precision == "auto" or cand[0] == precision) and (cl is None or cand[1] == cl)]
     if not cands:
-        cands = [(precision if precision != "auto" else "fp32", bool(cl), threads)]
+        cands = [(precision if precision != "auto" else "fp32", bool(cl), threads, False)]
     if len(cands) == 1 or precision != "auto" and cl is not None:    # fixed by the user: threads as they are
         return Runtime(dev, *cands[0][:2])
 
     example, targets = example[:MEASURE_MAX_IMAGES], targets[:MEASURE_MAX_IMAGES]
     n_params = sum(p.numel() for p in model.parameters())
+    # (models with depthwise convs got a candidate more: their choices made before it are measured again)
     key = hashlib.sha256(json.dumps([machine_fingerprint(dev), torch.__version__, type(model).__name__,
-                                     n_params, list(example.shape), key_extra]).encode()).hexdigest()[:16]
+                                     n_params, list(example.shape), key_extra]
+                                    + (["depthwise"] if depthwise else [])).encode()).hexdigest()[:16]
     cache = _cache_path()
     known = json.loads(cache.read_text()) if cache.exists() else {}
     # Entries written before the thread count was measured have no "threads": measure those again.
-    if key in known and "threads" in known[key] and (*known[key]["choice"], known[key]["threads"]) in cands:
+    saved = (*known[key]["choice"], known[key]["threads"], known[key].get("fp32_depthwise", False)) \
+        if key in known and "threads" in known[key] else None
+    if saved in cands:
         then = known[key].get("other_load")
         now = other_load() if dev.type == "cpu" and then is not None else None
         if now is None or abs(now - then) < LOAD_CHANGE:
-            rt = Runtime(dev, *known[key]["choice"], known[key]["threads"])
+            rt = Runtime(dev, *saved)
             log(f"runtime: {rt.describe()} (measured before on this machine: {known[key]['timings']})")
             return rt
         log(f"runtime: measuring again: other processes keep {now:.1f} cores busy now, {then:.1f} when it was measured")
@@ -234,7 +250,7 @@ def choose_runtime(model, loss_fn, example, targets, *, device: str = "auto", pr
     rt = Runtime(dev, *choice)
     log(f"runtime: {rt.describe()} (measured img/s: {timings}" + (f"; other processes kept {load:.1f} cores busy)"
                                                                    if load is not None else ")"))
-    known[key] = {"choice": list(choice[:2]), "threads": choice[2], "timings": timings,
+    known[key] = {"choice": list(choice[:2]), "threads": choice[2], "fp32_depthwise": choice[3], "timings": timings,
                   **({"other_load": round(load, 2)} if load is not None and dev.type == "cpu" else {})}
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(known, indent=1))
