@@ -58,3 +58,12 @@ def test_every_recipe_builds():
         cfg = load_config(name)
         spec = get_spec(cfg.model.name)
         assert spec.default_size > 0 and cfg.notes, name
+
+
+def test_efficientnet_lite_relu6_runs_out_of_place():
+    """In place, hardtanh_ clones its input for autograd every step; out of place nothing is copied."""
+    from torch import nn
+
+    model = build_model("efficientnet_lite0", 3, pretrained=False)
+    relu6 = [m for m in model.modules() if isinstance(m, nn.ReLU6)]
+    assert len(relu6) > 10 and not any(m.inplace for m in relu6)
