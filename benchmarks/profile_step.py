@@ -1,7 +1,7 @@
 """Where one training step's time goes (issue 9): throughput, the top ops, and each conv's forward vs backward.
 
     .venv/bin/python benchmarks/profile_step.py [--model advanced_cnn] [--image-size 128] [--batch-size 32]
-        [--precision bf16|fp32] [--fp32-depthwise] [--nchw] [--threads 2] [--compile]
+        [--precision bf16|fp32] [--tweaks fp32_depthwise,nchw_odd_batchnorm] [--nchw] [--threads 2] [--compile]
 
 The step is multitag's chosen CPU step without the data pipeline: autocast (bf16) or not, channels_last
 unless --nchw, fused Adam, BCE on random multi-label targets. Run it on an idle machine: with other jobs
@@ -29,12 +29,13 @@ def main() -> None:
     ap.add_argument("--nchw", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--fp32-depthwise", action="store_true", help="bf16 autocast with depthwise convs in fp32")
+    ap.add_argument("--tweaks", default="", help="layer tweaks, comma-separated (multitag/layer_tweaks.py)")
     ap.add_argument("--steps", type=int, default=6)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     fmt = torch.contiguous_format if a.nchw else torch.channels_last
-    rt = Runtime(torch.device("cpu"), a.precision, channels_last=not a.nchw, fp32_depthwise=a.fp32_depthwise)
+    rt = Runtime(torch.device("cpu"), a.precision, channels_last=not a.nchw,
+                 layer_tweaks=tuple(t for t in a.tweaks.split(",") if t))
     model = rt.prepare_model(build_model(a.model, 20).train())        # the engine's autocast and layer precisions
     net = torch.compile(model) if a.compile else model
     opt = torch.optim.Adam(model.parameters(), 1e-3, fused=True)
@@ -57,8 +58,8 @@ def main() -> None:
     for _ in range(a.steps):
         step()
     dt = (time.perf_counter() - start) / a.steps
-    print(f"{a.model} @{a.image_size} px, batch {a.batch_size}, {a.precision} {'NCHW' if a.nchw else 'channels_last'}"
-          f"{', fp32 depthwise' if a.fp32_depthwise else ''}, {a.threads} thread{'s' * (a.threads > 1)}{', compiled' if a.compile else ''}: {a.batch_size / dt:.1f} img/s ({dt * 1e3:.0f} ms/step; "
+    print(f"{a.model} @{a.image_size} px, batch {a.batch_size}, {rt.describe()}, "
+          f"{a.threads} thread{'s' * (a.threads > 1)}{', compiled' if a.compile else ''}: {a.batch_size / dt:.1f} img/s ({dt * 1e3:.0f} ms/step; "
           f"warm-up {warm:.1f} s); load average {os.getloadavg()[0]:.2f}")
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         for _ in range(3):

@@ -44,7 +44,7 @@ from multitag.data.loader import BatchLoader
 from multitag.data.prepare import PreparedData, load_table, prepare
 from multitag.data.transforms import BatchAugment
 from multitag.errors import UserError
-from multitag.mixed_precision import has_depthwise
+from multitag.layer_tweaks import available_tweaks
 from multitag.models import build_model, count_parameters
 from multitag.progress import track
 from multitag.runtime import Runtime, candidates, choose_device, choose_runtime, cpu_flags
@@ -274,7 +274,7 @@ class DecodeEveryRead:
 
 def multitag_systems(b: Bench, opts: BenchOptions) -> list[System]:
     rows = []
-    for cand in candidates(b.rt.device, opts.threads, has_depthwise(b.model)):   # what choose_runtime measured
+    for cand in candidates(b.rt.device, opts.threads, available_tweaks(b.model)):   # what choose_runtime measured
         rt = Runtime(b.rt.device, *cand)
         rows.append(engine_system(b, f"multitag, {rt.describe()}" + ("  [chosen]" if rt == b.rt else ""), rt))
     rows.append(engine_system(b, "multitag, unfused optimizer", b.rt, fused=False,

@@ -388,7 +388,7 @@ def setup_job(cfg: Config, run: Path, saved: dict | None, log) -> Job:
     if saved:   # the choice made at the start of the run, so a resumed run computes the same way
         rt = Runtime(torch.device(distributed.device_name(saved["runtime"]["device"])), saved["runtime"]["precision"],
                      saved["runtime"]["channels_last"], saved["runtime"].get("threads", 0),
-                     saved["runtime"].get("fp32_depthwise", False))
+                     tuple(saved["runtime"].get("layer_tweaks", ())))
     else:
         rt = None
         if distributed.is_main():   # rank 0 measures (with one process's micro-batch); all compute alike
@@ -619,7 +619,7 @@ def _save_checkpoint(run: Path, model, optimizer, scheduler, state: TrainState, 
         "optimizer": optim_meta,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "runtime": {"device": str(rt.device), "precision": rt.precision, "channels_last": rt.channels_last,
-                    "threads": rt.threads, "fp32_depthwise": rt.fp32_depthwise},
+                    "threads": rt.threads, "layer_tweaks": list(rt.layer_tweaks)},
         "ema_updates": ema.updates if ema is not None else 0,
     }
     save_tensors(run / TRAIN_STATE, tensors, meta)     # the commit point: tensors and state in one file

@@ -22,7 +22,7 @@ import torch
 from multitag.config import cache_root
 from multitag.errors import UserError, did_you_mean
 from multitag.losses import training_loss
-from multitag.mixed_precision import has_depthwise, keep_depthwise_fp32
+from multitag.layer_tweaks import apply_tweaks, available_tweaks, label, tweaks_for
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class Runtime:
     precision: str            # "fp32" | "bf16"
     channels_last: bool
     threads: int = 0          # torch CPU threads to train with; 0 = leave torch's setting as it is
-    fp32_depthwise: bool = False   # bf16 autocast, but depthwise convs in fp32 (mixed_precision.py)
+    layer_tweaks: tuple[str, ...] = ()   # per-layer exceptions (layer_tweaks.py), e.g. ("fp32_depthwise",)
 
     def autocast(self):
         if self.precision == "bf16":
@@ -46,13 +46,12 @@ class Runtime:
         """``model`` (in place) on this runtime's device and memory format, with its layer precisions."""
         model = model.to(self.device, memory_format=torch.channels_last if self.channels_last
                          else torch.contiguous_format)
-        if self.fp32_depthwise:
-            keep_depthwise_fp32(model)
+        apply_tweaks(model, self.layer_tweaks)
         return model
 
     def describe(self) -> str:
         fmt = "channels_last" if self.channels_last else "NCHW"
-        return (f"{self.device.type} {self.precision} {fmt}" + (", fp32 depthwise" if self.fp32_depthwise else "")
+        return (f"{self.device.type} {self.precision} {fmt}" + "".join(f", {label(t)}" for t in self.layer_tweaks)
                 + (f", {self.threads} thread{'s' * (self.threads > 1)}" if self.threads else ""))
 
     @contextlib.contextmanager
@@ -117,19 +116,24 @@ MEASURE_ROUNDS = 2
 MEASURE_MAX_IMAGES = 256
 
 
-def candidates(device: torch.device, threads: int = 0, depthwise: bool = False) -> list[tuple[str, bool, int, bool]]:
-    """(precision, channels_last, threads, fp32_depthwise) to measure: Runtime's fields. On a CPU with
+def candidates(device: torch.device, threads: int = 0, tweaks: tuple[str, ...] = ()
+               ) -> list[tuple[str, bool, int, tuple[str, ...]]]:
+    """(precision, channels_last, threads, layer_tweaks) to measure: Runtime's fields. On a CPU with
     several threads each is also tried with one: when other processes share the cores, every parallel
     region of a 2-thread step waits for its descheduled thread, and one thread was 2-5x faster
     (benchmarks/RESULTS.md, "Performance (issue 9)"); on an idle machine two threads win. ``threads``
-    > 0 fixes the count. A model with depthwise convs also gets bf16 with those convs in fp32."""
-    cands = [("fp32", False, False), ("fp32", True, False), ("bf16", True, False)]
+    > 0 fixes the count. ``tweaks``: the model's available layer tweaks; every precision and format
+    they apply to is also tried with all of them on."""
+    base = [("fp32", False), ("fp32", True), ("bf16", True)]
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        cands = cands[:2]
-    elif depthwise:
-        cands.append(("bf16", True, True))
+        base = base[:2]
+    cands = []
+    for p, c in base:
+        cands.append((p, c, ()))
+        if own := tweaks_for(tweaks, p, c):
+            cands.append((p, c, own))
     counts = [threads] if threads or device.type != "cpu" or torch.get_num_threads() == 1 else [0, 1]
-    return [(p, c, n, dw) for n in counts for p, c, dw in cands]
+    return [(p, c, n, tw) for n in counts for p, c, tw in cands]
 
 
 def time_train_step(model, loss_fn, example: torch.Tensor, targets: torch.Tensor, rt: Runtime,
@@ -206,24 +210,24 @@ def choose_runtime(model, loss_fn, example, targets, *, device: str = "auto", pr
     if precision not in ("auto", "fp32", "bf16"):
         raise UserError(f'unknown precision "{precision}"{did_you_mean(precision, ["auto", "fp32", "bf16"])}.')
     cl = _parse_bool(channels_last, "train.channels_last")
-    depthwise = has_depthwise(model)
-    cands = [cand for cand in candidates(dev, threads, depthwise)
+    tweaks = available_tweaks(model)
+    cands = [cand for cand in candidates(dev, threads, tweaks)
              if (precision == "auto" or cand[0] == precision) and (cl is None or cand[1] == cl)]
     if not cands:
-        cands = [(precision if precision != "auto" else "fp32", bool(cl), threads, False)]
+        cands = [(precision if precision != "auto" else "fp32", bool(cl), threads, ())]
     if len(cands) == 1 or precision != "auto" and cl is not None:    # fixed by the user: threads as they are
         return Runtime(dev, *cands[0][:2])
 
     example, targets = example[:MEASURE_MAX_IMAGES], targets[:MEASURE_MAX_IMAGES]
     n_params = sum(p.numel() for p in model.parameters())
-    # (models with depthwise convs got a candidate more: their choices made before it are measured again)
+    # (a model with layer tweaks has candidates more: its choices made before them are measured again)
     key = hashlib.sha256(json.dumps([machine_fingerprint(dev), torch.__version__, type(model).__name__,
                                      n_params, list(example.shape), key_extra]
-                                    + (["depthwise"] if depthwise else [])).encode()).hexdigest()[:16]
+                                    + ([list(tweaks)] if tweaks else [])).encode()).hexdigest()[:16]
     cache = _cache_path()
     known = json.loads(cache.read_text()) if cache.exists() else {}
     # Entries written before the thread count was measured have no "threads": measure those again.
-    saved = (*known[key]["choice"], known[key]["threads"], known[key].get("fp32_depthwise", False)) \
+    saved = (*known[key]["choice"], known[key]["threads"], tuple(known[key].get("layer_tweaks", ()))) \
         if key in known and "threads" in known[key] else None
     if saved in cands:
         then = known[key].get("other_load")
@@ -250,7 +254,7 @@ def choose_runtime(model, loss_fn, example, targets, *, device: str = "auto", pr
     rt = Runtime(dev, *choice)
     log(f"runtime: {rt.describe()} (measured img/s: {timings}" + (f"; other processes kept {load:.1f} cores busy)"
                                                                    if load is not None else ")"))
-    known[key] = {"choice": list(choice[:2]), "threads": choice[2], "fp32_depthwise": choice[3], "timings": timings,
+    known[key] = {"choice": list(choice[:2]), "threads": choice[2], "layer_tweaks": list(choice[3]), "timings": timings,
                   **({"other_load": round(load, 2)} if load is not None and dev.type == "cpu" else {})}
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(known, indent=1))
