@@ -8,9 +8,11 @@ Two kernels of oneDNN/ATen on this project's AVX-512 + AMX CPUs are far slower t
   172 vs 56 ms for 96 ch 3x3/2 on 113², 80 vs 20 for 240 ch 5x5 on 28²), while the pointwise convs
   are fastest in bf16.
 - ``nchw_odd_batchnorm`` (channels_last only): BatchNorm layers whose channel count is not a multiple
-  of 16 run on an NCHW copy. channels_last BatchNorm backward was 5-25x slower than NCHW at such widths
-  (batch 32 at 64², bf16: 8 ch 5.96 vs 0.36 ms, 17 ch 11.2 vs 0.65, 24 ch 5.0 vs 1.1) and only
-  1.5x at multiples of 16 (32 ch 1.8 vs 1.2), where the two copies would cost more than they save.
+  of 16 run on an NCHW copy. With 2 threads channels_last BatchNorm backward was 5-25x slower than
+  NCHW at such widths (batch 32 at 64², bf16: 8 ch 5.96 vs 0.36 ms, 17 ch 11.2 vs 0.65, 24 ch 5.0 vs
+  1.1) and only 1.5x at multiples of 16 (32 ch 1.8 vs 1.2), where the two copies would cost more than
+  they save; with 1 thread 2-4x (8 ch 1.97 vs 0.52), where the copies can eat the gain — which is
+  why it is a measured candidate, not a rule.
 
 Both swap the layer's class for a subclass with another forward, so parameters, buffers and
 state-dict keys are unchanged (checkpoints, EMA copies, exports are unaffected). ``fp32_depthwise``
