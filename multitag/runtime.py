@@ -109,6 +109,10 @@ def _parse_bool(value: str, key: str) -> bool | None:
 
 
 MEASURE_ROUNDS = 2
+# The second round re-times only candidates within this factor of the best: EfficientNet-Lite0 at 224 px
+# has 10 candidates (4 s a step for the slowest), and its start-up measurement took ~3 min; on that
+# idle machine 5 of them were 2.05-3x behind (benchmarks/RESULTS.md, run I).
+RETRY_WITHIN = 2.0
 # Candidates are timed on at most this many images of the batch: per image they rank alike (airbench
 # at 32 px, all six candidates: the same order at 256 and at 1,024 images, bf16 1,365 vs 1,144 img/s),
 # and a batch-1,024 recipe's start-up measurement then costs a quarter (it took ~3 min for a 4.6 M
@@ -240,10 +244,12 @@ def choose_runtime(model, loss_fn, example, targets, *, device: str = "auto", pr
 
     # Interleaved rounds, fastest per candidate: a burst of load from another process then slows
     # one round of every candidate instead of deciding the choice (seen on shared 2-core machines).
+    # A candidate more than RETRY_WITHIN x slower than the best after a round is not timed again.
     start = cpu_sample()
-    seconds: dict[tuple[str, bool, int], float] = {}
+    seconds: dict[tuple, float] = {}
     for _ in range(MEASURE_ROUNDS):
-        for cand in cands:
+        behind = {c for c, t in seconds.items() if t > RETRY_WITHIN * min(seconds.values())}
+        for cand in (c for c in cands if c not in behind):
             best = min(seconds.values(), default=float("inf"))
             t = time_train_step(model, loss_fn, example, targets, Runtime(dev, *cand), give_up_after=5 * best)
             seconds[cand] = min(seconds.get(cand, float("inf")), t)

@@ -91,3 +91,16 @@ def test_bad_settings():
         runtime.choose_runtime(*setup(), precision="bf61")
     with pytest.raises(UserError, match="channels_last must be auto, true or false"):
         runtime.choose_runtime(*setup(), channels_last="maybe")
+
+
+def test_the_second_round_skips_candidates_far_behind(tmp_path, monkeypatch):
+    """Candidates more than RETRY_WITHIN x slower than the best after round 1 are timed once."""
+    monkeypatch.setenv("MULTITAG_CACHE", str(tmp_path))
+    fake = {("fp32", False): 0.9, ("fp32", True): 0.15, ("bf16", True): 0.1}   # fp32 NCHW 9x behind
+    calls = []
+    monkeypatch.setattr(runtime, "time_train_step",
+                        lambda m, l, x, y, rt, **k: calls.append((rt.precision, rt.channels_last))
+                        or fake[(rt.precision, rt.channels_last)])
+    rt = runtime.choose_runtime(*setup(), threads=1, log=lambda *a: None)
+    assert (rt.precision, rt.channels_last) == ("bf16", True)
+    assert calls.count(("fp32", False)) == 1 and calls.count(("fp32", True)) == calls.count(("bf16", True)) == 2
