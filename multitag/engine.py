@@ -343,12 +343,15 @@ def _fit(cfg: Config, run: Path, resume: bool, log) -> Path:
 def resolved_config(cfg: Config) -> Config:
     """A copy with an absolute data path and an unset data.mean/std filled with the model's own
     (e.g. [-1, 1] scaling for EfficientNet-Lite weights), so training, model.json and inference
-    all use what the weights expect."""
+    all use what the weights expect; an unset train.eval_batch_size is the training batch size."""
     spec = get_spec(cfg.model.name)
     cfg = copy.deepcopy(cfg)
     cfg.data.path = str(Path(cfg.data.path).resolve()) if cfg.data.path else ""   # eval/report work from any cwd
     cfg.data.mean = tuple(cfg.data.mean) or spec.mean
     cfg.data.std = tuple(cfg.data.std) or spec.std
+    if cfg.train.eval_batch_size < 0:
+        raise UserError(f"train.eval_batch_size must be 0 (= train.batch_size) or more, got {cfg.train.eval_batch_size}.")
+    cfg.train.eval_batch_size = cfg.train.eval_batch_size or cfg.train.batch_size
     return cfg
 
 

@@ -160,3 +160,12 @@ def test_training_without_a_val_split_keeps_the_last_epoch(tmp_path):
         with pytest.raises(UserError, match=name) as err:
             train("demo", data=digits_csv, out=tmp_path / name, overrides=over + [bad], log=lambda *a: None)
         assert "needs a val split" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_eval_batch_size_defaults_to_the_training_batch():
+    from multitag.config import load_config
+
+    assert engine.resolved_config(load_config("demo", ["train.batch_size=24"])).train.eval_batch_size == 24
+    assert engine.resolved_config(load_config("demo", ["train.eval_batch_size=100"])).train.eval_batch_size == 100
+    with pytest.raises(UserError, match="train.eval_batch_size must be 0"):
+        engine.resolved_config(load_config("demo", ["train.eval_batch_size=-1"]))

@@ -140,3 +140,28 @@ def test_the_choice_is_kept_in_the_checkpoint_and_on_resume(digits_csv, tmp_path
     monkeypatch.setattr(engine, "choose_runtime", lambda *a, **k: pytest.fail("a resume measures nothing"))
     run = train(resume=tmp_path / "run", log=lambda *a: None)
     assert json.loads((run / MODEL_META).read_text())["runtime"] == chosen.describe()
+
+
+def test_tweaks_act_only_where_a_backward_follows(monkeypatch):
+    """Scoring (no_grad) and frozen layers run as they were: the tweaks only pay off in the backward."""
+    net = tiny_net().to(memory_format=CL)
+    apply_tweaks(net, ("fp32_depthwise", "nchw_odd_batchnorm"))
+    real, formats = torch.nn.functional.batch_norm, []
+    monkeypatch.setattr(torch.nn.functional, "batch_norm",
+                        lambda t, *a, **k: formats.append(t.is_contiguous(memory_format=CL)) or real(t, *a, **k))
+    x = torch.randn(2, 3, 8, 8).contiguous(memory_format=CL)
+    dtypes = []
+    net[3].register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        net(x)
+    assert dtypes == [torch.bfloat16] and formats == [True, True]
+    for p in net[:6].parameters():                # a frozen stage: the backbone's layers have no backward
+        p.requires_grad_(False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        net(x).float().sum().backward()
+    assert dtypes[1] == torch.bfloat16 and formats[2:] == [True, True]
+    for p in net.parameters():
+        p.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        net(x).float().sum().backward()
+    assert dtypes[2] == torch.float32 and formats[4:] == [False, False]
