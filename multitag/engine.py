@@ -170,7 +170,7 @@ def micro_batch_size(cfg: Config) -> int:
     n, steps, batch = distributed.world().size, cfg.train.accumulate, cfg.train.batch_size
     if steps < 1:
         raise UserError(f"train.accumulate must be at least 1 (micro-batches per optimizer step), got {steps}.")
-    if batch % (n * steps) or cfg.train.eval_batch_size < n:
+    if batch % (n * steps) or 0 < cfg.train.eval_batch_size < n:      # 0: the training batch (resolved_config)
         raise UserError(f"train.batch_size={batch} is the global batch and must split evenly into {n} process(es) × "
                         f"{steps} accumulation step(s); use a multiple of {n * steps}, such as "
                         f"{max(1, round(batch / (n * steps))) * n * steps}, and a train.eval_batch_size of at least {n}.")
