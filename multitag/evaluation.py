@@ -16,7 +16,7 @@ from multitag.config import DataConfig, data_config_from_dict
 from multitag.data.loader import BatchLoader
 from multitag.data.prepare import PreparedData, prepare
 from multitag.errors import UserError
-from multitag.predict import Model, load
+from multitag.predict import SCORING_BATCH, Model, load
 from multitag.summary import evaluate_scores
 
 
@@ -33,7 +33,8 @@ def prepare_for(model: Model, data: str | None, log=print) -> PreparedData:
     return prepare(data_config_for(model, data), model.run_dir, classes=model.class_names, reuse_split=True, log=log)
 
 
-def score_split(model: Model, prepared: PreparedData, split: str, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def score_split(model: Model, prepared: PreparedData, split: str,
+                batch_size: int = SCORING_BATCH) -> tuple[np.ndarray, np.ndarray]:
     """(rows, scores (N, C)) of the model on one split of the prepared data, on the model's backend."""
     rows = prepared.rows(split)
     if len(rows) == 0:
