@@ -17,6 +17,7 @@ import argparse
 import csv
 import gzip
 import io
+import itertools
 import json
 import subprocess
 import sys
@@ -35,8 +36,8 @@ def pack(name: str, root: Path, relpaths: list[str], out_dir: Path, extra: dict[
     out_dir.mkdir(parents=True, exist_ok=True)
     index, total = [], 0
     with open(out_dir / f"{name}{PACK_SUFFIX}", "wb") as f:
-        blobs = [(rel, (root / rel).read_bytes()) for rel in relpaths] + list((extra or {}).items())
-        for rel, data in blobs:
+        blobs = itertools.chain(((rel, (root / rel).read_bytes()) for rel in relpaths), (extra or {}).items())
+        for rel, data in blobs:                     # one file in memory at a time
             f.write(data)
             index.append([rel, len(data)])
             total += len(data)

@@ -9,6 +9,7 @@ import json
 import os
 import sys
 
+from multitag.config import PRUNE_AFTER_DAYS
 from multitag.errors import UserError
 
 # Idle OpenMP threads sleep instead of spinning, unless the user set OMP_WAIT_POLICY: on a machine
@@ -138,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cache", help="list the decode-once image caches, or prune / clear them")
     p.add_argument("action", nargs="?", default="list", choices=["list", "prune", "clear"],
                    help="list (default); prune: those unused for --older-than days and broken ones; clear: all")
-    p.add_argument("--older-than", type=float, default=30.0, metavar="DAYS", help="prune's age limit (default 30)")
+    p.add_argument("--older-than", type=float, default=float(PRUNE_AFTER_DAYS), metavar="DAYS",
+                   help=f"prune's age limit (default {PRUNE_AFTER_DAYS})")
     p.add_argument("--dir", help="cache directory (default: <cache root>/images, as data.cache_dir's default)")
     p.add_argument("--dry-run", action="store_true", help="say what prune / clear would remove, remove nothing")
     _add_json(p)
@@ -335,7 +337,7 @@ def _print_caches(folder, rows: list[dict]) -> None:
     console = Console()
     console.print(table)
     console.print(f"{len(rows)} cache{'s' * (len(rows) != 1)}, {sum(r['bytes'] for r in rows) / 2**20:,.1f} MiB; "
-                  "`multitag cache prune` removes those unused for 30 days")
+                  f"`multitag cache prune` removes those unused for {PRUNE_AFTER_DAYS} days")
 
 
 def cmd_demo(args):

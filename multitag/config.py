@@ -21,6 +21,9 @@ from multitag.errors import UserError, did_you_mean
 RECIPE_DIR = Path(__file__).parent / "configs"
 
 
+PRUNE_AFTER_DAYS = 30      # `multitag cache prune`'s default: image caches unused this many days go
+
+
 def cache_root() -> Path:
     """Where multitag keeps derived files (image caches, precision choices, demo data):
     $MULTITAG_CACHE, else $XDG_CACHE_HOME/multitag, else ~/.cache/multitag."""

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from multitag.data.decode import PREPROCESS_VERSION, BadImageError, load_and_resize
-from multitag.config import cache_root
+from multitag.config import PRUNE_AFTER_DAYS, cache_root
 from multitag.errors import UserError, did_you_mean
 from multitag.fileio import DiskFullError, atomic_write_text, is_disk_full
 
@@ -239,7 +239,7 @@ def _hint_if_large(cache_dir: Path) -> None:
     total = sum(p.stat().st_size for p in cache_dir.glob("*.u8"))
     if total > SIZE_HINT_BYTES:
         print(f"image caches in {cache_dir} now take {total / 2**30:.1f} GiB: `multitag cache` lists them and "
-              f"`multitag cache prune` removes those unused for 30 days", file=sys.stderr, flush=True)
+              f"`multitag cache prune` removes those unused for {PRUNE_AFTER_DAYS} days", file=sys.stderr, flush=True)
 
 
 def _decode_into(tmp_data: Path, paths: list[str], size: int, on_bad_image: str,

@@ -81,13 +81,12 @@ def stale_temporaries(cache_dir: Path) -> list[Path]:
                   if (m := _TEMP.match(p.name)) and not pid_alive(int(m["pid"])))
 
 
-def select_for_removal(entries: list[CacheEntry], older_than_days: float | None, now: float | None = None
-                       ) -> list[CacheEntry]:
+def select_for_removal(entries: list[CacheEntry], older_than_days: float | None) -> list[CacheEntry]:
     """What ``prune`` removes: incomplete caches, and complete ones unused for ``older_than_days``
     (None: every cache, as ``clear`` does)."""
-    now = time.time() if now is None else now
     if older_than_days is None:
         return list(entries)
+    now = time.time()
     return [e for e in entries if not e.complete or now - e.last_used > older_than_days * DAY_S]
 
 
@@ -101,7 +100,6 @@ def remove(entries: list[CacheEntry], temporaries: list[Path]) -> int:
         except FileNotFoundError:       # another prune got there first
             pass
     return freed
-
 
 
 def prune(cache_dir: Path, older_than_days: float | None, dry_run: bool = False) -> dict:
