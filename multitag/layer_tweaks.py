@@ -22,7 +22,7 @@ what they computed before.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -65,43 +65,50 @@ def _nchw_forward(base: type) -> Callable:
     return forward
 
 
-# name → (which layers, their new forward, label for Runtime.describe, precisions and formats it is for)
+class Tweak(NamedTuple):
+    selects: Callable[[nn.Module], bool]          # which layers
+    make_forward: Callable[[type], Callable]      # their new forward, given the layer's class
+    label: str                                    # as Runtime.describe shows it
+    precisions: frozenset                         # the runtime precisions it is for
+    channels_last: frozenset                      # the memory formats it is for (channels_last True/False)
+
+
 TWEAKS = {
-    "fp32_depthwise": (_is_depthwise, _fp32_forward, "fp32 depthwise", {"bf16"}, {False, True}),
-    "nchw_odd_batchnorm": (_is_odd_batchnorm, _nchw_forward, "NCHW BatchNorm at widths not ÷16",
-                           {"fp32", "bf16"}, {True}),
+    "fp32_depthwise": Tweak(_is_depthwise, _fp32_forward, "fp32 depthwise", frozenset({"bf16"}),
+                            frozenset({False, True})),
+    "nchw_odd_batchnorm": Tweak(_is_odd_batchnorm, _nchw_forward, "NCHW BatchNorm at widths not ÷16",
+                                frozenset({"fp32", "bf16"}), frozenset({True})),
 }
 
 
 def available_tweaks(model: nn.Module) -> tuple[str, ...]:
     """The tweaks ``model`` has layers for, in TWEAKS order."""
-    return tuple(name for name, (selects, *_) in TWEAKS.items() if any(selects(m) for m in model.modules()))
+    return tuple(name for name, t in TWEAKS.items() if any(t.selects(m) for m in model.modules()))
 
 
 def tweaks_for(available: tuple[str, ...], precision: str, channels_last: bool) -> tuple[str, ...]:
     """Of ``available``, those that mean something at this precision and memory format."""
-    return tuple(t for t in available if precision in TWEAKS[t][3] and channels_last in TWEAKS[t][4])
+    return tuple(t for t in available if precision in TWEAKS[t].precisions and channels_last in TWEAKS[t].channels_last)
 
 
 def label(tweak: str) -> str:
-    return TWEAKS[tweak][2]
+    return TWEAKS[tweak].label
 
 
 def apply_tweaks(model: nn.Module, tweaks: tuple[str, ...]) -> int:
     """Swap the classes of the layers each tweak selects (in place, idempotent); returns how many."""
     n = 0
     for name in tweaks:
-        selects, make_forward = TWEAKS[name][:2]
         for m in model.modules():
             base = type(m)
-            if selects(m) and base not in _SWAPPED.values():        # not swapped already
-                m.__class__ = _swapped_class(name, base, make_forward)
+            if TWEAKS[name].selects(m) and base not in _SWAPPED.values():        # not swapped already
+                m.__class__ = _swapped_class(name, base)
                 n += 1
     return n
 
 
-def _swapped_class(name: str, base: type, make_forward: Callable) -> type:
+def _swapped_class(name: str, base: type) -> type:
     if (name, base) not in _SWAPPED:
         _SWAPPED[(name, base)] = type(f"{base.__name__}_{name}", (base,),
-                                      {"forward": make_forward(base), "__module__": __name__})
+                                      {"forward": TWEAKS[name].make_forward(base), "__module__": __name__})
     return _SWAPPED[(name, base)]
