@@ -2,20 +2,25 @@
 
     .venv/bin/python benchmarks/profile_step.py [--model advanced_cnn] [--image-size 128] [--batch-size 32]
         [--precision bf16|fp32] [--tweaks fp32_depthwise,nchw_odd_batchnorm] [--nchw] [--threads 2] [--compile]
+        [--allocator kept|default] [--no-profile] [--json]
 
 The step is multitag's chosen CPU step without the data pipeline: autocast (bf16) or not, channels_last
-unless --nchw, fused Adam, BCE on random multi-label targets. Run it on an idle machine: with other jobs
+unless --nchw, fused Adam, BCE on random multi-label targets, with glibc's malloc keeping freed memory as
+the CLI sets it (multitag/allocator.py; ``--allocator default`` leaves glibc as it is). Run it on an idle machine: with other jobs
 on the cores, 2-thread kernels are descheduled and the breakdown says more about the load than the step.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import resource
 import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from multitag import allocator
 from multitag.models import build_model
 from multitag.runtime import Runtime
 
@@ -31,7 +36,13 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--tweaks", default="", help="layer tweaks, comma-separated (multitag/layer_tweaks.py)")
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--allocator", choices=["kept", "default"], default="kept",
+                    help="kept: glibc keeps freed memory, as the multitag CLI sets it; default: glibc as it is")
+    ap.add_argument("--no-profile", action="store_true", help="throughput only")
+    ap.add_argument("--json", action="store_true", help="print the throughput as one JSON line (no profile)")
     a = ap.parse_args()
+    if a.allocator == "kept":
+        allocator.keep_freed_memory()
     torch.set_num_threads(a.threads)
     fmt = torch.contiguous_format if a.nchw else torch.channels_last
     rt = Runtime(torch.device("cpu"), a.precision, channels_last=not a.nchw,
@@ -58,9 +69,17 @@ def main() -> None:
     for _ in range(a.steps):
         step()
     dt = (time.perf_counter() - start) / a.steps
-    print(f"{a.model} @{a.image_size} px, batch {a.batch_size}, {rt.describe()}, "
-          f"{a.threads} thread{'s' * (a.threads > 1)}{', compiled' if a.compile else ''}: {a.batch_size / dt:.1f} img/s ({dt * 1e3:.0f} ms/step; "
-          f"warm-up {warm:.1f} s); load average {os.getloadavg()[0]:.2f}")
+    if a.json:
+        print(json.dumps({"img_s": a.batch_size / dt, "warm_up_s": warm, "allocator": allocator.state,
+                          "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                          "load": os.getloadavg()[0]}))
+    else:
+        print(f"{a.model} @{a.image_size} px, batch {a.batch_size}, {rt.describe()}, "
+              f"{a.threads} thread{'s' * (a.threads > 1)}{', compiled' if a.compile else ''}: "
+              f"{a.batch_size / dt:.1f} img/s ({dt * 1e3:.0f} ms/step; "
+              f"warm-up {warm:.1f} s); malloc: {allocator.state}; load average {os.getloadavg()[0]:.2f}")
+    if a.no_profile or a.json:
+        return
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         for _ in range(3):
             step()

@@ -18,6 +18,11 @@ Sections (figures in images/s unless named otherwise):
 Every system runs once per round and rounds are interleaved, so a burst of load from another
 process hits every system alike; a figure is a system's fastest round (other work only ever slows
 a round down), with the median beside it, and the load average is recorded before and after.
+
+The CLI's allocator setting (multitag/allocator.py: glibc keeps freed memory) is process-wide and cannot
+be undone inside a process, so the naive loop's rows run with it too: a gain it gives both loops
+(ResNet-18 fp32 NCHW +4-12 %) is not counted for multitag here; benchmarks/bench_allocator.py measures it
+process against process.
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from multitag import allocator
 from multitag.config import Config, DataConfig, cache_root, list_recipes, load_config, resolve_aug
 from multitag.data.cache import build_cache
 from multitag.data.decode import load_and_resize
@@ -401,7 +407,7 @@ def machine(device: torch.device) -> dict:
             "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
             "cpu_flags": " ".join(cpu_flags()) or "(none found)", "cpus": os.cpu_count(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
-            "load_average_start": round(os.getloadavg()[0], 2)}
+            "malloc": allocator.state, "load_average_start": round(os.getloadavg()[0], 2)}
 
 
 def run_bench(opts: BenchOptions, log=print) -> dict:
@@ -510,7 +516,8 @@ def print_bench(result: dict) -> None:
     if not console.is_terminal:           # a file or pipe (RESULTS.md, CI logs): no wrapping at 80 columns
         console = Console(width=max(console.width, 200))
     console.print(f"[bold]multitag bench[/bold]  {m['date']}  {m['device']}  CPU flags: {m['cpu_flags']}  "
-                  f"{m['cpus']} CPUs, {m['threads']} threads, torch {m['torch']}, OMP_WAIT_POLICY={m['omp_wait_policy']}")
+                  f"{m['cpus']} CPUs, {m['threads']} threads, torch {m['torch']}, OMP_WAIT_POLICY={m['omp_wait_policy']}, "
+                  f"malloc: {m.get('malloc', '(not recorded)')}")
     console.print(f"model {o['model']} @{o['image_size']} px, batch {o['batch_size']}, data {o['data']} "
                   f"({o['images']} train images), {o['rounds']} rounds × {o['steps']} steps; runtime chosen: "
                   f"{m['runtime_chosen']}; load average {m['load_average_start']} → {m['load_average_end']}")

@@ -9,6 +9,7 @@ import json
 import os
 import sys
 
+from multitag import allocator
 from multitag.config import PRUNE_AFTER_DAYS
 from multitag.errors import UserError
 
@@ -468,6 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
+        allocator.keep_freed_memory()     # before any tensor: large blocks are then reused, not mmapped anew
         result = HANDLERS[args.command](args)
     except UserError as e:
         from multitag.fileio import DiskFullError
