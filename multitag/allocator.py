@@ -9,8 +9,8 @@ reused from the heap. Training step img/s, kept vs glibc's defaults, each in its
 (benchmarks/bench_allocator.py; benchmarks/RESULTS.md): EfficientNet-Lite0 @224 1.41x, airbench at
 batch 1024 1.25x, ResNet-18 layout 1.13x @128 and 1.23x @224 (its fp32 NCHW naive loop 1.08x),
 Inception-ResNet-v1 small 1.05x; peak RSS 0-14 % higher (freed blocks stay in the heap).
-What jemalloc or
-tcmalloc under LD_PRELOAD give (Intel's launcher for PyTorch does that), without a library to install.
+This is what jemalloc or tcmalloc under LD_PRELOAD give (Intel's launcher for PyTorch does that),
+without a library to install.
 
 It is left alone when the user chose: ``MULTITAG_MALLOC=default`` (glibc as it is), any ``MALLOC_*``
 variable or ``glibc.malloc`` tunable set, or another allocator preloaded.

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from multitag import allocator
 from multitag.config import cache_root
 from multitag.errors import UserError, did_you_mean
 from multitag.losses import training_loss
@@ -224,9 +225,10 @@ def choose_runtime(model, loss_fn, example, targets, *, device: str = "auto", pr
 
     example, targets = example[:MEASURE_MAX_IMAGES], targets[:MEASURE_MAX_IMAGES]
     n_params = sum(p.numel() for p in model.parameters())
-    # (a model with layer tweaks has candidates more: its choices made before them are measured again)
+    # (a model with layer tweaks has candidates more: its choices made before them are measured again;
+    # the malloc setting moves the candidates by different amounts: 1.05-1.41x, allocator.py)
     key = hashlib.sha256(json.dumps([machine_fingerprint(dev), torch.__version__, type(model).__name__,
-                                     n_params, list(example.shape), key_extra]
+                                     n_params, list(example.shape), key_extra, allocator.state]
                                     + ([list(tweaks)] if tweaks else [])).encode()).hexdigest()[:16]
     cache = _cache_path()
     known = json.loads(cache.read_text()) if cache.exists() else {}

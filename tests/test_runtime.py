@@ -37,6 +37,24 @@ def test_auto_measures_picks_fastest_and_caches(tmp_path, monkeypatch):
     assert runtime.choose_runtime(*setup(), log=logs.append) == rt
 
 
+def test_a_choice_made_under_another_malloc_setting_is_measured_again(tmp_path, monkeypatch):
+    """allocator.py's setting moves the candidates by different amounts (1.05-1.41x): not one cache entry."""
+    from multitag import allocator
+
+    monkeypatch.setenv("MULTITAG_CACHE", str(tmp_path))
+    measured = []
+    monkeypatch.setattr(runtime, "time_train_step", lambda *a, **k: measured.append(1) or 0.1)
+    monkeypatch.setattr(allocator, "state", "glibc defaults")
+    runtime.choose_runtime(*setup(), log=lambda *a: None)
+    first = len(measured)
+    runtime.choose_runtime(*setup(), log=lambda *a: None)
+    assert len(measured) == first                                     # same setting: the cached choice
+    monkeypatch.setattr(allocator, "state", "glibc, freed memory kept (no mmap, no trim)")
+    runtime.choose_runtime(*setup(), log=lambda *a: None)
+    assert len(measured) == 2 * first
+    assert len(json.loads((tmp_path / "precision.json").read_text())) == 2
+
+
 def test_a_large_batch_is_measured_on_its_first_images(tmp_path, monkeypatch):
     monkeypatch.setenv("MULTITAG_CACHE", str(tmp_path))
     monkeypatch.setattr(runtime, "MEASURE_MAX_IMAGES", 5)
