@@ -3,8 +3,9 @@
 Two kernels of oneDNN/ATen on this project's AVX-512 + AMX CPUs are far slower than their neighbours
 (benchmarks/RESULTS.md, runs I and J), so the runtime measures each model with and without these:
 
-- ``fp32_depthwise`` (bf16 only): depthwise convs run in fp32 inside bf16 autocast. bf16 depthwise
-  backward was 3-4x slower than fp32 (EfficientNet-Lite0 at batch 32, 224 px, channels_last, 2 threads:
+- ``fp32_depthwise`` (bf16 only): depthwise convs run their backward in fp32 inside bf16 autocast
+  (forward in bf16, which is as fast or faster, output handed on in bf16). bf16 depthwise
+  backward was 3-4x slower than fp32 (forward + backward) (EfficientNet-Lite0 at batch 32, 224 px, channels_last, 2 threads:
   172 vs 56 ms for 96 ch 3x3/2 on 113², 80 vs 20 for 240 ch 5x5 on 28²), while the pointwise convs
   are fastest in bf16.
 - ``nchw_odd_batchnorm`` (channels_last only): BatchNorm layers whose channel count is not a multiple
@@ -25,14 +26,17 @@ from __future__ import annotations
 from typing import Callable, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 _SWAPPED: dict[tuple[str, type], type] = {}
 
 
 def _is_depthwise(m: nn.Module) -> bool:
-    """A grouped conv with one input channel per group (timm's Conv2dSame included)."""
-    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels
+    """A grouped conv with one input channel per group, zero-padded by numbers: a plain nn.Conv2d or
+    timm's Conv2dSame (other subclasses may compute something else in their forward)."""
+    return (isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels and m.padding_mode == "zeros"
+            and not isinstance(m.padding, str) and (type(m) is nn.Conv2d or _pads_in_forward(m)))
 
 
 def _is_odd_batchnorm(m: nn.Module) -> bool:
@@ -47,12 +51,47 @@ def _backward_follows(layer: nn.Module, x: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in layer.parameters(False)))
 
 
-def _fp32_forward(base: type) -> Callable:
+class _Bf16ForwardFp32Backward(torch.autograd.Function):
+    """conv2d computed in bf16 forward and in fp32 backward. For depthwise convs oneDNN's bf16 forward
+    is as fast as fp32 or faster (96 ch 3x3/2 on 113², batch 32: 4.0 vs 7.1 ms) while its bf16 backward
+    is 4-8x slower (141 vs 25 ms). Saves the bf16 input, half the bytes an fp32 copy would take."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
+        # x (B, C, H, W) bf16, already padded when the layer pads in its forward; weight (C, 1, k, k) fp32
+        ctx.save_for_backward(x, weight)
+        ctx.conv = (list(stride), list(padding), list(dilation), groups, bias is not None)
+        return F.conv2d(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype),
+                        stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups, has_bias = ctx.conv
+        needs = ctx.needs_input_grad
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            grad.float(), x.float(), weight, [weight.shape[0]] if has_bias else None, stride, padding,
+            dilation, False, [0, 0], groups, [needs[0], needs[1], has_bias and needs[2]])
+        return (None if gx is None else gx.to(x.dtype)), gw, gb, None, None, None, None
+
+
+def _pads_in_forward(m: nn.Module) -> bool:
+    """timm's Conv2dSame (TF "same" padding, EfficientNet-Lite's strided convs) pads in its forward."""
+    from timm.layers.conv2d_same import Conv2dSame
+    return isinstance(m, Conv2dSame)
+
+
+def _fp32_backward_forward(base: type) -> Callable:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_autocast_enabled(x.device.type) or not _backward_follows(self, x):
             return base.forward(self, x)
-        with torch.autocast(x.device.type, enabled=False):
-            return base.forward(self, x.float())               # (B, C, H, W) fp32 in, fp32 out
+        x, padding = x.to(torch.get_autocast_dtype(x.device.type)), self.padding
+        if _pads_in_forward(self):
+            from timm.layers.padding import pad_same
+            x, padding = pad_same(x, self.weight.shape[-2:], self.stride, self.dilation), (0, 0)
+        # handed on in bf16, as autocast's convs hand theirs: the BatchNorm and ReLU6 after it run on bf16
+        return _Bf16ForwardFp32Backward.apply(x, self.weight, self.bias, self.stride, padding, self.dilation,
+                                              self.groups)
     return forward
 
 
@@ -74,7 +113,7 @@ class Tweak(NamedTuple):
 
 
 TWEAKS = {
-    "fp32_depthwise": Tweak(_is_depthwise, _fp32_forward, "fp32 depthwise", frozenset({"bf16"}),
+    "fp32_depthwise": Tweak(_is_depthwise, _fp32_backward_forward, "depthwise backward in fp32", frozenset({"bf16"}),
                             frozenset({False, True})),
     "nchw_odd_batchnorm": Tweak(_is_odd_batchnorm, _nchw_forward, "NCHW BatchNorm at widths not ÷16",
                                 frozenset({"fp32", "bf16"}), frozenset({True})),

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from multitag import runtime
+from multitag import layer_tweaks, runtime
 from multitag.layer_tweaks import apply_tweaks, available_tweaks, tweaks_for
 from multitag.losses import MaskedBCE
 from multitag.models import build_model
@@ -36,19 +36,67 @@ def seen_by(net: nn.Module, kind: type, x: torch.Tensor, autocast: bool) -> list
     return seen
 
 
-def test_depthwise_convs_alone_run_in_fp32_under_autocast():
+def tweak_runs(monkeypatch) -> list[int]:
+    """Grows by one each time a depthwise conv runs through the tweak's bf16-forward / fp32-backward function."""
+    real, runs = layer_tweaks._Bf16ForwardFp32Backward.apply, []
+    monkeypatch.setattr(layer_tweaks._Bf16ForwardFp32Backward, "apply", staticmethod(lambda *a: runs.append(1) or real(*a)))
+    return runs
+
+
+def test_depthwise_convs_alone_run_their_backward_in_fp32_under_autocast(monkeypatch):
     x = torch.randn(2, 3, 8, 8)
     plain, kept = tiny_net(), tiny_net()
     assert apply_tweaks(kept, ("fp32_depthwise",)) == 1 and apply_tweaks(kept, ("fp32_depthwise",)) == 0
-    assert [o.dtype for o in seen_by(plain, nn.Conv2d, x, True)] == [torch.bfloat16] * 3
-    assert [o.dtype for o in seen_by(kept, nn.Conv2d, x, True)] == [torch.bfloat16, torch.float32, torch.bfloat16]
+    runs = tweak_runs(monkeypatch)
+    assert [o.dtype for o in seen_by(plain, nn.Conv2d, x, True)] == [torch.bfloat16] * 3 and not runs
+    inputs = []
+    kept[3].register_forward_pre_hook(lambda m, i: inputs.append(i[0]))
+    grads = []
+    kept[3].register_full_backward_hook(lambda m, gi, go: grads.append(go[0]))
+    outs = seen_by(kept, nn.Conv2d, x, True)
+    assert [o.dtype for o in outs] == [torch.bfloat16] * 3 and runs == [1]   # handed on in bf16 like the others
+    # the weight gradient is the fp32 one of the bf16 input and output gradient (what the fp32 kernel gives)
+    ref = torch.ops.aten.convolution_backward(grads[0].float(), inputs[0].float(), kept[3].weight, [8], [1, 1], [1, 1],
+                                              [1, 1], False, [0, 0], 8, [False, True, True])
     assert kept[3].weight.grad.dtype == torch.float32 and kept[3].weight.grad.abs().sum() > 0
+    assert torch.equal(kept[3].weight.grad, ref[1]) and torch.equal(kept[3].bias.grad, ref[2])
     # outside autocast the forward is the original one; the parameters and their names are unchanged
     fresh, fresh_kept = tiny_net(), tiny_net()
     apply_tweaks(fresh_kept, ("fp32_depthwise",))
     assert torch.equal(fresh(x), fresh_kept(x))
     assert list(plain.state_dict()) == list(kept.state_dict())
     assert type(copy.deepcopy(kept)[3]) is type(kept[3])                      # EMA copies keep it
+
+
+def test_a_tf_same_padded_depthwise_conv_computes_what_it_computed(monkeypatch):
+    """timm's Conv2dSame (EfficientNet-Lite's strided convs) pads in its forward, odd sizes asymmetrically:
+    the tweak pads the same way, its forward equals the plain layer's under autocast and its gradients
+    are the fp32 ones. Convs it cannot vouch for are not selected."""
+    from timm.layers.conv2d_same import Conv2dSame
+
+    torch.manual_seed(0)
+    plain = Conv2dSame(8, 8, 3, stride=2, groups=8, bias=False)
+    kept = copy.deepcopy(plain)
+    assert apply_tweaks(kept, ("fp32_depthwise",)) == 1
+    x = torch.randn(2, 8, 9, 9).contiguous(memory_format=CL)
+    xs = [x.clone().requires_grad_(True) for _ in range(3)]
+    runs = tweak_runs(monkeypatch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_plain, y_kept = plain(xs[0]), kept(xs[1])
+    assert runs == [1] and y_kept.shape == y_plain.shape == (2, 8, 5, 5) and torch.equal(y_kept, y_plain)
+    g = torch.randn(y_kept.shape)
+    y_kept.backward(g)
+    # the fp32 reference: the same conv on the bf16-rounded input, all in fp32
+    ref = copy.deepcopy(plain)
+    ref(xs[2].to(torch.bfloat16).float()).backward(g.to(torch.bfloat16).float())
+    torch.testing.assert_close(kept.weight.grad, ref.weight.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xs[1].grad, xs[2].grad.to(torch.bfloat16).float(), rtol=0, atol=0)
+    class Odd(nn.Conv2d):                       # a subclass with its own forward: left alone
+        def forward(self, x):
+            return super().forward(x) * 2
+    assert apply_tweaks(nn.Sequential(Odd(8, 8, 3, groups=8), nn.Conv2d(8, 8, 3, groups=8, padding="same"),
+                                      nn.Conv2d(8, 8, 3, groups=8, padding=1, padding_mode="reflect")),
+                        ("fp32_depthwise",)) == 0
 
 
 def test_odd_width_batchnorm_runs_on_an_nchw_copy_and_gives_the_same_values(monkeypatch):
@@ -101,7 +149,7 @@ def test_the_runtime_measures_tweaks_only_for_models_that_have_them(tmp_path, mo
     args = (MaskedBCE(), torch.randn(4, 3, 16, 16), torch.randint(0, 2, (4, 4)).float())
     rt = runtime.choose_runtime(tiny_net(), *args, threads=1, log=lambda *a: None)
     assert rt.precision == "bf16" and rt.layer_tweaks == ("fp32_depthwise", "nchw_odd_batchnorm")
-    assert "fp32 depthwise" in rt.describe()
+    assert "depthwise backward in fp32" in rt.describe()
     saved = json.loads((tmp_path / "precision.json").read_text()).popitem()[1]
     assert saved["layer_tweaks"] == ["fp32_depthwise", "nchw_odd_batchnorm"]
     monkeypatch.setattr(runtime, "time_train_step", lambda *a, **k: pytest.fail("measured twice"))
@@ -114,12 +162,13 @@ def test_the_runtime_measures_tweaks_only_for_models_that_have_them(tmp_path, mo
     assert measured and not any(measured)
 
 
-def test_prepare_model_applies_them_and_a_real_step_runs():
+def test_prepare_model_applies_them_and_a_real_step_runs(monkeypatch):
     rt = runtime.Runtime(torch.device("cpu"), "bf16", True, 1, ("fp32_depthwise", "nchw_odd_batchnorm"))
     net = rt.prepare_model(tiny_net())
     assert net[3].weight.is_contiguous(memory_format=CL)
-    assert [o.dtype for o in seen_by(net, nn.Conv2d, torch.randn(2, 3, 8, 8).contiguous(memory_format=CL),
-                                     True)][1] == torch.float32
+    runs = tweak_runs(monkeypatch)
+    seen_by(net, nn.Conv2d, torch.randn(2, 3, 8, 8).contiguous(memory_format=CL), True)
+    assert runs == [1]
     assert runtime.time_train_step(tiny_net(), MaskedBCE(), torch.randn(4, 3, 8, 8),
                                    torch.randint(0, 2, (4, 4)).float(), rt) > 0
 
@@ -150,18 +199,17 @@ def test_tweaks_act_only_where_a_backward_follows(monkeypatch):
     monkeypatch.setattr(torch.nn.functional, "batch_norm",
                         lambda t, *a, **k: formats.append(t.is_contiguous(memory_format=CL)) or real(t, *a, **k))
     x = torch.randn(2, 3, 8, 8).contiguous(memory_format=CL)
-    dtypes = []
-    net[3].register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    runs = tweak_runs(monkeypatch)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         net(x)
-    assert dtypes == [torch.bfloat16] and formats == [True, True]
+    assert not runs and formats == [True, True]
     for p in net[:6].parameters():                # a frozen stage: the backbone's layers have no backward
         p.requires_grad_(False)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         net(x).float().sum().backward()
-    assert dtypes[1] == torch.bfloat16 and formats[2:] == [True, True]
+    assert not runs and formats[2:] == [True, True]
     for p in net.parameters():
         p.requires_grad_(True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         net(x).float().sum().backward()
-    assert dtypes[2] == torch.float32 and formats[4:] == [False, False]
+    assert runs == [1] and formats[4:] == [False, False]
