@@ -25,11 +25,13 @@ CASES = {
     "advanced_cnn_224": ("ResNet-18 layout @224, batch 32, bf16 CL", "--model advanced_cnn --image-size 224"),
     "advanced_cnn_fp32": ("ResNet-18 layout @128, batch 32, fp32 NCHW (the naive loop's)",
                           "--model advanced_cnn --image-size 128 --precision fp32 --nchw"),
-    "efficientnet_lite0": ("EfficientNet-Lite0 @224, batch 32, bf16 CL, fp32 depthwise",
+    "efficientnet_lite0": ("EfficientNet-Lite0 @224, batch 32, bf16 CL, depthwise backward in fp32",
                            "--model efficientnet_lite0 --image-size 224 --tweaks fp32_depthwise"),
     "inception_resnet_v1_small": ("Inception-ResNet-v1 small @160, batch 64, bf16 CL",
                                   "--model inception_resnet_v1_small --image-size 160 --batch-size 64"),
     "airbench": ("airbench @32, batch 1024, bf16 CL (cifar10_speed)", "--model airbench --image-size 32 --batch-size 1024"),
+    "simple_cnn": ("simple_cnn @32, batch 64, bf16 CL (small activations: no gain expected)",
+                   "--model simple_cnn --image-size 32 --batch-size 64"),
 }
 
 

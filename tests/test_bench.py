@@ -67,6 +67,23 @@ def test_profile_step_script_runs_tiny():
     assert "img/s" in out and "convolution_backward" in out and "mkldnn_convolution" in out
 
 
+def test_bench_allocator_script_runs_tiny():
+    """benchmarks/bench_allocator.py: one case, each allocator in its own process, one row with both."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_allocator.py"
+    out = subprocess.run([sys.executable, str(script), "--only", "simple_cnn", "--rounds", "1", "--steps", "1",
+                          "--threads", "1"], capture_output=True, text=True, timeout=300, check=True).stdout
+    row = next(line for line in out.splitlines() if line.startswith("simple_cnn @32"))
+    default, kept, ratio = row.split()[-7:-4]               # ... img/s img/s ratio× RSS → RSS (±%)
+    assert float(default) > 0 and float(kept) > 0 and ratio.endswith("×")
+    bad = subprocess.run([sys.executable, str(script), "--only", "simple_cnnn"], capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode != 0 and "unknown case 'simple_cnnn'" in bad.stderr
+
+
 def test_device_data_pack_and_unpack_give_back_the_same_files(tmp_path):
     """benchmarks/device_data.py carries the data to a GPU machine: a CIFAR-style folder and a VOC-style
     subset (spread over both official splits, with their labels.csv rows) come back byte for byte."""
