@@ -20,9 +20,9 @@ process hits every system alike; a figure is a system's fastest round (other wor
 a round down), with the median beside it, and the load average is recorded before and after.
 
 The CLI's allocator setting (multitag/allocator.py: glibc keeps freed memory) is process-wide and cannot
-be undone inside a process, so the naive loop's rows run with it too: a gain it gives both loops
-(ResNet-18 fp32 NCHW +4-12 %) is not counted for multitag here; benchmarks/bench_allocator.py measures it
-process against process.
+be undone inside a process, so the naive loop's rows run with it too and its gain there (the naive fp32
+NCHW step: ResNet-18 1.08x, EfficientNet-Lite0 1.73x) is not counted for multitag; run the bench with
+MULTITAG_MALLOC=default for glibc's figures, and benchmarks/bench_allocator.py for process against process.
 """
 from __future__ import annotations
 

@@ -3,11 +3,11 @@
 Two kernels of oneDNN/ATen on this project's AVX-512 + AMX CPUs are far slower than their neighbours
 (benchmarks/RESULTS.md, runs I and J), so the runtime measures each model with and without these:
 
-- ``fp32_depthwise`` (bf16 only): depthwise convs run their backward in fp32 inside bf16 autocast
-  (forward in bf16, which is as fast or faster, output handed on in bf16). bf16 depthwise
-  backward was 3-4x slower than fp32 (forward + backward) (EfficientNet-Lite0 at batch 32, 224 px, channels_last, 2 threads:
-  172 vs 56 ms for 96 ch 3x3/2 on 113², 80 vs 20 for 240 ch 5x5 on 28²), while the pointwise convs
-  are fastest in bf16.
+- ``fp32_depthwise`` (bf16 only; the name is older than the function, kept for cached choices):
+  depthwise convs run their backward in fp32 inside bf16 autocast, their forward in bf16 (as fast as
+  fp32 or faster), output handed on in bf16. A bf16 depthwise forward + backward was 3-4x slower than
+  fp32 (EfficientNet-Lite0 at batch 32, 224 px, channels_last, 2 threads: 172 vs 56 ms for 96 ch
+  3x3/2 on 113², 80 vs 20 for 240 ch 5x5 on 28²), while the pointwise convs are fastest in bf16.
 - ``nchw_odd_batchnorm`` (channels_last only): BatchNorm layers whose channel count is not a multiple
   of 16 run on an NCHW copy. With 2 threads channels_last BatchNorm backward was 5-25x slower than
   NCHW at such widths (batch 32 at 64², bf16: 8 ch 5.96 vs 0.36 ms, 17 ch 11.2 vs 0.65, 24 ch 5.0 vs
