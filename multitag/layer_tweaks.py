@@ -36,7 +36,7 @@ def _is_depthwise(m: nn.Module) -> bool:
     """A grouped conv with one input channel per group, zero-padded by numbers: a plain nn.Conv2d or
     timm's Conv2dSame (other subclasses may compute something else in their forward)."""
     return (isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels and m.padding_mode == "zeros"
-            and not isinstance(m.padding, str) and (type(m) is nn.Conv2d or _pads_in_forward(m)))
+            and not isinstance(m.padding, str) and (type(m) is nn.Conv2d or _pads_in_forward(type(m))))
 
 
 def _is_odd_batchnorm(m: nn.Module) -> bool:
@@ -75,19 +75,22 @@ class _Bf16ForwardFp32Backward(torch.autograd.Function):
         return (None if gx is None else gx.to(x.dtype)), gw, gb, None, None, None, None
 
 
-def _pads_in_forward(m: nn.Module) -> bool:
+def _pads_in_forward(cls: type) -> bool:
     """timm's Conv2dSame (TF "same" padding, EfficientNet-Lite's strided convs) pads in its forward."""
     from timm.layers.conv2d_same import Conv2dSame
-    return isinstance(m, Conv2dSame)
+    return issubclass(cls, Conv2dSame)
 
 
 def _fp32_backward_forward(base: type) -> Callable:
+    pads = _pads_in_forward(base)              # decided once per layer class, not in every forward
+    if pads:
+        from timm.layers.padding import pad_same
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_autocast_enabled(x.device.type) or not _backward_follows(self, x):
             return base.forward(self, x)
         x, padding = x.to(torch.get_autocast_dtype(x.device.type)), self.padding
-        if _pads_in_forward(self):
-            from timm.layers.padding import pad_same
+        if pads:
             x, padding = pad_same(x, self.weight.shape[-2:], self.stride, self.dilation), (0, 0)
         # handed on in bf16, as autocast's convs hand theirs: the BatchNorm and ReLU6 after it run on bf16
         return _Bf16ForwardFp32Backward.apply(x, self.weight, self.bias, self.stride, padding, self.dilation,
