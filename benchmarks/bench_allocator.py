@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from multitag.runtime import cpu_flags
+
 STEP = Path(__file__).with_name("profile_step.py")
 # (label, profile_step.py arguments): the recipes' models at their training sizes and batches, bf16 autocast +
 # channels_last as the runtime picks on an AMX CPU, and the naive reference loop's fp32 NCHW.
@@ -54,9 +56,7 @@ def main() -> None:
     unknown = [n for n in names if n not in CASES]
     if unknown:
         sys.exit(f"bench_allocator: unknown case {unknown[0]!r}; choose from {', '.join(CASES)}")
-    flags = sorted({f for f in Path("/proc/cpuinfo").read_text().split() if f in ("avx2", "avx512_bf16", "amx_bf16")}
-                   ) if Path("/proc/cpuinfo").exists() else []
-    print(f"{os.cpu_count()} CPUs, flags {' '.join(flags)}, {a.threads} threads, {a.steps} steps a round, "
+    print(f"{os.cpu_count()} CPUs, flags {' '.join(cpu_flags()) or '(none found)'}, {a.threads} threads, {a.steps} steps a round, "
           f"{a.rounds} rounds; load average {os.getloadavg()[0]:.2f}")
     print(f"{'case':62s} {'default img/s':>13s} {'kept img/s':>10s} {'×':>6s} {'peak RSS MiB default → kept':>28s}")
     for name in names:
