@@ -1,7 +1,7 @@
 """Per-layer exceptions to the runtime's precision and memory format, measured rather than assumed.
 
-Two kernels of oneDNN/ATen on this project's AVX-512 + AMX CPUs are far slower than their neighbours
-(benchmarks/RESULTS.md, runs I and J), so the runtime measures each model with and without these:
+Three kernels of oneDNN/ATen on this project's AVX-512 + AMX CPUs are far slower than their neighbours
+(benchmarks/RESULTS.md, runs I, J and O), so the runtime measures each model with and without these:
 
 - ``fp32_depthwise`` (bf16 only; the name is older than the function, kept for cached choices):
   depthwise convs run their backward in fp32 inside bf16 autocast, their forward in bf16 (as fast as
@@ -14,15 +14,20 @@ Two kernels of oneDNN/ATen on this project's AVX-512 + AMX CPUs are far slower t
   1.1) and only 1.5x at multiples of 16 (32 ch 1.8 vs 1.2), where the two copies would cost more than
   they save; with 1 thread 2-4x (8 ch 1.97 vs 0.52), where the copies can eat the gain — which is
   why it is a measured candidate, not a rule.
+- ``matmul_weight_grad`` (bf16 only): ungrouped convs with large weights, on output maps of at most 8x8
+  positions, compute their weight gradient as one GEMM over the k*k shifted views of the input instead
+  of oneDNN's bf16 weight-gradient kernel, 2-6x slower there (MATMUL_WGRAD_* below). ResNet-18's last
+  two stages at 128 px: training step 1.12x.
 
-Both swap the layer's class for a subclass with another forward, so parameters, buffers and
+All swap the layer's class for a subclass with another forward, so parameters, buffers and
 state-dict keys are unchanged (checkpoints, EMA copies, exports are unaffected). They act only where
-a backward follows (training); ``fp32_depthwise`` does nothing outside autocast and
+a backward follows (training); ``fp32_depthwise`` and ``matmul_weight_grad`` do nothing outside autocast and
 ``nchw_odd_batchnorm`` nothing to NCHW inputs, so scoring and the fp32 predictor compute exactly
 what they computed before.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple
 
 import torch
@@ -81,6 +86,91 @@ def _pads_in_forward(cls: type) -> bool:
     return issubclass(cls, Conv2dSame)
 
 
+# The matmul weight gradient is used where the conv's output map has at most this many positions and its
+# weight at least this many elements: there oneDNN's bf16 weight-gradient kernel, which reduces over the
+# batch x output positions, was 2-6x slower than one GEMM (batch 32, bf16 channels_last, 2 threads:
+# 512->512 3x3 on 4²: 8.8 vs 1.7 ms, 256->512 3x3/2 8²->4²: 5.0 vs 1.0, 512->512 3x3 on 7²: 11.4 vs 5.3,
+# 320->1280 1x1 on 7²: 1.5 vs 1.0), and slower at larger maps or small layers (128->128 3x3 on 16²: 1.5
+# vs 3.5, 64->64 3x3 on 8²: 0.31 vs 0.48).
+MATMUL_WGRAD_MAX_POSITIONS = 64
+MATMUL_WGRAD_MIN_WEIGHT = 100_000
+
+
+def _is_dense_conv(m: nn.Module) -> bool:
+    """An ungrouped conv zero-padded by numbers (nn.Conv2d or timm's Conv2dSame) whose weight is large
+    enough for the matmul weight gradient to pay."""
+    return (isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+            and m.weight.numel() >= MATMUL_WGRAD_MIN_WEIGHT and (type(m) is nn.Conv2d or _pads_in_forward(type(m))))
+
+
+def _weight_grad_by_matmul(grad: torch.Tensor, x: torch.Tensor, kernel: tuple[int, int], stride, padding,
+                           dilation) -> torch.Tensor:
+    """dL/dW of a conv2d as one GEMM: the k*k shifted (strided, dilated) views of the zero-padded input
+    side by side, against the output gradient, over every batch position.
+    grad (B, O, Ho, Wo) and x (B, C, H, W) bf16 -> (O, C, kh, kw) bf16 (channels_last strides)."""
+    (b, c), (ho, wo), (kh, kw) = x.shape[:2], grad.shape[2:], kernel
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, pw, pw, ph, ph))                   # (B, H+2ph, W+2pw, C)
+    taps = [xp[:, i * dh: i * dh + sh * (ho - 1) + 1: sh, j * dw: j * dw + sw * (wo - 1) + 1: sw]
+            for i in range(kh) for j in range(kw)]                              # each (B, Ho, Wo, C)
+    cols = torch.stack(taps, 3).reshape(b * ho * wo, kh * kw * c)              # (B*Ho*Wo, kh*kw*C)
+    g = grad.permute(0, 2, 3, 1).reshape(b * ho * wo, -1)                       # (B*Ho*Wo, O)
+    return (g.t() @ cols).view(-1, kh, kw, c).permute(0, 3, 1, 2)
+
+
+class _Bf16MatmulWeightGrad(torch.autograd.Function):
+    """conv2d in bf16 whose weight gradient is one GEMM (_weight_grad_by_matmul) instead of oneDNN's
+    weight-gradient kernel; forward and input gradient are oneDNN's, as under plain autocast."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation):
+        # x (B, C, H, W) bf16, already padded when the layer pads in its forward; weight (O, C, k, k) fp32
+        w = weight.to(x.dtype)
+        ctx.save_for_backward(x, w)
+        ctx.conv = (list(stride), list(padding), list(dilation), bias is not None)
+        return F.conv2d(x, w, None if bias is None else bias.to(x.dtype), stride, padding, dilation)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        stride, padding, dilation, has_bias = ctx.conv
+        grad, needs = grad.to(x.dtype), ctx.needs_input_grad
+        gx = gw = gb = None
+        if needs[0]:
+            gx = torch.ops.aten.convolution_backward(grad, x, w, None, stride, padding, dilation, False, [0, 0], 1,
+                                                     [True, False, False])[0]
+        if needs[1]:
+            gw = _weight_grad_by_matmul(grad, x, w.shape[-2:], stride, padding, dilation).float()
+        if has_bias and needs[2]:
+            gb = grad.sum((0, 2, 3), dtype=torch.float32)
+        return gx, gw, gb, None, None, None
+
+
+def _conv_out_positions(conv: nn.Conv2d, x: torch.Tensor, padding) -> int:
+    """Ho * Wo of ``conv`` on ``x`` (already padded when the layer pads in its forward)."""
+    return math.prod((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d in
+                     zip(x.shape[-2:], conv.weight.shape[-2:], conv.stride, padding, conv.dilation))
+
+
+def _matmul_wgrad_forward(base: type) -> Callable:
+    pads = _pads_in_forward(base)              # decided once per layer class, not in every forward
+    if pads:
+        from timm.layers.padding import pad_same
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (torch.get_autocast_dtype(x.device.type) != torch.bfloat16 or not torch.is_autocast_enabled(x.device.type)
+                or not _backward_follows(self, x)):
+            return base.forward(self, x)
+        padding = self.padding
+        if pads:
+            x, padding = pad_same(x, self.weight.shape[-2:], self.stride, self.dilation), (0, 0)
+        if _conv_out_positions(self, x, padding) > MATMUL_WGRAD_MAX_POSITIONS:   # autocast's conv, as before
+            return F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
+        return _Bf16MatmulWeightGrad.apply(x.to(torch.bfloat16), self.weight, self.bias, self.stride, padding,
+                                           self.dilation)
+    return forward
+
+
 def _fp32_backward_forward(base: type) -> Callable:
     pads = _pads_in_forward(base)              # decided once per layer class, not in every forward
     if pads:
@@ -120,6 +210,8 @@ TWEAKS = {
                             frozenset({False, True})),
     "nchw_odd_batchnorm": Tweak(_is_odd_batchnorm, _nchw_forward, "NCHW BatchNorm at widths not ÷16",
                                 frozenset({"fp32", "bf16"}), frozenset({True})),
+    "matmul_weight_grad": Tweak(_is_dense_conv, _matmul_wgrad_forward, "weight gradient by matmul on maps ≤ 8×8",
+                                frozenset({"bf16"}), frozenset({False, True})),
 }
 
 

@@ -1,5 +1,5 @@
 """Layer tweaks: depthwise convs in fp32 under bf16 autocast, BatchNorm at widths not ÷16 on an NCHW
-copy. Only the selected layers change, nothing else does (outputs outside autocast, state-dict keys,
+copy, dense convs on small maps taking their weight gradient from one matmul. Only the selected layers change, nothing else does (outputs outside autocast, state-dict keys,
 copies), and the runtime measures them as candidates and keeps the choice across a resume."""
 from __future__ import annotations
 
@@ -99,6 +99,83 @@ def test_a_tf_same_padded_depthwise_conv_computes_what_it_computed(monkeypatch):
                         ("fp32_depthwise",)) == 0
 
 
+def matmul_runs(monkeypatch) -> list[int]:
+    """Grows by one each time a conv runs through the matmul weight-gradient function."""
+    real, runs = layer_tweaks._Bf16MatmulWeightGrad.apply, []
+    monkeypatch.setattr(layer_tweaks._Bf16MatmulWeightGrad, "apply", staticmethod(lambda *a: runs.append(1) or real(*a)))
+    return runs
+
+
+@pytest.mark.parametrize("width,kernel,stride,padding,dilation,size,bias", [
+    (128, 3, 1, 1, 1, 4, False),          # ResNet-18's last stage at 128 px (narrower)
+    (128, 3, 2, 1, 1, 8, True),           # its strided entry, 8² -> 4²
+    (256, 1, 2, 0, 1, 8, False),          # the 1x1 downsample
+    (128, 3, 1, 2, 2, 7, False),          # dilated, odd size
+    (128, 3, (2, 1), (1, 0), 1, 7, True),  # unequal strides and padding
+])
+def test_small_map_convs_take_their_weight_gradient_from_one_matmul(monkeypatch, width, kernel, stride, padding,
+                                                                     dilation, size, bias):
+    """Forward and input gradient are autocast's own; the weight (and bias) gradient is the fp32 sum over
+    the bf16 input and output gradient, rounded once to bf16 (what oneDNN's bf16 kernel gives)."""
+    torch.manual_seed(0)
+    plain = nn.Conv2d(width, 2 * width, kernel, stride, padding, dilation, bias=bias).to(memory_format=CL)
+    kept = copy.deepcopy(plain)
+    assert apply_tweaks(kept, ("matmul_weight_grad",)) == 1 and apply_tweaks(kept, ("matmul_weight_grad",)) == 0
+    x = torch.randn(3, width, size, size).contiguous(memory_format=CL)
+    xs = [x.clone().requires_grad_(True) for _ in range(3)]
+    runs = matmul_runs(monkeypatch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_plain, y_kept = plain(xs[0]), kept(xs[1])
+    assert runs == [1] and y_kept.dtype == torch.bfloat16 and torch.equal(y_kept, y_plain)
+    g = torch.randn(y_kept.shape).to(torch.bfloat16)
+    y_plain.backward(g), y_kept.backward(g)
+    assert torch.equal(xs[1].grad, xs[0].grad)
+    ref = copy.deepcopy(plain).double()
+    ref(xs[2].to(torch.bfloat16).double()).backward(g.double())
+    assert kept.weight.grad.dtype == torch.float32 and kept.weight.grad.shape == plain.weight.shape
+    for got, want in [(kept.weight.grad, ref.weight.grad)] + ([(kept.bias.grad, ref.bias.grad)] if bias else []):
+        torch.testing.assert_close(got.double(), want, rtol=2 ** -7, atol=1e-3 * want.abs().max().item())
+    torch.testing.assert_close(kept.weight.grad, plain.weight.grad, rtol=2 ** -6, atol=2e-3 * plain.weight.grad.abs().max().item())
+
+
+def test_the_matmul_weight_gradient_is_only_for_small_maps_and_large_layers(monkeypatch):
+    """Larger maps run autocast's conv as before; layers with small weights and grouped or self-padding
+    subclasses are not selected; outside autocast the layer is the original. timm's Conv2dSame pads as it did."""
+    from timm.layers.conv2d_same import Conv2dSame
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(128, 96, 3, padding=1)
+    apply_tweaks(conv, ("matmul_weight_grad",))
+    runs = matmul_runs(monkeypatch)
+    big = torch.randn(2, 128, 9, 9, requires_grad=True)                      # 81 positions > 64
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        conv(big).float().sum().backward()
+        conv(big[:, :, :8, :8]).float().sum().backward()                     # 64: the matmul's
+    assert runs == [1]
+    plain = copy.deepcopy(conv)
+    plain.__class__ = nn.Conv2d
+    assert torch.equal(conv(big), plain(big)) and runs == [1]                # no autocast: the original layer
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        conv(big[:, :, :4, :4])
+    assert runs == [1]                                                       # scoring: no backward follows
+    class Odd(nn.Conv2d):
+        def forward(self, x):
+            return super().forward(x) * 2
+    assert apply_tweaks(nn.Sequential(nn.Conv2d(32, 32, 3), nn.Conv2d(128, 128, 3, groups=2), Odd(128, 128, 3),
+                                      nn.Conv2d(128, 128, 3, padding="same")), ("matmul_weight_grad",)) == 0
+    same = Conv2dSame(128, 96, 3, stride=2, bias=False)
+    kept = copy.deepcopy(same)
+    assert apply_tweaks(kept, ("matmul_weight_grad",)) == 1
+    xs = [torch.randn(2, 128, 7, 7).requires_grad_(True) for _ in range(2)]
+    xs[1].data.copy_(xs[0].data)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_same, y_kept = same(xs[0]), kept(xs[1])
+    assert runs == [1, 1] and y_kept.shape == y_same.shape == (2, 96, 4, 4) and torch.equal(y_kept, y_same)
+    y_same.float().sum().backward(), y_kept.float().sum().backward()
+    assert torch.equal(xs[1].grad, xs[0].grad)
+    torch.testing.assert_close(kept.weight.grad, same.weight.grad, rtol=2 ** -6, atol=2e-3 * same.weight.grad.abs().max().item())
+
+
 def test_odd_width_batchnorm_runs_on_an_nchw_copy_and_gives_the_same_values(monkeypatch):
     x = torch.randn(4, 3, 8, 8).contiguous(memory_format=CL)
     plain, kept = tiny_net(8).to(memory_format=CL), tiny_net(8).to(memory_format=CL)
@@ -121,9 +198,10 @@ def test_odd_width_batchnorm_runs_on_an_nchw_copy_and_gives_the_same_values(monk
 
 def test_which_models_have_which_tweaks():
     assert available_tweaks(build_model("efficientnet_lite0", 3, pretrained=False)) == \
-        ("fp32_depthwise", "nchw_odd_batchnorm")                                # 24 and 40 wide stages
+        ("fp32_depthwise", "nchw_odd_batchnorm", "matmul_weight_grad")          # 24 and 40 wide stages
     assert available_tweaks(build_model("inception_resnet_v1_small", 3)) == ("nchw_odd_batchnorm",)
-    assert available_tweaks(build_model("advanced_cnn", 3)) == () == available_tweaks(build_model("simple_cnn", 3))
+    assert available_tweaks(build_model("advanced_cnn", 3)) == ("matmul_weight_grad",)     # its 256 and 512 stages
+    assert available_tweaks(build_model("simple_cnn", 3)) == ()
     both = ("fp32_depthwise", "nchw_odd_batchnorm")
     assert tweaks_for(both, "fp32", False) == () and tweaks_for(both, "fp32", True) == ("nchw_odd_batchnorm",)
     assert tweaks_for(both, "bf16", True) == both
