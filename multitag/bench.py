@@ -406,7 +406,7 @@ def machine(device: torch.device) -> dict:
     return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
             "cpu_flags": " ".join(cpu_flags()) or "(none found)", "cpus": os.cpu_count(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
+            "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset: libgomp's default)"),
             "malloc": allocator.state, "load_average_start": round(os.getloadavg()[0], 2)}
 
 

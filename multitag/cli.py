@@ -9,15 +9,10 @@ import json
 import os
 import sys
 
-from multitag import allocator
+from multitag import allocator, openmp
 from multitag.config import PRUNE_AFTER_DAYS
 from multitag.errors import UserError
 
-# Idle OpenMP threads sleep instead of spinning, unless the user set OMP_WAIT_POLICY: on a machine
-# shared with other jobs, spinning threads stall every 2-thread parallel region (ResNet-18 training
-# step 3.4x faster, 1-thread steps unchanged; benchmarks/RESULTS.md, "Performance (issue 9)"), and
-# they starve ONNX Runtime in `predict`/`serve`. OpenMP reads it when torch loads, which is later.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _add_json(p: argparse.ArgumentParser) -> None:
@@ -469,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
+        openmp.choose_wait_policy(args.command)   # before torch loads: libgomp reads it then
         allocator.keep_freed_memory()     # before any tensor: large blocks are then reused, not mmapped anew
         result = HANDLERS[args.command](args)
     except UserError as e:

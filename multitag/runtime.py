@@ -226,9 +226,11 @@ def choose_runtime(model, loss_fn, example, targets, *, device: str = "auto", pr
     example, targets = example[:MEASURE_MAX_IMAGES], targets[:MEASURE_MAX_IMAGES]
     n_params = sum(p.numel() for p in model.parameters())
     # (a model with layer tweaks has candidates more: its choices made before them are measured again;
-    # the malloc setting moves the candidates by different amounts: 1.05-1.41x, allocator.py)
+    # the malloc setting and OpenMP's wait policy move the candidates by different amounts: 1.05-1.41x,
+    # allocator.py; 2-thread steps 1.05-1.33x, 1-thread steps not at all, openmp.py)
     key = hashlib.sha256(json.dumps([machine_fingerprint(dev), torch.__version__, type(model).__name__,
-                                     n_params, list(example.shape), key_extra, allocator.state]
+                                     n_params, list(example.shape), key_extra, allocator.state,
+                                     os.environ.get("OMP_WAIT_POLICY", "")]
                                     + ([list(tweaks)] if tweaks else [])).encode()).hexdigest()[:16]
     cache = _cache_path()
     known = json.loads(cache.read_text()) if cache.exists() else {}

@@ -55,6 +55,19 @@ def test_a_choice_made_under_another_malloc_setting_is_measured_again(tmp_path, 
     assert len(json.loads((tmp_path / "precision.json").read_text())) == 2
 
 
+def test_a_choice_made_under_another_openmp_wait_policy_is_measured_again(tmp_path, monkeypatch):
+    """openmp.py's policy moves 2-thread candidates (1.05-1.33x) and not 1-thread ones: not one cache entry."""
+    monkeypatch.setenv("MULTITAG_CACHE", str(tmp_path))
+    measured = []
+    monkeypatch.setattr(runtime, "time_train_step", lambda *a, **k: measured.append(1) or 0.1)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    runtime.choose_runtime(*setup(), log=lambda *a: None)
+    first = len(measured)
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    runtime.choose_runtime(*setup(), log=lambda *a: None)
+    assert len(measured) == 2 * first and len(json.loads((tmp_path / "precision.json").read_text())) == 2
+
+
 def test_a_large_batch_is_measured_on_its_first_images(tmp_path, monkeypatch):
     monkeypatch.setenv("MULTITAG_CACHE", str(tmp_path))
     monkeypatch.setattr(runtime, "MEASURE_MAX_IMAGES", 5)
