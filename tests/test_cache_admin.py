@@ -97,3 +97,14 @@ def test_a_build_says_how_to_prune_when_the_caches_grow_large(two_caches, monkey
     assert "`multitag cache prune` removes those unused for 30 days" in capsys.readouterr().err
     build_cache(paths, 10, d, progress=False)                       # reused: no build, no hint
     assert "multitag cache" not in capsys.readouterr().err
+
+
+def test_the_size_hint_counts_cache_files_only(two_caches, monkeypatch, capsys):
+    """What `multitag cache` lists is what the hint adds up: other files in the directory are not caches."""
+    d, paths, _, _ = two_caches
+    (d / "someone-elses.u8").write_bytes(b"\0" * 2**20)
+    caches = sum(e.bytes for e in cache_admin.list_caches(d))
+    new_cache = 16 * 16 * 3 * len(paths)
+    monkeypatch.setattr(cache_mod, "SIZE_HINT_BYTES", caches + new_cache + 1024)   # the new cache's sidecar < 1 KiB
+    assert build_cache(paths, 16, d, progress=False).path.stat().st_size == new_cache    # built, not reused
+    assert "multitag cache" not in capsys.readouterr().err

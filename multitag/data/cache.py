@@ -31,6 +31,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -54,6 +55,10 @@ _LOG_EVERY_S = 10.0  # progress line period when stderr is not a terminal
 # After a build, when the directory's caches hold more than this, say how to list and prune them
 # (caches are never deleted unasked: data/cache_admin.py, `multitag cache`).
 SIZE_HINT_BYTES = 20 * 2**30
+# The files of one cache, stem <key16>_<size> (see the layout above), and a build's temporaries: the
+# names data/cache_admin.py lists and prunes, and the only ones the size hint counts.
+CACHE_FILE = re.compile(r"^(?P<stem>[0-9a-f]{16}_(?P<size>\d+))\.(?:u8|json|bad_images\.txt)$")
+CACHE_TEMP = re.compile(r"^[0-9a-f]{16}_\d+\.(?:u8|json)\.tmp-(?P<pid>\d+)$")
 
 
 def default_cache_dir() -> Path:
@@ -236,7 +241,7 @@ def _common_folder(paths: list[str]) -> str:
 
 
 def _hint_if_large(cache_dir: Path) -> None:
-    total = sum(p.stat().st_size for p in cache_dir.glob("*.u8"))
+    total = sum(p.stat().st_size for p in cache_dir.iterdir() if CACHE_FILE.match(p.name))
     if total > SIZE_HINT_BYTES:
         print(f"image caches in {cache_dir} now take {total / 2**30:.1f} GiB: `multitag cache` lists them and "
               f"`multitag cache prune` removes those unused for {PRUNE_AFTER_DAYS} days", file=sys.stderr, flush=True)

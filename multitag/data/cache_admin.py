@@ -15,17 +15,14 @@ deleted behind the user's back: every dataset and image size adds one, and this 
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from multitag.data.cache import pid_alive
+from multitag.data.cache import CACHE_FILE, CACHE_TEMP, pid_alive
 
-_STEM = re.compile(r"^(?P<stem>[0-9a-f]{16}_(?P<size>\d+))\.(?:u8|json|bad_images\.txt)$")
-_TEMP = re.compile(r"^[0-9a-f]{16}_\d+\.(?:u8|json)\.tmp-(?P<pid>\d+)$")
 DAY_S = 86_400.0
 
 
@@ -51,7 +48,7 @@ def list_caches(cache_dir: Path) -> list[CacheEntry]:
     """Every cache in ``cache_dir``, most recently used first (an absent directory has none)."""
     groups: dict[str, list[Path]] = {}
     for path in cache_dir.iterdir() if cache_dir.is_dir() else ():
-        m = _STEM.match(path.name)
+        m = CACHE_FILE.match(path.name)
         if m and path.is_file():
             groups.setdefault(m["stem"], []).append(path)
     return sorted((_entry(cache_dir, stem, files) for stem, files in groups.items()), key=lambda e: -e.last_used)
@@ -78,7 +75,7 @@ def stale_temporaries(cache_dir: Path) -> list[Path]:
     if not cache_dir.is_dir():
         return []
     return sorted(p for p in cache_dir.iterdir()
-                  if (m := _TEMP.match(p.name)) and not pid_alive(int(m["pid"])))
+                  if (m := CACHE_TEMP.match(p.name)) and not pid_alive(int(m["pid"])))
 
 
 def select_for_removal(entries: list[CacheEntry], older_than_days: float | None) -> list[CacheEntry]:
