@@ -37,11 +37,16 @@ from torch import nn
 _SWAPPED: dict[tuple[str, type], type] = {}
 
 
+def _is_plain_conv(m: nn.Module) -> bool:
+    """A conv the conv tweaks can compute themselves: zero-padded by numbers, a plain nn.Conv2d or timm's
+    Conv2dSame (other subclasses may compute something else in their forward)."""
+    return (isinstance(m, nn.Conv2d) and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+            and (type(m) is nn.Conv2d or _pads_in_forward(type(m))))
+
+
 def _is_depthwise(m: nn.Module) -> bool:
-    """A grouped conv with one input channel per group, zero-padded by numbers: a plain nn.Conv2d or
-    timm's Conv2dSame (other subclasses may compute something else in their forward)."""
-    return (isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels and m.padding_mode == "zeros"
-            and not isinstance(m.padding, str) and (type(m) is nn.Conv2d or _pads_in_forward(type(m))))
+    """A plain conv (_is_plain_conv) with one input channel per group."""
+    return _is_plain_conv(m) and m.groups > 1 and m.groups == m.in_channels
 
 
 def _is_odd_batchnorm(m: nn.Module) -> bool:
@@ -86,6 +91,22 @@ def _pads_in_forward(cls: type) -> bool:
     return issubclass(cls, Conv2dSame)
 
 
+def _same_padder(base: type) -> Callable | None:
+    """timm's pad_same when layers of class ``base`` pad in their forward, else None: decided once per
+    layer class when the swapped class is made, not in every forward."""
+    if not _pads_in_forward(base):
+        return None
+    from timm.layers.padding import pad_same
+    return pad_same
+
+
+def _padded(layer: nn.Conv2d, x: torch.Tensor, pad_same: Callable | None) -> tuple[torch.Tensor, tuple]:
+    """``x`` padded as the layer's own forward pads it, and the padding left for conv2d to apply."""
+    if pad_same is None:
+        return x, layer.padding
+    return pad_same(x, layer.weight.shape[-2:], layer.stride, layer.dilation), (0, 0)
+
+
 # The matmul weight gradient is used where the conv's output map has at most this many positions and its
 # weight at least this many elements: there oneDNN's bf16 weight-gradient kernel, which reduces over the
 # batch x output positions, was 2-6x slower than one GEMM (batch 32, bf16 channels_last, 2 threads:
@@ -97,10 +118,9 @@ MATMUL_WGRAD_MIN_WEIGHT = 100_000
 
 
 def _is_dense_conv(m: nn.Module) -> bool:
-    """An ungrouped conv zero-padded by numbers (nn.Conv2d or timm's Conv2dSame) whose weight is large
-    enough for the matmul weight gradient to pay."""
-    return (isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
-            and m.weight.numel() >= MATMUL_WGRAD_MIN_WEIGHT and (type(m) is nn.Conv2d or _pads_in_forward(type(m))))
+    """An ungrouped plain conv (_is_plain_conv) whose weight is large enough for the matmul weight
+    gradient to pay."""
+    return _is_plain_conv(m) and m.groups == 1 and m.weight.numel() >= MATMUL_WGRAD_MIN_WEIGHT
 
 
 def _weight_grad_by_matmul(grad: torch.Tensor, x: torch.Tensor, kernel: tuple[int, int], stride, padding,
@@ -153,17 +173,13 @@ def _conv_out_positions(conv: nn.Conv2d, x: torch.Tensor, padding) -> int:
 
 
 def _matmul_wgrad_forward(base: type) -> Callable:
-    pads = _pads_in_forward(base)              # decided once per layer class, not in every forward
-    if pads:
-        from timm.layers.padding import pad_same
+    pad_same = _same_padder(base)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (torch.get_autocast_dtype(x.device.type) != torch.bfloat16 or not torch.is_autocast_enabled(x.device.type)
                 or not _backward_follows(self, x)):
             return base.forward(self, x)
-        padding = self.padding
-        if pads:
-            x, padding = pad_same(x, self.weight.shape[-2:], self.stride, self.dilation), (0, 0)
+        x, padding = _padded(self, x, pad_same)
         if _conv_out_positions(self, x, padding) > MATMUL_WGRAD_MAX_POSITIONS:   # autocast's conv, as before
             return F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
         return _Bf16MatmulWeightGrad.apply(x.to(torch.bfloat16), self.weight, self.bias, self.stride, padding,
@@ -172,16 +188,12 @@ def _matmul_wgrad_forward(base: type) -> Callable:
 
 
 def _fp32_backward_forward(base: type) -> Callable:
-    pads = _pads_in_forward(base)              # decided once per layer class, not in every forward
-    if pads:
-        from timm.layers.padding import pad_same
+    pad_same = _same_padder(base)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_autocast_enabled(x.device.type) or not _backward_follows(self, x):
             return base.forward(self, x)
-        x, padding = x.to(torch.get_autocast_dtype(x.device.type)), self.padding
-        if pads:
-            x, padding = pad_same(x, self.weight.shape[-2:], self.stride, self.dilation), (0, 0)
+        x, padding = _padded(self, x.to(torch.get_autocast_dtype(x.device.type)), pad_same)
         # handed on in bf16, as autocast's convs hand theirs: the BatchNorm and ReLU6 after it run on bf16
         return _Bf16ForwardFp32Backward.apply(x, self.weight, self.bias, self.stride, padding, self.dilation,
                                               self.groups)

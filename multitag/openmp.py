@@ -23,7 +23,9 @@ import sys
 PASSIVE_COMMANDS = frozenset({"predict", "serve", "app", "export"})
 _USER_KNOBS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
-state = "not chosen (multitag's CLI chooses it)"          # what choose_wait_policy() did, for the bench
+# What choose_wait_policy() did (tests read it; the bench records the variable libgomp read instead,
+# which also says the right thing when multitag is used as a library).
+state = "not chosen (multitag's CLI chooses it)"
 
 
 def _torch_loaded() -> bool:

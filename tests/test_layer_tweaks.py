@@ -1,6 +1,6 @@
 """Layer tweaks: depthwise convs in fp32 under bf16 autocast, BatchNorm at widths not ÷16 on an NCHW
-copy, dense convs on small maps taking their weight gradient from one matmul. Only the selected layers change, nothing else does (outputs outside autocast, state-dict keys,
-copies), and the runtime measures them as candidates and keeps the choice across a resume."""
+copy, dense convs on small maps taking their weight gradient from one matmul. Only the selected layers
+change, nothing else does (outputs outside autocast, state-dict keys, copies), and the runtime measures them as candidates and keeps the choice across a resume."""
 from __future__ import annotations
 
 import copy
@@ -36,11 +36,16 @@ def seen_by(net: nn.Module, kind: type, x: torch.Tensor, autocast: bool) -> list
     return seen
 
 
-def tweak_runs(monkeypatch) -> list[int]:
-    """Grows by one each time a depthwise conv runs through the tweak's bf16-forward / fp32-backward function."""
-    real, runs = layer_tweaks._Bf16ForwardFp32Backward.apply, []
-    monkeypatch.setattr(layer_tweaks._Bf16ForwardFp32Backward, "apply", staticmethod(lambda *a: runs.append(1) or real(*a)))
+def runs_of(monkeypatch, function: type) -> list[int]:
+    """Grows by one each time a layer runs through the tweak's autograd ``function``."""
+    real, runs = function.apply, []
+    monkeypatch.setattr(function, "apply", staticmethod(lambda *a: runs.append(1) or real(*a)))
     return runs
+
+
+def tweak_runs(monkeypatch) -> list[int]:
+    """Depthwise convs through the bf16-forward / fp32-backward function."""
+    return runs_of(monkeypatch, layer_tweaks._Bf16ForwardFp32Backward)
 
 
 def test_depthwise_convs_alone_run_their_backward_in_fp32_under_autocast(monkeypatch):
@@ -100,10 +105,8 @@ def test_a_tf_same_padded_depthwise_conv_computes_what_it_computed(monkeypatch):
 
 
 def matmul_runs(monkeypatch) -> list[int]:
-    """Grows by one each time a conv runs through the matmul weight-gradient function."""
-    real, runs = layer_tweaks._Bf16MatmulWeightGrad.apply, []
-    monkeypatch.setattr(layer_tweaks._Bf16MatmulWeightGrad, "apply", staticmethod(lambda *a: runs.append(1) or real(*a)))
-    return runs
+    """Convs through the matmul weight-gradient function."""
+    return runs_of(monkeypatch, layer_tweaks._Bf16MatmulWeightGrad)
 
 
 @pytest.mark.parametrize("width,kernel,stride,padding,dilation,size,bias", [
