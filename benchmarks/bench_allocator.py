@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from multitag.runtime import cpu_flags
+from multitag.runtime import describe_cpu
 
 STEP = Path(__file__).with_name("profile_step.py")
 # (label, profile_step.py arguments): the recipes' models at their training sizes and batches, bf16 autocast +
@@ -56,7 +56,7 @@ def main() -> None:
     unknown = [n for n in names if n not in CASES]
     if unknown:
         sys.exit(f"bench_allocator: unknown case {unknown[0]!r}; choose from {', '.join(CASES)}")
-    print(f"{os.cpu_count()} CPUs, flags {' '.join(cpu_flags()) or '(none found)'}, {a.threads} threads, {a.steps} steps a round, "
+    print(f"{os.cpu_count()} CPUs, {describe_cpu()}, {a.threads} threads, {a.steps} steps a round, "
           f"{a.rounds} rounds; load average {os.getloadavg()[0]:.2f}")
     print(f"{'case':62s} {'default img/s':>13s} {'kept img/s':>10s} {'×':>6s} {'peak RSS MiB default → kept':>28s}")
     for name in names:

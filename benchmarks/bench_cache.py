@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +28,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from multitag.data.cache import build_cache  # noqa: E402
 from multitag.data.decode import _decode_pil, _decode_torchvision, load_and_resize  # noqa: E402
+from multitag.runtime import describe_cpu  # noqa: E402
 
 DEFAULT_DATA = "/work/shared/data/voc2007/images"
 EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
@@ -42,12 +42,6 @@ def best_time(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return min(times)
-
-
-def cpu_flags() -> str:
-    out = subprocess.run("grep -o -w -E 'avx512_bf16|amx_bf16|avx2' /proc/cpuinfo | sort -u",
-                         shell=True, capture_output=True, text=True).stdout.split()
-    return " ".join(out) or "(none found)"
 
 
 def bench_decoders(paths: list[str], repeats: int) -> list[tuple[str, str]]:
@@ -106,7 +100,7 @@ def main() -> None:
         Path(p).read_bytes()
     n, size = len(paths), args.size
 
-    print(f"CPU flags: {cpu_flags()}")
+    print(f"CPU: {describe_cpu()}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, "
           f"load average at start {os.getloadavg()[0]:.2f}")
     print(f"data: {n} images from {data}, size {size}, batch {args.batch}, best of {args.repeats}\n")

@@ -21,13 +21,10 @@ import sys
 import time
 from pathlib import Path
 
+from multitag.runtime import describe_cpu
+
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = (0.868, 0.94)              # the simple_cnn reference's 86.80 %, and airbench94's 94 %
-
-
-def cpu_flags() -> str:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return " ".join(f for f in ("avx2", "avx512_bf16", "amx_bf16") if f in text.split())
 
 
 def load_average() -> str:
@@ -76,7 +73,7 @@ def main() -> None:
     ap.add_argument("--run", help="only report on this finished run directory")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra recipe overrides")
     args = ap.parse_args()
-    print(f"CPU flags: {cpu_flags()}; load average at start: {load_average()}; "
+    print(f"CPU: {describe_cpu()}; load average at start: {load_average()}; "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     if not args.run:
         cmd = [sys.executable, "-m", "multitag.cli", "train", "cifar10_speed", "--data", args.data, "--out", args.out,

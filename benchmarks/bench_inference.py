@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -38,6 +37,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from multitag.inference_speed import inference_rows  # noqa: E402  (the timing core, shared with `multitag bench`)
+from multitag.openmp import wait_setting  # noqa: E402
+from multitag.runtime import describe_cpu  # noqa: E402
 
 RUN_FILES = ("model.json", "model.safetensors", "split.csv")
 
@@ -67,12 +68,6 @@ def copy_run(src: Path, dst: Path) -> Path:
     return dst
 
 
-def cpu_flags() -> str:
-    out = subprocess.run("grep -o -w -E 'avx512_bf16|amx_bf16|avx2|avx512_vnni|avx_vnni' /proc/cpuinfo | sort -u",
-                         shell=True, capture_output=True, text=True, check=False).stdout.split()
-    return " ".join(out) or "(none found)"
-
-
 def main(argv=None) -> None:
     import onnxruntime
 
@@ -92,9 +87,9 @@ def main(argv=None) -> None:
     print(f"run: {source}  model: {meta['model']['name']} ({meta['model'].get('num_parameters', '?'):,} params) "
           f"@{meta['input_size']}px, {len(meta['class_names'])} classes")
     print(f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, threads {torch.get_num_threads()}, "
-          f"CPU flags: {cpu_flags()}")
+          f"CPU: {describe_cpu()}")
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
+          f"OpenMP wait: {wait_setting()}")
     metric_name = "val mAP" if meta["multi_label"] else "val acc"
     print(f"{'':<31} {'batch 1 ms':>17} {'batch 32 img/s':>17}")
     print(f"{'backend':<31} {'median':>8} {'best':>8} {'median':>8} {'best':>8} {metric_name:>8} {'max|Δlogit|':>12}")

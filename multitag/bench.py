@@ -42,7 +42,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from multitag import allocator
+from multitag import allocator, openmp
 from multitag.config import Config, DataConfig, cache_root, list_recipes, load_config, resolve_aug
 from multitag.data.cache import build_cache
 from multitag.data.decode import load_and_resize
@@ -53,7 +53,7 @@ from multitag.errors import UserError
 from multitag.layer_tweaks import available_tweaks
 from multitag.models import build_model, count_parameters
 from multitag.progress import track
-from multitag.runtime import Runtime, candidates, choose_device, choose_runtime, cpu_flags
+from multitag.runtime import Runtime, candidates, choose_device, choose_runtime, describe_cpu
 
 
 @dataclass
@@ -405,8 +405,8 @@ def scaling_rows(b: Bench, opts: BenchOptions, log) -> list[dict]:
 def machine(device: torch.device) -> dict:
     return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
-            "cpu_flags": " ".join(cpu_flags()) or "(none found)", "cpus": os.cpu_count(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset: libgomp's default)"),
+            "cpu": describe_cpu(), "cpus": os.cpu_count(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "omp_wait": openmp.wait_setting(),
             "malloc": allocator.state, "load_average_start": round(os.getloadavg()[0], 2)}
 
 
@@ -422,7 +422,7 @@ def run_bench(opts: BenchOptions, log=print) -> dict:
         torch.set_num_threads(opts.threads)
     device = choose_device(opts.device)
     info = machine(device)
-    log(f"bench on {info['device']}, CPU flags {info['cpu_flags']}, load {info['load_average_start']}")
+    log(f"bench on {info['device']}, CPU {info['cpu']}, load {info['load_average_start']}")
     path, fmt = bench_dataset(opts, log)
     cfg = bench_config(opts, path, fmt)
     with tempfile.TemporaryDirectory(prefix="multitag-bench-run-") as tmp:
@@ -515,8 +515,8 @@ def print_bench(result: dict) -> None:
     console, m, o = Console(), result["machine"], result["options"]
     if not console.is_terminal:           # a file or pipe (RESULTS.md, CI logs): no wrapping at 80 columns
         console = Console(width=max(console.width, 200))
-    console.print(f"[bold]multitag bench[/bold]  {m['date']}  {m['device']}  CPU flags: {m['cpu_flags']}  "
-                  f"{m['cpus']} CPUs, {m['threads']} threads, torch {m['torch']}, OMP_WAIT_POLICY={m['omp_wait_policy']}, "
+    console.print(f"[bold]multitag bench[/bold]  {m['date']}  {m['device']}  CPU: {m['cpu']}  "
+                  f"{m['cpus']} CPUs, {m['threads']} threads, torch {m['torch']}, OpenMP wait: {m['omp_wait']}, "
                   f"malloc: {m.get('malloc', '(not recorded)')}")
     console.print(f"model {o['model']} @{o['image_size']} px, batch {o['batch_size']}, data {o['data']} "
                   f"({o['images']} train images), {o['rounds']} rounds × {o['steps']} steps; runtime chosen: "

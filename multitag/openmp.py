@@ -35,9 +35,8 @@ def _torch_loaded() -> bool:
 def choose_wait_policy(command: str) -> str:
     """Set OMP_WAIT_POLICY for ``command`` (see the module text) unless the user chose; returns what was done."""
     global state
-    knobs = [f"{k}={os.environ[k]}" for k in _USER_KNOBS if k in os.environ]
-    if knobs:
-        state = f"{', '.join(knobs)} (set by the user)"
+    if any(k in os.environ for k in _USER_KNOBS):
+        state = f"{wait_setting()} (set by the user)"
     elif _torch_loaded():
         state = "as libgomp read it when torch loaded (before the command ran)"
     elif command in PASSIVE_COMMANDS:
@@ -46,3 +45,10 @@ def choose_wait_policy(command: str) -> str:
     else:
         state = "libgomp's default (idle threads spin a few ms, then sleep)"
     return state
+
+
+def wait_setting() -> str:
+    """How libgomp in this process was told to wait, from the environment torch loaded under: the runtime's
+    choice cache key and every benchmark figure record this, so all say it the same way."""
+    knobs = [f"{k}={os.environ[k]}" for k in _USER_KNOBS if k in os.environ]
+    return ", ".join(knobs) or "libgomp's default"

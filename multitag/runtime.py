@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from multitag import allocator
+from multitag import allocator, openmp
 from multitag.config import cache_root
 from multitag.errors import UserError, did_you_mean
 from multitag.losses import training_loss
@@ -77,21 +77,46 @@ def choose_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def cpu_flags() -> list[str]:
-    """The CPU features that decide bf16 speed, as recorded beside every benchmark figure."""
+# The CPU features that decide bf16 (avx512_bf16, AMX) and int8 (VNNI) speed.
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_tile")
+
+
+def _cpuinfo() -> str:
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        return Path("/proc/cpuinfo").read_text()
     except OSError:
-        return []
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-    present = set(text.split())
-    return [f for f in wanted if f in present]
+        return ""
+
+
+def cpu_flags(text: str | None = None) -> list[str]:
+    """Of CPU_FLAGS, those this CPU has (``text``: /proc/cpuinfo's), as recorded beside every benchmark figure."""
+    present = set((_cpuinfo() if text is None else text).split())
+    return [f for f in CPU_FLAGS if f in present]
+
+
+def cpu_model(text: str | None = None) -> str:
+    """The CPU's name, vendor, family and model, e.g. "AMD EPYC (AuthenticAMD family 26 model 2)".
+
+    Part of the runtime's cache key: kernels' speeds differ by more than the flags say (bf16 made the ResNet-18
+    layout's step 1.5-2.0x faster than fp32 channels_last on an AMD EPYC with avx512_bf16 and no AMX,
+    2.0-2.6x on the AMX Intel machine: RESULTS run P), and CPUs with the same flags need not rank alike."""
+    first = (_cpuinfo() if text is None else text).split("\n\n", 1)[0]        # the first processor's block
+    fields = dict((k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in first.splitlines()))
+    name = fields.get("model name") or platform.processor() or "unknown CPU"
+    ids = " ".join(f"{label} {fields[k]}" for k, label in (("cpu family", "family"), ("model", "model")) if fields.get(k))
+    vendor = " ".join(x for x in (fields.get("vendor_id", ""), ids) if x)
+    return f"{name} ({vendor})" if vendor else name
+
+
+def describe_cpu() -> str:
+    """The CPU as every benchmark figure records it: its model and which of CPU_FLAGS it has."""
+    return f"{cpu_model()}, flags {' '.join(cpu_flags()) or '(none of ' + ' '.join(CPU_FLAGS) + ')'}"
 
 
 def machine_fingerprint(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
-    return f"{platform.machine()}:{','.join(cpu_flags())}:{os.cpu_count()}"
+    return f"{platform.machine()}:{cpu_model()}:{','.join(cpu_flags())}:{os.cpu_count()}"
 
 
 def _cache_path() -> Path:
@@ -230,7 +255,7 @@ def choose_runtime(model, loss_fn, example, targets, *, device: str = "auto", pr
     # allocator.py; 2-thread steps 1.05-1.33x, 1-thread steps not at all, openmp.py)
     key = hashlib.sha256(json.dumps([machine_fingerprint(dev), torch.__version__, type(model).__name__,
                                      n_params, list(example.shape), key_extra, allocator.state,
-                                     os.environ.get("OMP_WAIT_POLICY", "")]
+                                     openmp.wait_setting()]
                                     + ([list(tweaks)] if tweaks else [])).encode()).hexdigest()[:16]
     cache = _cache_path()
     known = json.loads(cache.read_text()) if cache.exists() else {}

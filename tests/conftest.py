@@ -55,6 +55,16 @@ def tiny_model(tiny_run):
 
 
 @pytest.fixture
+def steady_load(monkeypatch):
+    """Other processes' load held at 0 cores: a cached runtime choice is measured again when the load
+    changes by 0.75 cores (runtime.LOAD_CHANGE), which another job on a shared CI machine can do between
+    two calls of a test that expects the cached choice (seen while a training run shared the cores)."""
+    from multitag import runtime
+    monkeypatch.setattr(runtime, "cpu_sample", lambda: None)              # so the measurement's load is other_load's
+    monkeypatch.setattr(runtime, "other_load", lambda seconds=0.5: 0.0)
+
+
+@pytest.fixture
 def stop_after_checkpoint(monkeypatch):
     """``stop_after_checkpoint(epoch)``: the next training run raises KeyboardInterrupt right after
     the checkpoint of ``epoch`` is written, as a kill at that moment would leave it; returns

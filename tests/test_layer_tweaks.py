@@ -218,7 +218,7 @@ def test_candidates_add_a_tweaked_variant_where_tweaks_apply():
     assert len(runtime.candidates(torch.device("cpu"), threads=1)) == 3
 
 
-def test_the_runtime_measures_tweaks_only_for_models_that_have_them(tmp_path, monkeypatch):
+def test_the_runtime_measures_tweaks_only_for_models_that_have_them(tmp_path, monkeypatch, steady_load):
     monkeypatch.setenv("MULTITAG_CACHE", str(tmp_path))
     measured = []
 

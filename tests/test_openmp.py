@@ -52,3 +52,12 @@ def test_the_users_setting_and_a_loaded_torch_are_left_alone(monkeypatch, comman
     monkeypatch.setattr(openmp, "_torch_loaded", lambda: False)
     openmp.choose_wait_policy(command)
     assert os.environ.get("OMP_WAIT_POLICY") == ("PASSIVE" if command in ("serve", "predict") else None)
+
+
+def test_the_wait_setting_says_what_libgomp_reads(monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    assert openmp.wait_setting() == "libgomp's default"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    monkeypatch.setenv("GOMP_SPINCOUNT", "1000")
+    assert openmp.wait_setting() == "OMP_WAIT_POLICY=PASSIVE, GOMP_SPINCOUNT=1000"

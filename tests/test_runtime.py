@@ -22,7 +22,7 @@ def test_explicit_choice_is_not_measured(monkeypatch):
     assert (rt.device.type, rt.precision, rt.channels_last) == ("cpu", "fp32", False)
 
 
-def test_auto_measures_picks_fastest_and_caches(tmp_path, monkeypatch):
+def test_auto_measures_picks_fastest_and_caches(tmp_path, monkeypatch, steady_load):
     monkeypatch.setenv("MULTITAG_CACHE", str(tmp_path))
     fake = {("fp32", False): 0.3, ("fp32", True): 0.1, ("bf16", True): 0.2}
     monkeypatch.setattr(runtime, "time_train_step", lambda m, l, x, y, rt, **k: fake[(rt.precision, rt.channels_last)])
@@ -37,7 +37,7 @@ def test_auto_measures_picks_fastest_and_caches(tmp_path, monkeypatch):
     assert runtime.choose_runtime(*setup(), log=logs.append) == rt
 
 
-def test_a_choice_made_under_another_malloc_setting_is_measured_again(tmp_path, monkeypatch):
+def test_a_choice_made_under_another_malloc_setting_is_measured_again(tmp_path, monkeypatch, steady_load):
     """allocator.py's setting moves the candidates by different amounts (1.05-1.41x): not one cache entry."""
     from multitag import allocator
 
@@ -55,7 +55,7 @@ def test_a_choice_made_under_another_malloc_setting_is_measured_again(tmp_path, 
     assert len(json.loads((tmp_path / "precision.json").read_text())) == 2
 
 
-def test_a_choice_made_under_another_openmp_wait_policy_is_measured_again(tmp_path, monkeypatch):
+def test_a_choice_made_under_another_openmp_wait_policy_is_measured_again(tmp_path, monkeypatch, steady_load):
     """openmp.py's policy moves 2-thread candidates (1.05-1.33x) and not 1-thread ones: not one cache entry."""
     monkeypatch.setenv("MULTITAG_CACHE", str(tmp_path))
     measured = []
@@ -66,6 +66,35 @@ def test_a_choice_made_under_another_openmp_wait_policy_is_measured_again(tmp_pa
     monkeypatch.delenv("OMP_WAIT_POLICY")
     runtime.choose_runtime(*setup(), log=lambda *a: None)
     assert len(measured) == 2 * first and len(json.loads((tmp_path / "precision.json").read_text())) == 2
+    monkeypatch.setenv("GOMP_SPINCOUNT", "1000")                       # libgomp's other knob counts too
+    runtime.choose_runtime(*setup(), log=lambda *a: None)
+    assert len(measured) == 3 * first and len(json.loads((tmp_path / "precision.json").read_text())) == 3
+
+
+# /proc/cpuinfo's first block on this project's two kinds of machine (trimmed): AMX only on the Intel one
+INTEL = ("processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 143\n"
+         "model name\t: Intel(R) Xeon(R) Platinum 8488C\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n\n"
+         "processor\t: 1\nvendor_id\t: GenuineIntel\n")
+AMD = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\n"
+       "flags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n")
+
+
+def test_the_cpu_is_named_by_model_vendor_and_family():
+    assert runtime.cpu_model(INTEL) == "Intel(R) Xeon(R) Platinum 8488C (GenuineIntel family 6 model 143)"
+    assert runtime.cpu_model(AMD) == "AMD EPYC (AuthenticAMD family 26 model 2)"
+    assert runtime.cpu_flags(INTEL) == ["avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"]
+    assert runtime.cpu_flags(AMD) == ["avx2", "avx512f", "avx512_bf16", "avx512_vnni"]
+    assert runtime.cpu_model("") not in ("", " ()")                     # no /proc/cpuinfo: the platform's name
+
+
+def test_a_choice_made_on_another_cpu_is_not_read(monkeypatch):
+    """Two CPUs whose flags the runtime would not tell apart still get their own cache entries."""
+    fingerprints = []
+    for text in (INTEL.replace(" amx_bf16 amx_tile", ""), AMD.replace(" avx512_vnni", "")):
+        monkeypatch.setattr(runtime, "_cpuinfo", lambda text=text: text)
+        fingerprints.append(runtime.machine_fingerprint(torch.device("cpu")))
+        assert "avx512_bf16" in runtime.describe_cpu()
+    assert fingerprints[0] != fingerprints[1]
 
 
 def test_a_large_batch_is_measured_on_its_first_images(tmp_path, monkeypatch):
