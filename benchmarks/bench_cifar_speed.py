@@ -21,9 +21,10 @@ import sys
 import time
 from pathlib import Path
 
-from multitag.runtime import describe_cpu
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+from multitag.runtime import describe_cpu  # noqa: E402
+
 TARGETS = (0.868, 0.94)              # the simple_cnn reference's 86.80 %, and airbench94's 94 %
 
 
