@@ -118,3 +118,57 @@ def test_device_data_pack_and_unpack_give_back_the_same_files(tmp_path):
     for r in kept:
         assert (tmp_path / "back" / "voc2007" / "images" / r["image"]).read_bytes() == r["image"].encode() * 3
     assert len(list((tmp_path / "back" / "voc2007" / "images").iterdir())) == 6
+
+
+def _run_script(name: str, *args: str, timeout: int = 300) -> str:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / name
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout,
+                          check=True).stdout
+
+
+def test_bench_cache_script_runs_tiny(tmp_path):
+    """benchmarks/bench_cache.py on six small JPEGs: every measurement row, and the machine named."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.RandomState(0)
+    for i in range(6):
+        Image.fromarray(rng.randint(0, 255, (40, 48, 3)).astype(np.uint8)).save(tmp_path / f"{i}.jpg")
+    out = _run_script("bench_cache.py", "--data", str(tmp_path), "--size", "32", "--batch", "4", "--repeats", "1")
+    assert out.startswith("CPU: ") and "flags" in out.splitlines()[0]
+    assert "data: 6 images" in out
+    for row in ("(a) decode+resize epoch from files, 2 threads", "(b) first cache build, 1 worker",
+                "(b) reopen the built cache", "(c) warm-cache epoch of batch gathers, channels_last"):
+        assert row in out
+
+
+def test_bench_inference_script_runs_tiny(tiny_run):
+    """benchmarks/bench_inference.py on the tiny demo run, one round: a row per backend, logits checked."""
+    out = _run_script("bench_inference.py", "--run", str(tiny_run), "--rounds", "1", "--threads", "1")
+    assert "CPU: " in out and "OpenMP wait: " in out
+    for backend in ("torch eager fp32 NCHW", "onnx fp32", "onnx int8 (static)"):
+        row = next(line for line in out.splitlines() if line.startswith(backend))
+        assert float(row[31:].split()[0]) > 0                              # batch-1 median ms
+
+
+def test_bench_cifar_speed_script_runs_tiny(tiny_cifar, tmp_path):
+    """benchmarks/bench_cifar_speed.py trains the cifar10_speed recipe (2 epochs, batch 16, on a 3-class
+    CIFAR-shaped folder) with per-epoch test accuracy, and its time-to lines agree with metrics.jsonl."""
+    import json
+
+    run = tmp_path / "run"
+    out = _run_script("bench_cifar_speed.py", "--data", str(tiny_cifar), "--out", str(run),
+                      "--set", "train.epochs=2", "--set", "train.batch_size=16")
+    assert out.startswith("CPU: ")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and all("test_accuracy" in r for r in rows)
+    first = next((r["epoch"] for r in rows if r["test_accuracy"] >= 0.868), None)
+    line = next(x for x in out.splitlines() if x.startswith("time to 86.8% test accuracy"))
+    assert line.endswith(f"epoch {first}") if first else "not reached" in line
+    assert "multitag eval --split test accuracy" in out
+    report = out.splitlines()[-(5 + len(rows)):]            # run, header, one line per epoch, two targets, eval
+    assert report[0].startswith("run ") and _run_script("bench_cifar_speed.py", "--run", str(run)).splitlines()[1:] == report
