@@ -463,7 +463,20 @@ def run_bench(opts: BenchOptions, log=print) -> dict:
             out += scaling_rows(b, opts, log)
     info["load_average_end"] = round(os.getloadavg()[0], 2)
     info["runtime_chosen"] = rt.describe()
+    info["round_spread"] = round_spread(out)
     return {"machine": info, "options": asdict(opts), "rows": out}
+
+
+# Above this spread between a system's best and median round the machine is called noisy: on an idle
+# Intel machine the spread was 1-2 %, on a KVM guest whose speed moved by a third within half an hour
+# 10-25 % (RESULTS runs O and P), where only the ratios within one run mean something.
+NOISY_SPREAD = 0.10
+
+
+def round_spread(rows: list[dict]) -> float | None:
+    """The largest (best − median) / best img/s over the training rows: how much the rounds disagreed."""
+    spreads = [1 - r["img_s_median"] / r["img_s"] for r in rows if r["section"] == "training" and r.get("img_s")]
+    return round(max(spreads), 3) if spreads else None
 
 
 def _chosen_name(rows: list[dict]) -> str:
@@ -521,6 +534,9 @@ def print_bench(result: dict) -> None:
     console.print(f"model {o['model']} @{o['image_size']} px, batch {o['batch_size']}, data {o['data']} "
                   f"({o['images']} train images), {o['rounds']} rounds × {o['steps']} steps; runtime chosen: "
                   f"{m['runtime_chosen']}; load average {m['load_average_start']} → {m['load_average_end']}")
+    if (m.get("round_spread") or 0) > NOISY_SPREAD:
+        console.print(f"[yellow]noisy machine:[/yellow] a system's median round ran up to {m['round_spread']:.0%} "
+                      f"slower than its best; compare the ratios within this run, not figures across runs.")
     for section, columns in SECTION_COLUMNS.items():
         rows = [r for r in result["rows"] if r["section"] == section]
         if not rows:

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from multitag import bench
 from multitag.bench import BenchOptions, print_bench, run_bench
 from multitag.cli import main
 from multitag.errors import UserError
@@ -43,6 +44,19 @@ def test_bench_cli_json_has_every_row(capsys):
     out = capsys.readouterr().out
     for r in rows:
         assert r["name"][:12] in out
+    assert 0 <= result["machine"]["round_spread"] < 1
+    assert ("noisy machine" in out) == (result["machine"]["round_spread"] > bench.NOISY_SPREAD)
+    result["machine"]["round_spread"] = 0.25
+    print_bench(result)
+    assert "noisy machine: a system's median round ran up to 25% slower" in capsys.readouterr().out
+
+
+def test_a_noisy_machine_is_called_so():
+    rows = [{"section": "training", "name": "a", "img_s": 100.0, "img_s_median": 95.0},
+            {"section": "training", "name": "b", "img_s": 50.0, "img_s_median": 40.0},
+            {"section": "pipeline", "name": "c", "img_s": 10.0, "img_s_median": 1.0}]     # not a training row
+    assert bench.round_spread(rows) == 0.2
+    assert bench.round_spread(rows[2:]) is None
 
 
 def test_bench_refuses_too_few_images():
