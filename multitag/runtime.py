@@ -88,19 +88,20 @@ def _cpuinfo() -> str:
         return ""
 
 
-def cpu_flags(text: str | None = None) -> list[str]:
-    """Of CPU_FLAGS, those this CPU has (``text``: /proc/cpuinfo's), as recorded beside every benchmark figure."""
-    present = set((_cpuinfo() if text is None else text).split())
+def cpu_flags(text: str) -> list[str]:
+    """Of CPU_FLAGS, those the CPU of ``text`` (/proc/cpuinfo's) has, as recorded beside every benchmark figure."""
+    present = set(text.split())
     return [f for f in CPU_FLAGS if f in present]
 
 
-def cpu_model(text: str | None = None) -> str:
-    """The CPU's name, vendor, family and model, e.g. "AMD EPYC (AuthenticAMD family 26 model 2)".
+def cpu_model(text: str) -> str:
+    """The name, vendor, family and model of the CPU of ``text`` (/proc/cpuinfo's), e.g.
+    "AMD EPYC (AuthenticAMD family 26 model 2)".
 
     Part of the runtime's cache key: kernels' speeds differ by more than the flags say (bf16 made the ResNet-18
     layout's step 1.5-2.0x faster than fp32 channels_last on an AMD EPYC with avx512_bf16 and no AMX,
     2.0-2.6x on the AMX Intel machine: RESULTS run P), and CPUs with the same flags need not rank alike."""
-    first = (_cpuinfo() if text is None else text).split("\n\n", 1)[0]        # the first processor's block
+    first = text.split("\n\n", 1)[0]        # the first processor's block
     fields = dict((k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in first.splitlines()))
     name = fields.get("model name") or platform.processor() or "unknown CPU"
     ids = " ".join(f"{label} {fields[k]}" for k, label in (("cpu family", "family"), ("model", "model")) if fields.get(k))
@@ -110,13 +111,15 @@ def cpu_model(text: str | None = None) -> str:
 
 def describe_cpu() -> str:
     """The CPU as every benchmark figure records it: its model and which of CPU_FLAGS it has."""
-    return f"{cpu_model()}, flags {' '.join(cpu_flags()) or '(none of ' + ' '.join(CPU_FLAGS) + ')'}"
+    text = _cpuinfo()
+    return f"{cpu_model(text)}, flags {' '.join(cpu_flags(text)) or '(none of ' + ' '.join(CPU_FLAGS) + ')'}"
 
 
 def machine_fingerprint(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
-    return f"{platform.machine()}:{cpu_model()}:{','.join(cpu_flags())}:{os.cpu_count()}"
+    text = _cpuinfo()
+    return f"{platform.machine()}:{cpu_model(text)}:{','.join(cpu_flags(text))}:{os.cpu_count()}"
 
 
 def _cache_path() -> Path:

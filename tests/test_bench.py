@@ -3,6 +3,9 @@ come back and print. No timing is asserted: the figures depend on the machine an
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +14,15 @@ from multitag import bench
 from multitag.bench import BenchOptions, print_bench, run_bench
 from multitag.cli import main
 from multitag.errors import UserError
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run_script(name: str, *args: str, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """benchmarks/``name`` run with this interpreter, its output captured."""
+    return subprocess.run([sys.executable, str(BENCHMARKS / name), *args], capture_output=True, text=True,
+                          timeout=timeout, check=check)
+
 
 TINY = ["--data", "digits", "--model", "simple_cnn", "--images", "16", "--batch-size", "8", "--image-size", "32",
         "--steps", "1", "--rounds", "1", "--scaling", "1,2", "--inference-rounds", "1"]
@@ -70,31 +82,19 @@ def test_bench_scaling_text_is_checked(capsys):
 
 
 def test_profile_step_script_runs_tiny():
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_step.py"
-    out = subprocess.run([sys.executable, str(script), "--model", "simple_cnn", "--image-size", "32", "--batch-size", "4",
-                          "--steps", "1", "--threads", "1", "--precision", "fp32"],
-                         capture_output=True, text=True, timeout=120, check=True).stdout
+    out = run_script("profile_step.py", "--model", "simple_cnn", "--image-size", "32", "--batch-size", "4",
+                     "--steps", "1", "--threads", "1", "--precision", "fp32", timeout=120).stdout
     assert "img/s" in out and "convolution_backward" in out and "mkldnn_convolution" in out
 
 
 def test_bench_allocator_script_runs_tiny():
     """benchmarks/bench_allocator.py: one case, each allocator in its own process, one row with both."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_allocator.py"
-    out = subprocess.run([sys.executable, str(script), "--only", "simple_cnn", "--rounds", "1", "--steps", "1",
-                          "--threads", "1"], capture_output=True, text=True, timeout=300, check=True).stdout
+    out = run_script("bench_allocator.py", "--only", "simple_cnn", "--rounds", "1", "--steps", "1",
+                     "--threads", "1").stdout
     row = next(line for line in out.splitlines() if line.startswith("simple_cnn @32"))
     default, kept, ratio = row.split()[-7:-4]               # ... img/s img/s ratio× RSS → RSS (±%)
     assert float(default) > 0 and float(kept) > 0 and ratio.endswith("×")
-    bad = subprocess.run([sys.executable, str(script), "--only", "simple_cnnn"], capture_output=True, text=True,
-                         timeout=60)
+    bad = run_script("bench_allocator.py", "--only", "simple_cnnn", timeout=60, check=False)
     assert bad.returncode != 0 and "unknown case 'simple_cnnn'" in bad.stderr
 
 
@@ -102,9 +102,6 @@ def test_device_data_pack_and_unpack_give_back_the_same_files(tmp_path):
     """benchmarks/device_data.py carries the data to a GPU machine: a CIFAR-style folder and a VOC-style
     subset (spread over both official splits, with their labels.csv rows) come back byte for byte."""
     import csv
-    import subprocess
-    import sys
-    from pathlib import Path
 
     data = tmp_path / "data"
     for i in range(3):
@@ -118,9 +115,7 @@ def test_device_data_pack_and_unpack_give_back_the_same_files(tmp_path):
     with open(data / "voc2007" / "labels.csv", "w", newline="") as f:
         csv.writer(f).writerows([("image", "labels", "difficult", "split"), *rows])
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "device_data.py"
-    run = lambda *args: subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
-                                       timeout=60, check=True).stdout
+    run = lambda *args: run_script("device_data.py", *args, timeout=60)
     run("pack", "--data", str(data), "--out", str(tmp_path / "packed"), "--voc-train", "4", "--voc-val", "2", "--no-wheels")
     run("unpack", str(tmp_path / "packed"), str(tmp_path / "back"))
     for p in (data / "cifar10").rglob("*.jpg"):
@@ -134,16 +129,6 @@ def test_device_data_pack_and_unpack_give_back_the_same_files(tmp_path):
     assert len(list((tmp_path / "back" / "voc2007" / "images").iterdir())) == 6
 
 
-def _run_script(name: str, *args: str, timeout: int = 300) -> str:
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / name
-    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout,
-                          check=True).stdout
-
-
 def test_bench_cache_script_runs_tiny(tmp_path):
     """benchmarks/bench_cache.py on six small JPEGs: every measurement row, and the machine named."""
     import numpy as np
@@ -152,7 +137,7 @@ def test_bench_cache_script_runs_tiny(tmp_path):
     rng = np.random.RandomState(0)
     for i in range(6):
         Image.fromarray(rng.randint(0, 255, (40, 48, 3)).astype(np.uint8)).save(tmp_path / f"{i}.jpg")
-    out = _run_script("bench_cache.py", "--data", str(tmp_path), "--size", "32", "--batch", "4", "--repeats", "1")
+    out = run_script("bench_cache.py", "--data", str(tmp_path), "--size", "32", "--batch", "4", "--repeats", "1").stdout
     assert out.startswith("CPU: ") and "flags" in out.splitlines()[0]
     assert "data: 6 images" in out
     for row in ("(a) decode+resize epoch from files, 2 threads", "(b) first cache build, 1 worker",
@@ -161,22 +146,23 @@ def test_bench_cache_script_runs_tiny(tmp_path):
 
 
 def test_bench_inference_script_runs_tiny(tiny_run):
-    """benchmarks/bench_inference.py on the tiny demo run, one round: a row per backend, logits checked."""
-    out = _run_script("bench_inference.py", "--run", str(tiny_run), "--rounds", "1", "--threads", "1")
+    """benchmarks/bench_inference.py on the tiny demo run, one round: a row per backend, timed, and ONNX
+    fp32's logits within float rounding of PyTorch's."""
+    out = run_script("bench_inference.py", "--run", str(tiny_run), "--rounds", "1", "--threads", "1").stdout
     assert "CPU: " in out and "OpenMP wait: " in out
+    rows = {}
     for backend in ("torch eager fp32 NCHW", "onnx fp32", "onnx int8 (static)"):
-        row = next(line for line in out.splitlines() if line.startswith(backend))
-        assert float(row[31:].split()[0]) > 0                              # batch-1 median ms
+        rows[backend] = next(line for line in out.splitlines() if line.startswith(backend))[31:].split()
+        assert float(rows[backend][0]) > 0                                 # batch-1 median ms
+    assert float(rows["onnx fp32"][-1]) < 1e-3                             # max |Δlogit| vs PyTorch
 
 
 def test_bench_cifar_speed_script_runs_tiny(tiny_cifar, tmp_path):
     """benchmarks/bench_cifar_speed.py trains the cifar10_speed recipe (2 epochs, batch 16, on a 3-class
     CIFAR-shaped folder) with per-epoch test accuracy, and its time-to lines agree with metrics.jsonl."""
-    import json
-
     run = tmp_path / "run"
-    out = _run_script("bench_cifar_speed.py", "--data", str(tiny_cifar), "--out", str(run),
-                      "--set", "train.epochs=2", "--set", "train.batch_size=16")
+    out = run_script("bench_cifar_speed.py", "--data", str(tiny_cifar), "--out", str(run),
+                     "--set", "train.epochs=2", "--set", "train.batch_size=16").stdout
     assert out.startswith("CPU: ")
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2] and all("test_accuracy" in r for r in rows)
@@ -185,4 +171,4 @@ def test_bench_cifar_speed_script_runs_tiny(tiny_cifar, tmp_path):
     assert line.endswith(f"epoch {first}") if first else "not reached" in line
     assert "multitag eval --split test accuracy" in out
     report = out.splitlines()[-(5 + len(rows)):]            # run, header, one line per epoch, two targets, eval
-    assert report[0].startswith("run ") and _run_script("bench_cifar_speed.py", "--run", str(run)).splitlines()[1:] == report
+    assert report[0].startswith("run ") and run_script("bench_cifar_speed.py", "--run", str(run)).stdout.splitlines()[1:] == report

@@ -71,7 +71,8 @@ def test_a_choice_made_under_another_openmp_wait_policy_is_measured_again(tmp_pa
     assert len(measured) == 3 * first and len(json.loads((tmp_path / "precision.json").read_text())) == 3
 
 
-# /proc/cpuinfo's first block on this project's two kinds of machine (trimmed): AMX only on the Intel one
+# /proc/cpuinfo blocks, trimmed: this session's AMD machine's as it reads, and an Intel one with AMX
+# (its model name is an example: the AMX machine's was never recorded)
 INTEL = ("processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 143\n"
          "model name\t: Intel(R) Xeon(R) Platinum 8488C\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n\n"
          "processor\t: 1\nvendor_id\t: GenuineIntel\n")
