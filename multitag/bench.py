@@ -10,6 +10,9 @@ Sections (figures in images/s unless named otherwise):
   pipeline   the data pipeline alone (cache gather + batched augmentation; the naive DataLoader) and
              its ratio to multitag's training step: far above 1 means the model sets the pace
   optimizer  one optimizer step alone, in ms: torch's CPU default loop, foreach, fused
+  ceiling    how fast a step could run here: the model's training FLOPs per image and the fastest
+             dense-conv GFLOP/s of each precision (multitag/ceiling.py); each training row's GFLOP/s is
+             given as a share of its precision's peak, and the peak as a bound on the ratio to the naive loop
   inference  eager vs ONNX Runtime vs int8 on the model just trained (multitag/inference_speed.py)
   scaling    the training images repeated 1x, 4x, 16x through the cache: img/s and memory. The
              cache is a memory map, so anonymous memory stays flat; the mapped pages are the
@@ -81,6 +84,8 @@ class System:
     name: str
     run: Callable[[int, int], None]
     note: str = ""
+    precision: str = "fp32"          # what its model step computes in, and with how many threads (0: torch's
+    threads: int = 0                 # default): the ceiling section's peak it is held to
 
 
 # --- data: one small labelled set that every section (export checks too) reads -------------------
@@ -201,7 +206,7 @@ def naive_systems(cfg: Config, data: PreparedData, model: torch.nn.Module, devic
 
     note = f"PIL + torchvision per image, DataLoader workers {workers}, fp32 NCHW, {optim.__name__} for-loop"
     return [System("training", "naive PyTorch loop (reference)", trainer(0), note),
-            System("training", "naive PyTorch loop, 1 thread", trainer(1), note + ", 1 thread"),
+            System("training", "naive PyTorch loop, 1 thread", trainer(1), note + ", 1 thread", threads=1),
             System("pipeline", "naive DataLoader alone", pipeline, f"PIL + torchvision per image, workers {workers}")]
 
 
@@ -252,7 +257,7 @@ def engine_system(b: Bench, name: str, rt: Runtime, *, note: str = "", fused: bo
         with rt.thread_count():
             train_one_epoch(net, part, b.loss_fn, optimizer, None, False, rt, b.cfg, epoch)
 
-    return System("training", name, run, note or rt.describe())
+    return System("training", name, run, note or rt.describe(), rt.precision, rt.threads)
 
 
 def pipeline_system(b: Bench) -> System:
@@ -320,7 +325,34 @@ def time_rounds(systems: list[System], opts: BenchOptions, device: torch.device,
 
 def rate_rows(systems: list[System], seconds: dict[str, list[float]], images: int) -> list[dict]:
     return [{"section": s.section, "name": s.name, "img_s": images / min(seconds[s.name]),
-             "img_s_median": images / statistics.median(seconds[s.name]), "note": s.note} for s in systems]
+             "img_s_median": images / statistics.median(seconds[s.name]), "note": s.note,
+             **({"precision": s.precision, "threads": s.threads or torch.get_num_threads()}
+                if s.section == "training" else {})} for s in systems]
+
+
+def ceiling_rows(rows: list[dict], b: Bench, example: torch.Tensor, targets: torch.Tensor) -> list[dict]:
+    """The ceiling section (multitag/ceiling.py): per precision and thread count of the training rows,
+    the conv peak and the img/s it would allow; training rows gain their achieved GFLOP/s and its share
+    of their own precision's and thread count's peak."""
+    from multitag.ceiling import conv_peak, training_flops
+
+    flops = training_flops(b.model, b.loss_fn, example, targets)
+    kinds = sorted({(r["precision"], r["threads"]) for r in rows if r["section"] == "training"},
+                   key=lambda k: (-k[1], ["fp32", "bf16"].index(k[0])))
+    peaks = {}
+    for precision, threads in kinds:
+        with Runtime(b.rt.device, precision, True, threads).thread_count():
+            peaks[precision, threads] = conv_peak(b.rt.device, precision, b.cfg.train.batch_size, b.cfg.data.image_size)
+    naive = next(r["img_s"] for r in rows if r["name"] == "naive PyTorch loop (reference)")
+    for r in rows:
+        if r["section"] == "training":
+            r["gflop_s"] = r["img_s"] * flops / 1e9
+            r["of_peak"] = r["gflop_s"] / peaks[r["precision"], r["threads"]]["gflop_s"]
+    return [{"section": "ceiling", "name": f"{p}, {n} thread{'s' * (n > 1)}: every FLOP at the conv peak",
+             "gflop_s": peak["gflop_s"], "img_s": peak["gflop_s"] * 1e9 / flops,
+             "ratio": peak["gflop_s"] * 1e9 / flops / naive, "gflop_per_image": flops / 1e9,
+             "note": f"{flops / 1e9:.2f} GFLOP per training image; peak of a {peak['shape']}"}
+            for (p, n), peak in peaks.items()]
 
 
 def optimizer_rows(model: torch.nn.Module, device: torch.device, rounds: int) -> list[dict]:
@@ -435,7 +467,8 @@ def run_bench(opts: BenchOptions, log=print) -> dict:
         rows = train_loader.rows
         loss_fn = build_loss(cfg.train, t.multi_label, t.targets[rows], t.ignore[rows])
         example = next(first_batches(train_loader, 1).iterate()).images
-        rt = choose_runtime(model, loss_fn, example, torch.from_numpy(t.targets[rows[:len(example)]]),
+        targets = torch.from_numpy(t.targets[rows[:len(example)]])
+        rt = choose_runtime(model, loss_fn, example, targets,
                             device=opts.device, key_extra=cfg.model.name, threads=opts.threads, log=log)
         b = Bench(cfg, data, model, loss_fn, train_loader.to(device), rt)
         naive = naive_systems(cfg, data, model, device, opts.naive_workers)
@@ -445,6 +478,7 @@ def run_bench(opts: BenchOptions, log=print) -> dict:
         seconds = time_rounds(systems, opts, device, log)
         out = rate_rows(systems, seconds, opts.steps * opts.batch_size)
         _add_ratios(out)
+        out += ceiling_rows(out, b, example, targets)
         out += optimizer_rows(model, device, opts.inference_rounds)
         if opts.inference:
             from multitag.checkpoint import MODEL_META, MODEL_WEIGHTS, model_state, save_tensors, write_json
@@ -502,7 +536,10 @@ def _add_ratios(rows: list[dict]) -> None:
 
 SECTION_COLUMNS = {
     "training": [("img/s (best)", "img_s", "{:,.1f}"), ("median", "img_s_median", "{:,.1f}"),
-                 ("× naive", "ratio", "{:.2f}×")],
+                 ("× naive", "ratio", "{:.2f}×"), ("GFLOP/s", "gflop_s", "{:,.0f}"),
+                 ("of peak", "of_peak", "{:.0%}")],
+    "ceiling": [("conv peak GFLOP/s", "gflop_s", "{:,.0f}"), ("img/s at the peak", "img_s", "{:,.1f}"),
+                ("× naive at most", "ratio", "{:.2f}×")],
     "pipeline": [("img/s (best)", "img_s", "{:,.0f}"), ("median", "img_s_median", "{:,.0f}"),
                  ("÷ its training img/s", "ratio", "{:,.0f}×")],
     "optimizer": [("ms per step", "ms", "{:.1f}"), ("× faster than for-loop", "ratio", "{:.2f}×")],
@@ -515,6 +552,7 @@ SECTION_COLUMNS = {
                 ("anon RSS MiB", "rss_anon_mib", "{:,.0f}"), ("file RSS MiB", "rss_file_mib", "{:,.0f}"),
                 ("peak RSS MiB", "peak_rss_mib", "{:,.0f}")],
 }
+NOTED = ("training", "ceiling", "pipeline", "optimizer")      # sections with a "what ran" column
 
 
 def _cell(fmt: str, value) -> str:
@@ -545,9 +583,9 @@ def print_bench(result: dict) -> None:
         table.add_column("system" if section != "inference" else "backend")
         for title, _, _ in columns:
             table.add_column(title, justify="right")
-        if section in ("training", "pipeline", "optimizer"):
+        if section in NOTED:
             table.add_column("what ran")
         for r in rows:
             cells = [_cell(fmt, r.get(key)) for _, key, fmt in columns]
-            table.add_row(r["name"], *cells, *([r.get("note", "")] if section in ("training", "pipeline", "optimizer") else []))
+            table.add_row(r["name"], *cells, *([r.get("note", "")] if section in NOTED else []))
         console.print(table)

@@ -35,7 +35,7 @@ def test_bench_cli_json_has_every_row(capsys):
     by_section = {}
     for r in rows:
         by_section.setdefault(r["section"], []).append(r["name"])
-    assert set(by_section) == {"training", "pipeline", "optimizer", "inference", "scaling"}
+    assert set(by_section) == {"training", "ceiling", "pipeline", "optimizer", "inference", "scaling"}
     training = by_section["training"]
     assert training[0] == "naive PyTorch loop (reference)"
     assert sum(name.endswith("[chosen]") for name in training) == 1
@@ -49,6 +49,16 @@ def test_bench_cli_json_has_every_row(capsys):
     for r in rows:
         if r["section"] in ("training", "pipeline"):
             assert r["img_s"] > 0 and r["ratio"] > 0
+    ceiling = {(r["name"].split(":")[0]): r for r in rows if r["section"] == "ceiling"}
+    assert "fp32, 1 thread" in ceiling                      # the naive loop's 1-thread row is held to its own peak
+    naive = rows[0]
+    for r in rows:
+        if r["section"] == "training":                # achieved GFLOP/s over its own precision's and threads' peak
+            peak = ceiling[f"{r['precision']}, {r['threads']} thread{'s' * (r['threads'] > 1)}"]
+            assert r["gflop_s"] == pytest.approx(r["img_s"] * peak["gflop_per_image"])
+            assert r["of_peak"] == pytest.approx(r["gflop_s"] / peak["gflop_s"])
+    for r in ceiling.values():
+        assert r["ratio"] == pytest.approx(r["gflop_s"] / r["gflop_per_image"] / naive["img_s"])
     assert result["machine"]["runtime_chosen"]
     assert "load_average_end" in result["machine"]
 

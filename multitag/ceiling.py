@@ -1,0 +1,64 @@
+"""How close a training step runs to what this machine can compute: FLOPs per image and the conv peak.
+
+A speed-up over another loop is bounded by the hardware: if every FLOP of a training step ran at the
+fastest rate this machine computes a dense conv in some precision, the step would take
+``training_flops / peak`` seconds per image, and no loop in that precision can beat it. ``multitag bench``
+prints each row's achieved GFLOP/s beside that bound, and the bound's ratio to the naive loop: the most
+any loop in that precision could gain here (RESULTS run Q: on an AMD EPYC without AMX, bf16's conv peak is
+2.0x fp32's, and at 224 px the ResNet-18 layout's naive fp32 loop already runs at half the fp32 peak).
+
+What is counted: convolutions and matrix products, forward and backward (torch.utils.flop_counter) —
+the arithmetic that the hardware's peak is about. BatchNorm, activations, pooling and the optimizer are
+memory-bound extra time on top, which is why the bound is an upper one.
+"""
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from multitag.losses import training_loss
+
+
+def training_flops(model: torch.nn.Module, loss_fn, example: torch.Tensor, targets: torch.Tensor) -> float:
+    """FLOPs of one training image (forward + backward of ``model`` on its loss), counted on a copy over
+    two images of ``example`` ((N, 3, S, S)) in fp32 on the CPU, where every op is countable."""
+    model = copy.deepcopy(model).cpu().float().train()
+    loss_fn = copy.deepcopy(loss_fn).cpu() if isinstance(loss_fn, torch.nn.Module) else loss_fn
+    x, y = example[:2].float().cpu(), targets[:2].cpu()
+    with FlopCounterMode(display=False) as counter:
+        training_loss(model, loss_fn, x, y, torch.zeros_like(y, dtype=torch.bool)).backward()
+    return counter.get_total_flops() / len(x)
+
+
+def conv_shapes(image_size: int) -> list[tuple[int, int]]:
+    """(channels, map size) of the 3x3 convs timed for the peak: a ResNet's stages 1-3 at this input size."""
+    return [(64, max(4, image_size // 4)), (128, max(4, image_size // 8)), (256, max(4, image_size // 16))]
+
+
+def conv_peak(device: torch.device, precision: str, batch: int, image_size: int, reps: int = 5) -> dict:
+    """The fastest GFLOP/s a dense 3x3 conv forward (stride 1, channels_last, batch ``batch``) reaches
+    here in ``precision`` over conv_shapes(image_size): {"gflop_s", "shape"}; best of ``reps`` calls
+    each (other work only ever slows a call down)."""
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    best = {"gflop_s": 0.0, "shape": ""}
+    for channels, size in conv_shapes(image_size):
+        conv = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False).to(
+            device, dtype, memory_format=torch.channels_last)
+        x = torch.randn(batch, channels, size, size, device=device, dtype=dtype).contiguous(
+            memory_format=torch.channels_last)
+        flops = 2 * batch * channels * channels * 9 * size * size
+        with torch.no_grad():
+            for _ in range(2):
+                conv(x)
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                conv(x)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                rate = flops / (time.perf_counter() - t0) / 1e9
+                if rate > best["gflop_s"]:
+                    best = {"gflop_s": rate, "shape": f"{channels}->{channels} 3x3 on {size}x{size}, batch {batch}"}
+    return best
