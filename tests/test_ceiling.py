@@ -23,4 +23,4 @@ def test_conv_peak_is_measured_on_one_of_its_shapes():
     peak = conv_peak(torch.device("cpu"), "fp32", batch=2, image_size=32, reps=1)
     assert peak["gflop_s"] > 0
     assert any(peak["shape"].startswith(f"{c}->{c} 3x3 on {s}x{s}") for c, s in conv_shapes(32))
-    assert conv_shapes(16) == [(64, 4), (128, 4), (256, 4)]        # maps never below 4x4
+    assert conv_shapes(16) == [(64, 4), (128, 4), (256, 4), (512, 4)]        # maps never below 4x4
