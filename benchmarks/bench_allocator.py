@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from multitag import allocator
 from multitag.runtime import describe_cpu
 
 STEP = Path(__file__).with_name("profile_step.py")
@@ -40,7 +41,7 @@ CASES = {
 def run_case(args: str, alloc: str, steps: int, threads: int) -> dict:
     cmd = [sys.executable, str(STEP), *args.split(), "--steps", str(steps), "--threads", str(threads),
            "--allocator", alloc, "--json"]
-    env = {k: v for k, v in os.environ.items() if not (k.startswith("MALLOC_") or k == "MULTITAG_MALLOC")}
+    env = allocator.without_user_choice()
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 

@@ -51,6 +51,13 @@ def _user_choice() -> str | None:
     return None
 
 
+def without_user_choice(environ=os.environ) -> dict[str, str]:
+    """``environ`` without what makes the allocator the user's business (MULTITAG_MALLOC, glibc's MALLOC_*
+    variables): the environment for a child process that should get the CLI's own setting, or — with
+    MULTITAG_MALLOC=default added — glibc's. (GLIBC_TUNABLES and LD_PRELOAD are left: they carry more.)"""
+    return {k: v for k, v in environ.items() if not (k.startswith("MALLOC_") or k == "MULTITAG_MALLOC")}
+
+
 def keep_freed_memory() -> str:
     """Switch glibc's malloc to keep freed blocks (see the module text); returns what was done."""
     global state

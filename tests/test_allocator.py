@@ -1,13 +1,13 @@
 """multitag/allocator.py: the CLI tells glibc's malloc to keep freed memory, unless the user chose otherwise."""
 from __future__ import annotations
 
-import os
 import platform
 import subprocess
 import sys
 
 import pytest
 
+from multitag import allocator
 from multitag.cli import main
 
 glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the setting is glibc's mallopt")
@@ -30,7 +30,7 @@ print(libc.mallinfo2().hblkhd >> 20, allocator.state, file=sys.stderr)
 
 
 def _probe(**env) -> tuple[int, str]:
-    base = {k: v for k, v in os.environ.items() if not (k.startswith("MALLOC_") or k == "MULTITAG_MALLOC")}
+    base = allocator.without_user_choice()
     err = subprocess.run([sys.executable, "-c", PROBE], env={**base, **env}, capture_output=True, text=True,
                          timeout=120, check=True).stderr.strip().splitlines()[-1]
     mib, state = err.split(" ", 1)
