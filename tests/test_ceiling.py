@@ -19,6 +19,17 @@ def test_training_flops_follow_the_layer_formulas():
     assert all(p.grad is None for p in model.parameters())      # counted on a copy
 
 
+def test_grouped_convs_backward_costs_what_their_forward_costs():
+    # conv 3->8, then a depthwise 8->8 3x3 (groups 8) on 8x8: torch 2.14's own formula counted the depthwise
+    # weight gradient as an ungrouped conv (8x too high here, ~40x for EfficientNet-Lite0's widths).
+    model = nn.Sequential(nn.Conv2d(3, 8, 1, bias=False), nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False),
+                          nn.Flatten(), nn.Linear(512, 2, bias=False))
+    first, depthwise, linear = 2 * 8 * 3 * 64, 2 * 8 * 1 * 9 * 64, 2 * 512 * 2
+    loss = lambda logits, y, ignore: logits.square().mean()  # noqa: E731
+    flops = training_flops(model, loss, torch.randn(2, 3, 8, 8), torch.zeros(2, 2))
+    assert flops == 2 * first + 3 * depthwise + 3 * linear
+
+
 def test_conv_peak_is_measured_on_one_of_its_shapes():
     peak = conv_peak(torch.device("cpu"), "fp32", batch=2, image_size=32, reps=1)
     assert peak["gflop_s"] > 0
