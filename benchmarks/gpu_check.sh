@@ -70,12 +70,13 @@ step cifar_speed 240 $PY benchmarks/bench_cifar_speed.py --data "$DATA/cifar10" 
   --set train.device=$DEVICE --set "data.split_fractions=[1.0,0.0,0.0]" "${CIFAR_SET[@]}"
 grep -E "^run |^ +[0-9]+ |time to|kept model|runtime" "$OUT/cifar_speed.log" 2>/dev/null | tee -a "$SUMMARY"
 
-# 3. VOC2007 training throughput side by side with the naive loop: ResNet-18 layout at 224 px, and the
-#    pretrained recipe's EfficientNet-Lite0 (random init: weights do not change the speed).
+# 3. VOC2007 training throughput side by side with the naive loop, and the GPU's conv peak (the ceiling
+#    rows): ResNet-18 layout at 224 px, and the pretrained recipe's EfficientNet-Lite0 (random init:
+#    weights do not change the speed).
 for model in advanced_cnn efficientnet_lite0; do
   step "bench_$model" 150 $PY -m multitag.cli bench --device $DEVICE --data "$DATA/voc2007" --model $model \
     --image-size 224 --batch-size 32 --images $IMAGES --steps $STEPS --rounds $ROUNDS --no-inference --scaling ""
-  grep -E "naive|multitag|AdamW|runtime" "$OUT/bench_$model.log" 2>/dev/null | cut -c1-150 | tee -a "$SUMMARY"
+  grep -E "naive|multitag|AdamW|runtime|every FLOP" "$OUT/bench_$model.log" 2>/dev/null | cut -c1-150 | tee -a "$SUMMARY"
 done
 
 # 4. DDP sanity on one GPU: plain vs torchrun x1 (NCCL), same recipe and seed.
