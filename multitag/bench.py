@@ -552,6 +552,19 @@ SECTION_COLUMNS = {
                 ("anon RSS MiB", "rss_anon_mib", "{:,.0f}"), ("file RSS MiB", "rss_file_mib", "{:,.0f}"),
                 ("peak RSS MiB", "peak_rss_mib", "{:,.0f}")],
 }
+def ceiling_verdict(rows: list[dict]) -> str | None:
+    """One line under the ceiling table: the chosen step's share of its peak, and the most that peak allows."""
+    chosen = next((r for r in rows if r["section"] == "training" and r["name"].endswith("[chosen]")), None)
+    if chosen is None or "of_peak" not in chosen:
+        return None
+    kind = f"{chosen['precision']}, {chosen['threads']} thread{'s' * (chosen['threads'] > 1)}"
+    peak = next((r for r in rows if r["section"] == "ceiling" and r["name"].startswith(kind + ":")), None)
+    if peak is None:
+        return None
+    return (f"the chosen step ({kind}) computes at {chosen['of_peak']:.0%} of this machine's conv peak for them "
+            f"and is {chosen['ratio']:.2f}× the naive loop; at 100 % no such loop could pass {peak['ratio']:.2f}× here.")
+
+
 NOTED = ("training", "ceiling", "pipeline", "optimizer")      # sections with a "what ran" column
 
 
@@ -589,3 +602,5 @@ def print_bench(result: dict) -> None:
             cells = [_cell(fmt, r.get(key)) for _, key, fmt in columns]
             table.add_row(r["name"], *cells, *([r.get("note", "")] if section in NOTED else []))
         console.print(table)
+        if section == "ceiling" and (verdict := ceiling_verdict(result["rows"])):
+            console.print(verdict)

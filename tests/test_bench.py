@@ -66,6 +66,8 @@ def test_bench_cli_json_has_every_row(capsys):
     out = capsys.readouterr().out
     for r in rows:
         assert r["name"][:12] in out
+    chosen = next(r for r in rows if r["name"].endswith("[chosen]"))
+    assert f"computes at {chosen['of_peak']:.0%} of this machine's conv peak for them" in out
     assert 0 <= result["machine"]["round_spread"] < 1
     assert ("noisy machine" in out) == (result["machine"]["round_spread"] > bench.NOISY_SPREAD)
     result["machine"]["round_spread"] = 0.25
