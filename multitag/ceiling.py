@@ -35,6 +35,20 @@ def training_flops(model: torch.nn.Module, loss_fn, example: torch.Tensor, targe
     return counter.get_total_flops() / len(x)
 
 
+def forward_flops(model: torch.nn.Module, image_size: int) -> float:
+    """FLOPs of one image's forward pass in eval mode at ``image_size`` (2 per multiply-add, as timm's and
+    the papers' GFLOPs are twice their GMACs), counted on the CPU in fp32; RNN layers uncounted (module text)."""
+    model = copy.deepcopy(model).cpu().float().eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 3, image_size, image_size))
+    return float(counter.get_total_flops())
+
+
+def has_uncounted_layers(model: torch.nn.Module) -> bool:
+    """Whether ``model`` has RNN layers, whose FLOPs torch.utils.flop_counter does not count."""
+    return any(isinstance(m, torch.nn.RNNBase) for m in model.modules())
+
+
 def conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
                         _output_padding, _groups, output_mask, out_shape=None, **kwargs) -> int:
     """A conv's backward: its forward's multiplications once for the input gradient and once for the

@@ -276,9 +276,12 @@ def cmd_models(args):
 
     rows = describe_models()
     if not args.json:
+        width = max(len(r["name"]) for r in rows) + 2
         for r in rows:
-            print(f"{r['name']:<16} {r['parameters']:>12,} params @{r['input_size']}px, 10 classes   {r['description']}")
-        print("timm/<arch>      any timm architecture, e.g. timm/resnet34 (weights from a local file via model.weights)")
+            gflops = ("≥" if r["gflops_partial"] else " ") + f"{r['gflops']:.2f}"
+            print(f"{r['name']:<{width}}{r['parameters']:>11,} params {gflops:>7} GFLOPs @{r['input_size']}px, "
+                  f"10 classes   {r['description']}")
+        print(f"{'timm/<arch>':<{width}}any timm architecture, e.g. timm/resnet34 (weights from a local file via model.weights)")
     return rows
 
 

@@ -136,6 +136,14 @@ def cnn_rnn(num_classes: int, **kw) -> nn.Module:
 
 
 def describe_models(num_classes: int = 10) -> list[dict]:
-    """Name, parameter count (with ``num_classes`` outputs), input size and description of each model."""
-    return [{"name": s.name, "parameters": count_parameters(build_model(s.name, num_classes, pretrained=False)),
-             "input_size": s.default_size, "description": s.description} for s in _REGISTRY.values()]
+    """Name, parameter count (with ``num_classes`` outputs), input size, forward GFLOPs of one image at that
+    size (multitag/ceiling.py; ``gflops_partial`` where RNN layers are left uncounted) and description."""
+    from multitag.ceiling import forward_flops, has_uncounted_layers
+
+    rows = []
+    for s in _REGISTRY.values():
+        model = build_model(s.name, num_classes, pretrained=False)
+        rows.append({"name": s.name, "parameters": count_parameters(model), "input_size": s.default_size,
+                     "gflops": forward_flops(model, s.default_size) / 1e9,
+                     "gflops_partial": has_uncounted_layers(model), "description": s.description})
+    return rows
