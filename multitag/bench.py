@@ -552,6 +552,8 @@ SECTION_COLUMNS = {
                 ("anon RSS MiB", "rss_anon_mib", "{:,.0f}"), ("file RSS MiB", "rss_file_mib", "{:,.0f}"),
                 ("peak RSS MiB", "peak_rss_mib", "{:,.0f}")],
 }
+
+
 def ceiling_verdict(rows: list[dict]) -> str | None:
     """One line under the ceiling table: the chosen step's share of its peak, and the most that peak allows."""
     chosen = next((r for r in rows if r["section"] == "training" and r["name"].endswith("[chosen]")), None)

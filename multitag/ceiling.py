@@ -54,7 +54,8 @@ def conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _paddi
     """A conv's backward: its forward's multiplications once for the input gradient and once for the
     weight gradient, as far as ``output_mask`` asks for them. torch 2.14's own formula computes the weight
     gradient as a conv of transposed shapes, which loses the group division (fixed upstream in
-    pytorch/pytorch#183405): it counted EfficientNet-Lite0's depthwise backward ~40x too high."""
+    pytorch/pytorch#183405): it counted EfficientNet-Lite0's training FLOPs 14x too high
+    (32.2 GFLOP per image at 224 px; 2.28 with this formula, its forward being 0.77)."""
     forward = conv_flop_count(list(x_shape), list(w_shape), list(grad_out_shape), transposed=transposed)
     return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
 

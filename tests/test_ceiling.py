@@ -21,7 +21,7 @@ def test_training_flops_follow_the_layer_formulas():
 
 def test_grouped_convs_backward_costs_what_their_forward_costs():
     # conv 3->8, then a depthwise 8->8 3x3 (groups 8) on 8x8: torch 2.14's own formula counted the depthwise
-    # weight gradient as an ungrouped conv (8x too high here, ~40x for EfficientNet-Lite0's widths).
+    # weight gradient as an ungrouped conv (2.6x the whole count here; EfficientNet-Lite0's 14x).
     model = nn.Sequential(nn.Conv2d(3, 8, 1, bias=False), nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False),
                           nn.Flatten(), nn.Linear(512, 2, bias=False))
     first, depthwise, linear = 2 * 8 * 3 * 64, 2 * 8 * 1 * 9 * 64, 2 * 512 * 2
