@@ -11,7 +11,8 @@ What is counted: convolutions and matrix products, forward and backward (torch.u
 the arithmetic that the hardware's peak is about. BatchNorm, activations, pooling and the optimizer are
 memory-bound extra time on top, which is why the bound is an upper one. Fused kernels without a FLOP
 formula (nn.LSTM / nn.GRU, as in the CNN-RNN decoder) are not counted: for such models the achieved
-GFLOP/s is a lower bound and the img/s bound too high.
+GFLOP/s is a lower bound and the img/s bound too high. The peak is timed at the step's own batch size:
+a larger batch can run faster (on a GPU especially), so the bound holds for that batch, not for every one.
 """
 from __future__ import annotations
 
