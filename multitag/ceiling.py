@@ -5,8 +5,8 @@ fastest rate this machine computes a dense conv in some precision, the step woul
 ``training_flops / peak`` seconds per image, and no loop in that precision can beat it. ``multitag bench``
 prints each row's achieved GFLOP/s beside that bound, and the bound's ratio to the naive loop: the most
 any loop in that precision could gain here (RESULTS run Q: on an AMD EPYC without AMX, bf16's conv peak is
-2.0x fp32's, and at 224 px the ResNet-18 layout's naive fp32 loop already runs at 56-60 % of the fp32 peak, so no bf16 loop could be
-4x it there).
+2.0x fp32's, and at 224 px the ResNet-18 layout's naive fp32 loop already runs at 56-60 % of the fp32 peak,
+so no bf16 loop could be 4x it there).
 
 What is counted: convolutions and matrix products, forward and backward (torch.utils.flop_counter) —
 the arithmetic that the hardware's peak is about. BatchNorm, activations, pooling and the optimizer are
