@@ -27,20 +27,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))      # runs from a bare checkout too
 
-from multitag.ceiling import conv_shapes, training_flops  # noqa: E402
+from multitag.ceiling import DTYPES, best_seconds, conv_shapes, training_flops  # noqa: E402
 from multitag.layer_tweaks import _weight_grad_by_matmul  # noqa: E402
 from multitag.models import build_model  # noqa: E402
 from multitag.runtime import Runtime, describe_cpu  # noqa: E402
-
-
-def best_seconds(fn, reps: int) -> float:
-    fn(), fn()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def without(model: nn.Module, cls: type) -> nn.Module:
@@ -85,7 +75,7 @@ def step_rows(model: nn.Module, rt: Runtime, x: torch.Tensor, y: torch.Tensor, r
 
 def conv_rows(image_size: int, batch: int, precision: str, reps: int) -> list[dict]:
     """Per 3x3 conv shape: forward, input gradient, oneDNN weight gradient, matmul weight gradient."""
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    dtype = DTYPES[precision]
     stages = conv_shapes(image_size)
     shapes = []                                   # (c_in, c_out, input map, stride)
     for i, (c, size) in enumerate(stages):

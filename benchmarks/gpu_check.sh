@@ -41,7 +41,6 @@ step() {
 
 say "gpu_check $(date -u +%FT%TZ), device $DEVICE, quick $QUICK, commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 | tee -a "$SUMMARY"
-say "cpu: $(nproc) cores, flags: $(grep -o -w -E 'avx2|avx512f|avx512_bf16|amx_bf16' /proc/cpuinfo | sort -u | tr '\n' ' ')"
 if ls device_data/wheels/*.whl > /dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/multitag_site \
     device_data/wheels/*.whl && export PYTHONPATH=/tmp/multitag_site${PYTHONPATH:+:$PYTHONPATH}
@@ -49,6 +48,7 @@ fi
 $PY -c "import torch, torchvision, timm; print('torch', torch.__version__, 'torchvision', torchvision.__version__,
 'timm', timm.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.get_device_name() if torch.cuda.is_available()
 else None, 'bf16', torch.cuda.is_available() and torch.cuda.is_bf16_supported())" 2>&1 | tee -a "$SUMMARY"
+say "cpu: $(nproc) cores, $($PY -c 'from multitag.runtime import describe_cpu; print(describe_cpu())' 2>&1)"
 if [ ! -d "$DATA/cifar10" ]; then
   $PY benchmarks/device_data.py unpack device_data "$DATA" 2>&1 | tee -a "$SUMMARY"
 fi

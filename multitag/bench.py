@@ -348,11 +348,15 @@ def ceiling_rows(rows: list[dict], b: Bench, example: torch.Tensor, targets: tor
         if r["section"] == "training":
             r["gflop_s"] = r["img_s"] * flops / 1e9
             r["of_peak"] = r["gflop_s"] / peaks[r["precision"], r["threads"]]["gflop_s"]
-    return [{"section": "ceiling", "name": f"{p}, {n} thread{'s' * (n > 1)}: every FLOP at the conv peak",
+    return [{"section": "ceiling", "name": f"{_kind(p, n)}: every FLOP at the conv peak", "precision": p, "threads": n,
              "gflop_s": peak["gflop_s"], "img_s": peak["gflop_s"] * 1e9 / flops,
              "ratio": peak["gflop_s"] * 1e9 / flops / naive, "gflop_per_image": flops / 1e9,
              "note": f"{flops / 1e9:.2f} GFLOP per training image; peak of a {peak['shape']}"}
             for (p, n), peak in peaks.items()]
+
+
+def _kind(precision: str, threads: int) -> str:
+    return f"{precision}, {threads} thread{'s' * (threads > 1)}"
 
 
 def optimizer_rows(model: torch.nn.Module, device: torch.device, rounds: int) -> list[dict]:
@@ -554,17 +558,14 @@ SECTION_COLUMNS = {
 }
 
 
-def ceiling_verdict(rows: list[dict]) -> str | None:
+def ceiling_verdict(rows: list[dict]) -> str:
     """One line under the ceiling table: the chosen step's share of its peak, and the most that peak allows."""
-    chosen = next((r for r in rows if r["section"] == "training" and r["name"].endswith("[chosen]")), None)
-    if chosen is None or "of_peak" not in chosen:
-        return None
-    kind = f"{chosen['precision']}, {chosen['threads']} thread{'s' * (chosen['threads'] > 1)}"
-    peak = next((r for r in rows if r["section"] == "ceiling" and r["name"].startswith(kind + ":")), None)
-    if peak is None:
-        return None
-    return (f"the chosen step ({kind}) computes at {chosen['of_peak']:.0%} of this machine's conv peak for them "
-            f"and is {chosen['ratio']:.2f}× the naive loop; at 100 % no such loop could pass {peak['ratio']:.2f}× here.")
+    chosen = next(r for r in rows if r["name"] == _chosen_name(rows))
+    kind = chosen["precision"], chosen["threads"]
+    peak = next(r for r in rows if r["section"] == "ceiling" and (r["precision"], r["threads"]) == kind)
+    return (f"the chosen step ({_kind(*kind)}) computes at {chosen['of_peak']:.0%} of this machine's conv peak "
+            f"for them and is {chosen['ratio']:.2f}× the naive loop; at 100 % no such loop could pass "
+            f"{peak['ratio']:.2f}× here.")
 
 
 NOTED = ("training", "ceiling", "pipeline", "optimizer")      # sections with a "what ran" column
@@ -604,5 +605,5 @@ def print_bench(result: dict) -> None:
             cells = [_cell(fmt, r.get(key)) for _, key, fmt in columns]
             table.add_row(r["name"], *cells, *([r.get("note", "")] if section in NOTED else []))
         console.print(table)
-        if section == "ceiling" and (verdict := ceiling_verdict(result["rows"])):
-            console.print(verdict)
+        if section == "ceiling":          # its rows exist only beside training rows with a chosen one
+            console.print(ceiling_verdict(result["rows"]))

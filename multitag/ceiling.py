@@ -25,6 +25,30 @@ from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from multitag.losses import training_loss
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}       # a Runtime's precision -> the tensors' dtype
+
+
+def _flop_counter() -> FlopCounterMode:
+    """torch's FLOP counter with this module's formula for a conv's backward (conv_backward_flops)."""
+    return FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flops})
+
+
+def best_seconds(fn, reps: int, device: torch.device | None = None, warmup: int = 2) -> float:
+    """The fastest of ``reps`` timed calls of ``fn`` after ``warmup`` untimed ones (other work only ever
+    slows a call down); on a CUDA ``device`` each call is waited for."""
+    def call():
+        fn()
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
+    for _ in range(warmup):
+        call()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        call()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
 
 def training_flops(model: torch.nn.Module, loss_fn, example: torch.Tensor, targets: torch.Tensor) -> float:
     """FLOPs of one training image (forward + backward of ``model`` on its loss), counted on a copy over
@@ -32,7 +56,7 @@ def training_flops(model: torch.nn.Module, loss_fn, example: torch.Tensor, targe
     model = copy.deepcopy(model).cpu().float().train()
     loss_fn = copy.deepcopy(loss_fn).cpu() if isinstance(loss_fn, torch.nn.Module) else loss_fn
     x, y = example[:2].float().cpu(), targets[:2].cpu()
-    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flops}) as counter:
+    with _flop_counter() as counter:
         training_loss(model, loss_fn, x, y, torch.zeros_like(y, dtype=torch.bool)).backward()
     return counter.get_total_flops() / len(x)
 
@@ -41,7 +65,7 @@ def forward_flops(model: torch.nn.Module, image_size: int) -> float:
     """FLOPs of one image's forward pass in eval mode at ``image_size`` (2 per multiply-add, as timm's and
     the papers' GFLOPs are twice their GMACs), counted on the CPU in fp32; RNN layers uncounted (module text)."""
     model = copy.deepcopy(model).cpu().float().eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), _flop_counter() as counter:
         model(torch.zeros(1, 3, image_size, image_size))
     return float(counter.get_total_flops())
 
@@ -73,7 +97,7 @@ def conv_peak(device: torch.device, precision: str, batch: int, image_size: int,
     """The fastest GFLOP/s a dense 3x3 conv forward (stride 1, channels_last, batch ``batch``) reaches
     here in ``precision`` over conv_shapes(image_size): {"gflop_s", "shape"}; best of ``reps`` calls
     each (other work only ever slows a call down)."""
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    dtype = DTYPES[precision]
     best = {"gflop_s": 0.0, "shape": ""}
     for channels, size in conv_shapes(image_size):
         conv = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False).to(
@@ -82,14 +106,7 @@ def conv_peak(device: torch.device, precision: str, batch: int, image_size: int,
             memory_format=torch.channels_last)
         flops = 2 * batch * channels * channels * 9 * size * size
         with torch.no_grad():
-            for _ in range(2):
-                conv(x)
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                conv(x)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                rate = flops / (time.perf_counter() - t0) / 1e9
-                if rate > best["gflop_s"]:
-                    best = {"gflop_s": rate, "shape": f"{channels}->{channels} 3x3 on {size}x{size}, batch {batch}"}
+            rate = flops / best_seconds(lambda: conv(x), reps, device) / 1e9
+        if rate > best["gflop_s"]:
+            best = {"gflop_s": rate, "shape": f"{channels}->{channels} 3x3 on {size}x{size}, batch {batch}"}
     return best

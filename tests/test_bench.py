@@ -49,12 +49,12 @@ def test_bench_cli_json_has_every_row(capsys):
     for r in rows:
         if r["section"] in ("training", "pipeline"):
             assert r["img_s"] > 0 and r["ratio"] > 0
-    ceiling = {(r["name"].split(":")[0]): r for r in rows if r["section"] == "ceiling"}
-    assert "fp32, 1 thread" in ceiling                      # the naive loop's 1-thread row is held to its own peak
+    ceiling = {(r["precision"], r["threads"]): r for r in rows if r["section"] == "ceiling"}
+    assert ceiling[("fp32", 1)]["name"] == "fp32, 1 thread: every FLOP at the conv peak"   # the naive 1-thread row's
     naive = rows[0]
     for r in rows:
         if r["section"] == "training":                # achieved GFLOP/s over its own precision's and threads' peak
-            peak = ceiling[f"{r['precision']}, {r['threads']} thread{'s' * (r['threads'] > 1)}"]
+            peak = ceiling[(r["precision"], r["threads"])]
             assert r["gflop_s"] == pytest.approx(r["img_s"] * peak["gflop_per_image"])
             assert r["of_peak"] == pytest.approx(r["gflop_s"] / peak["gflop_s"])
     for r in ceiling.values():
