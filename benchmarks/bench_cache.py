@@ -17,7 +17,6 @@ import io
 import os
 import sys
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from multitag.ceiling import best_seconds  # noqa: E402
 from multitag.data.cache import build_cache  # noqa: E402
 from multitag.data.decode import _decode_pil, _decode_torchvision, load_and_resize  # noqa: E402
 from multitag.runtime import describe_cpu  # noqa: E402
@@ -35,13 +35,9 @@ EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
 
 def best_time(fn, repeats: int) -> float:
-    """Fastest wall time of ``repeats`` calls, seconds."""
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+    """Fastest wall time of ``repeats`` calls, seconds; no warm-up call (the first build and the cold
+    gather are what some rows time)."""
+    return best_seconds(fn, repeats, warmup=0)
 
 
 def bench_decoders(paths: list[str], repeats: int) -> list[tuple[str, str]]:
