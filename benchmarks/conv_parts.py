@@ -18,7 +18,6 @@ import argparse
 import copy
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))      # runs from a bare checkout too
 
 from multitag.ceiling import DTYPES, best_seconds, conv_shapes, training_flops  # noqa: E402
+from multitag.inference_speed import time_calls  # noqa: E402
 from multitag.layer_tweaks import _weight_grad_by_matmul  # noqa: E402
 from multitag.models import build_model  # noqa: E402
 from multitag.runtime import Runtime, describe_cpu  # noqa: E402
@@ -53,21 +53,17 @@ def step_rows(model: nn.Module, rt: Runtime, x: torch.Tensor, y: torch.Tensor, r
     optims = {k: torch.optim.AdamW(v.parameters(), 1e-4, fused=True) for k, v in nets.items()}
     xs = rt.prepare_input(x)
 
-    def step(k: str) -> None:
-        with rt.autocast():
-            loss = loss_fn(nets[k](xs), y, None)
-        optims[k].zero_grad()
-        loss.backward()
-        optims[k].step()
+    def step(k: str):
+        def run(inputs: torch.Tensor) -> None:
+            with rt.autocast():
+                loss = loss_fn(nets[k](inputs), y, None)
+            optims[k].zero_grad()
+            loss.backward()
+            optims[k].step()
+        return run
 
-    for k in nets:
-        step(k), step(k)
-    best = dict.fromkeys(nets, float("inf"))
-    for _ in range(rounds):                       # interleaved: a burst of load slows one round of each
-        for k in nets:
-            t0 = time.perf_counter()
-            step(k)
-            best[k] = min(best[k], time.perf_counter() - t0)
+    # interleaved (a burst of load slows one round of each), fastest round
+    best = {k: fastest for k, (_, fastest) in time_calls({k: step(k) for k in nets}, xs, rounds).items()}
     whole = best["whole step"]
     return [{"part": k, "ms": 1000 * t, "img_s": len(x) / t, "saves": None if k == "whole step" else 1 - t / whole,
              "gflop_s_of_the_rest": len(x) * flops / t / 1e9} for k, t in best.items()]
