@@ -55,6 +55,7 @@ from multitag.data.transforms import BatchAugment
 from multitag.errors import UserError
 from multitag.layer_tweaks import available_tweaks
 from multitag.models import build_model, count_parameters
+from multitag.models.resnet_stem import relu_before_pool
 from multitag.progress import track
 from multitag.runtime import Runtime, candidates, choose_device, choose_runtime, describe_cpu
 
@@ -185,7 +186,7 @@ def naive_systems(cfg: Config, data: PreparedData, model: torch.nn.Module, devic
     optim = torch.optim.Adam if cfg.optim.name == "adam" else torch.optim.AdamW
 
     def trainer(threads: int) -> Callable[[int, int], None]:
-        net = copy.deepcopy(model).to(device)
+        net = relu_before_pool(copy.deepcopy(model)).to(device)       # the stem as timm and the references run it
         optimizer = optim(net.parameters(), lr=cfg.optim.lr)
 
         def train(epoch: int, steps: int) -> None:

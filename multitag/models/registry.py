@@ -72,9 +72,11 @@ def count_parameters(model: nn.Module) -> int:
 def _build_timm(arch: str, num_classes: int, **kw) -> nn.Module:
     import timm
 
+    from multitag.models.resnet_stem import relu_after_pool
+
     if arch not in timm.list_models():
         raise UserError(f'unknown timm architecture "{arch}"{did_you_mean(arch, timm.list_models())}.')
-    return timm.create_model(arch, pretrained=False, num_classes=num_classes, **kw)
+    return relu_after_pool(timm.create_model(arch, pretrained=False, num_classes=num_classes, **kw))
 
 
 @register("simple_cnn", "3 conv blocks 32-64-128 + FC 512, dropout 0.5 (CIFAR-10 reference)", 32)
