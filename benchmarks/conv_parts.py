@@ -8,8 +8,8 @@
    round: what those memory-bound layers cost, and at what GFLOP/s (multitag/ceiling.py's count) the rest runs.
    (timm's BatchNormAct2d, in EfficientNet, carries its activation: that goes with it.)
 2. Each distinct 3x3 conv of a ResNet's stages at this image size (multitag.ceiling.conv_shapes, each
-   stage's first conv strided from the stage before): forward, input gradient, oneDNN's weight gradient and
-   layer_tweaks' matmul weight gradient, in GFLOP/s and ms.
+   stage's first conv strided from the stage before): forward, and the input and weight gradients each by
+   oneDNN and by layer_tweaks' matmul, in GFLOP/s and ms.
 The figures beside multitag bench's ceiling section: how far below its peak each part runs.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))      # runs from a 
 
 from multitag.ceiling import DTYPES, best_seconds, conv_shapes, training_flops  # noqa: E402
 from multitag.inference_speed import time_calls  # noqa: E402
-from multitag.layer_tweaks import _weight_grad_by_matmul  # noqa: E402
+from multitag.layer_tweaks import _input_grad_by_matmul, _weight_grad_by_matmul  # noqa: E402
 from multitag.models import build_model  # noqa: E402
 from multitag.runtime import Runtime, describe_cpu  # noqa: E402
 
@@ -70,7 +70,7 @@ def step_rows(model: nn.Module, rt: Runtime, x: torch.Tensor, y: torch.Tensor, r
 
 
 def conv_rows(image_size: int, batch: int, precision: str, reps: int) -> list[dict]:
-    """Per 3x3 conv shape: forward, input gradient, oneDNN weight gradient, matmul weight gradient."""
+    """Per 3x3 conv shape: forward, input gradient and weight gradient, each of the two by oneDNN and by matmul."""
     dtype = DTYPES[precision]
     stages = conv_shapes(image_size)
     shapes = []                                   # (c_in, c_out, input map, stride)
@@ -90,7 +90,9 @@ def conv_rows(image_size: int, batch: int, precision: str, reps: int) -> list[di
         def backward(mask):
             return lambda: torch.ops.aten.convolution_backward(g, x, w, None, [stride] * 2, [1, 1], [1, 1], False,
                                                                [0, 0], 1, mask)
-        parts = {"forward": lambda: F.conv2d(x, w, None, stride, 1), "input gradient": backward([True, False, False]),
+        parts = {"forward": lambda: F.conv2d(x, w, None, stride, 1),
+                 "input gradient (oneDNN)": backward([True, False, False]),
+                 "input gradient (matmul)": lambda: _input_grad_by_matmul(g, w, x.shape, (stride,) * 2, (1, 1), (1, 1)),
                  "weight gradient (oneDNN)": backward([False, True, False]),
                  "weight gradient (matmul)": lambda: _weight_grad_by_matmul(g, x, (3, 3), (stride,) * 2, (1, 1), (1, 1))}
         with torch.no_grad():
@@ -126,10 +128,11 @@ def main() -> None:
         print(f"  {r['part']:18s} {r['ms']:8.1f} ms {r['img_s']:8.1f} img/s  "
               + (f"saves {r['saves']:.0%} of the step; " if r["saves"] is not None else "")
               + f"training FLOPs at {r['gflop_s_of_the_rest']:,.0f} GFLOP/s")
-    print("  conv shape                                   GFLOP/s: forward  input grad  weight grad (oneDNN / matmul)")
+    print("  conv shape                                   GFLOP/s: forward    input grad     weight grad   (oneDNN / matmul)")
     for r in convs:
-        v = [r[f"{k} GFLOP/s"] for k in ("forward", "input gradient", "weight gradient (oneDNN)", "weight gradient (matmul)")]
-        print(f"  {r['conv']:44s} {v[0]:14,.0f} {v[1]:11,.0f} {v[2]:13,.0f} / {v[3]:,.0f}")
+        v = [r[f"{k} GFLOP/s"] for k in ("forward", "input gradient (oneDNN)", "input gradient (matmul)",
+                                         "weight gradient (oneDNN)", "weight gradient (matmul)")]
+        print(f"  {r['conv']:44s} {v[0]:14,.0f} {v[1]:7,.0f} / {v[2]:<6,.0f} {v[3]:6,.0f} / {v[4]:,.0f}")
 
 
 if __name__ == "__main__":

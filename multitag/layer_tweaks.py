@@ -17,7 +17,8 @@ Three kernels of oneDNN/ATen on this project's AVX-512 + AMX CPUs are far slower
 - ``matmul_weight_grad`` (bf16 only): ungrouped convs with large weights, on output maps of at most 8x8
   positions, compute their weight gradient as one GEMM over the k*k shifted views of the input instead
   of oneDNN's bf16 weight-gradient kernel, 2-6x slower there (MATMUL_WGRAD_* below). ResNet-18's last
-  two stages at 128 px: training step 1.12x.
+  two stages at 128 px: training step 1.12x. On output maps of at most 4x4 their input gradient is a GEMM
+  too, summed back onto the input in fp32 (MATMUL_DGRAD_MAX_POSITIONS): 1.01-1.06x more.
 
 All swap the layer's class for a subclass with another forward, so parameters, buffers and
 state-dict keys are unchanged (checkpoints, EMA copies, exports are unaffected). They act only where
@@ -115,6 +116,13 @@ def _padded(layer: nn.Conv2d, x: torch.Tensor, pad_same: Callable | None) -> tup
 # vs 3.5, 64->64 3x3 on 8²: 0.31 vs 0.48).
 MATMUL_WGRAD_MAX_POSITIONS = 64
 MATMUL_WGRAD_MIN_WEIGHT = 100_000
+# Of those, convs with at most this many output positions also take their input gradient from a GEMM
+# (_input_grad_by_matmul): on the AMX machine oneDNN's bf16 input gradient there ran at 470-570 GFLOP/s
+# against 1,900-2,800 on 8²-16² maps (batch 32, channels_last, 2 threads: 512->512 3x3 on 4² 4.24 vs
+# 1.96 ms, 256->512 3x3/2 8²->4² 2.56 vs 1.24), while on 7² and 8² maps the GEMM lost (512->512 on 7²
+# 5.44 vs 5.20, 256->256 on 8² 2.95 vs 1.23). ResNet-18 layout at 128 px: training step 1.01-1.06x
+# (three interleaved runs; 160 px, which has no such map, 0.99x). benchmarks/RESULTS.md, run R.
+MATMUL_DGRAD_MAX_POSITIONS = 16
 
 
 def _is_dense_conv(m: nn.Module) -> bool:
@@ -138,9 +146,29 @@ def _weight_grad_by_matmul(grad: torch.Tensor, x: torch.Tensor, kernel: tuple[in
     return (g.t() @ cols).view(-1, kh, kw, c).permute(0, 3, 1, 2)
 
 
+def _input_grad_by_matmul(grad: torch.Tensor, w: torch.Tensor, x_shape: torch.Size, stride, padding,
+                          dilation) -> torch.Tensor:
+    """dL/dx of a conv2d as one GEMM and a col2im: the output gradient against the weight gives each
+    output position's share for each of its k*k input taps (bf16, fp32-accumulated over the O channels),
+    and the shares are summed into the zero-padded input in fp32, then rounded to bf16 — k*k bf16
+    roundings of the shares where oneDNN rounds the sum once (measured worst 2e-3 of the largest
+    gradient, tests/test_layer_tweaks.py). grad (B, O, Ho, Wo), w (O, C, kh, kw) bf16 -> (B, C, H, W)
+    bf16 (channels_last strides)."""
+    (b, c, h, wd), (ho, wo), (kh, kw) = x_shape, grad.shape[2:], w.shape[-2:]
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    g = grad.permute(0, 2, 3, 1).reshape(b * ho * wo, -1)                       # (B*Ho*Wo, O)
+    cols = (g @ w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)).view(b, ho, wo, kh, kw, c)
+    gx = torch.zeros(b, h + 2 * ph, wd + 2 * pw, c, dtype=torch.float32)        # (B, H+2ph, W+2pw, C)
+    for i in range(kh):
+        for j in range(kw):
+            gx[:, i * dh: i * dh + sh * (ho - 1) + 1: sh, j * dw: j * dw + sw * (wo - 1) + 1: sw] += cols[:, :, :, i, j]
+    return gx[:, ph: ph + h, pw: pw + wd].to(grad.dtype).permute(0, 3, 1, 2)
+
+
 class _Bf16MatmulWeightGrad(torch.autograd.Function):
     """conv2d in bf16 whose weight gradient is one GEMM (_weight_grad_by_matmul) instead of oneDNN's
-    weight-gradient kernel; forward and input gradient are oneDNN's, as under plain autocast."""
+    weight-gradient kernel, and so is its input gradient on the smallest maps (_input_grad_by_matmul);
+    the forward and the other input gradients are oneDNN's, as under plain autocast."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, dilation):
@@ -156,7 +184,9 @@ class _Bf16MatmulWeightGrad(torch.autograd.Function):
         stride, padding, dilation, has_bias = ctx.conv
         grad, needs = grad.to(x.dtype), ctx.needs_input_grad
         gx = gw = gb = None
-        if needs[0]:
+        if needs[0] and grad.shape[2] * grad.shape[3] <= MATMUL_DGRAD_MAX_POSITIONS:
+            gx = _input_grad_by_matmul(grad, w, x.shape, stride, padding, dilation)
+        elif needs[0]:
             gx = torch.ops.aten.convolution_backward(grad, x, w, None, stride, padding, dilation, False, [0, 0], 1,
                                                      [True, False, False])[0]
         if needs[1]:
@@ -222,7 +252,7 @@ TWEAKS = {
                             frozenset({False, True})),
     "nchw_odd_batchnorm": Tweak(_is_odd_batchnorm, _nchw_forward, "NCHW BatchNorm at widths not ÷16",
                                 frozenset({"fp32", "bf16"}), frozenset({True})),
-    "matmul_weight_grad": Tweak(_is_dense_conv, _matmul_wgrad_forward, "weight gradient by matmul on maps ≤ 8×8",
+    "matmul_weight_grad": Tweak(_is_dense_conv, _matmul_wgrad_forward, "weight gradient by matmul on maps ≤ 8×8, input gradient on ≤ 4×4",
                                 frozenset({"bf16"}), frozenset({False, True})),
 }
 

@@ -100,13 +100,14 @@ def test_profile_step_script_runs_tiny():
 
 
 def test_conv_parts_script_runs_tiny():
-    """benchmarks/conv_parts.py: the step with and without BatchNorm / ReLU, and every conv shape's four parts."""
+    """benchmarks/conv_parts.py: the step with and without BatchNorm / ReLU, and every conv shape's five parts."""
     out = json.loads(run_script("conv_parts.py", "--model", "simple_cnn", "--image-size", "32", "--batch-size", "4",
                                 "--threads", "1", "--rounds", "1", "--precision", "fp32", "--json", timeout=120).stdout)
     assert [r["part"] for r in out["step"]] == ["whole step", "without BatchNorm", "without ReLU"]
     assert all(r["ms"] > 0 and r["gflop_s_of_the_rest"] > 0 for r in out["step"])
     assert len(out["convs"]) == 7                 # four stages' convs and the three strided ones between them
     assert all(v > 0 for r in out["convs"] for k, v in r.items() if k != "conv")
+    assert {"input gradient (matmul) ms", "weight gradient (matmul) ms"} <= set(out["convs"][0])
     assert "flags" in out["cpu"]
 
 
