@@ -158,7 +158,7 @@ def _input_grad_by_matmul(grad: torch.Tensor, w: torch.Tensor, x_shape: torch.Si
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     g = grad.permute(0, 2, 3, 1).reshape(b * ho * wo, -1)                       # (B*Ho*Wo, O)
     cols = (g @ w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)).view(b, ho, wo, kh, kw, c)
-    gx = torch.zeros(b, h + 2 * ph, wd + 2 * pw, c, dtype=torch.float32)        # (B, H+2ph, W+2pw, C)
+    gx = grad.new_zeros(b, h + 2 * ph, wd + 2 * pw, c, dtype=torch.float32)    # (B, H+2ph, W+2pw, C)
     for i in range(kh):
         for j in range(kw):
             gx[:, i * dh: i * dh + sh * (ho - 1) + 1: sh, j * dw: j * dw + sw * (wo - 1) + 1: sw] += cols[:, :, :, i, j]

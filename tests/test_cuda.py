@@ -69,3 +69,26 @@ def test_cifar_speed_recipe_on_cuda_holds_train_rows_on_the_gpu(tiny_cifar, tmp_
     # the kept model scored again through `multitag eval` (fp32 predictor) vs its epoch's tracked score
     assert evaluate(run, split="test", log=lambda *a: None)["accuracy"] == pytest.approx(kept["test_accuracy"],
                                                                                         abs=0.05)
+
+
+def test_matmul_gradient_tweak_runs_on_cuda_tensors():
+    """The runtime also times the layer tweaks on CUDA: the small-map conv's GEMM gradients stay on the GPU
+    and agree with cuDNN's to bf16 rounding."""
+    import copy
+
+    from multitag.layer_tweaks import apply_tweaks
+
+    torch.manual_seed(0)
+    plain = torch.nn.Conv2d(256, 512, 3, 2, 1, bias=False).cuda().to(memory_format=torch.channels_last)
+    kept = copy.deepcopy(plain)
+    assert apply_tweaks(kept, ("matmul_weight_grad",)) == 1
+    x = torch.randn(4, 256, 8, 8, device="cuda").contiguous(memory_format=torch.channels_last)
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ys = [plain(xs[0]), kept(xs[1])]                       # (4, 512, 4, 4): both GEMM gradients
+    g = torch.randn_like(ys[0])
+    for y in ys:
+        y.backward(g)
+    assert xs[1].grad.device.type == "cuda" and kept.weight.grad.device.type == "cuda"
+    for got, want in [(xs[1].grad, xs[0].grad), (kept.weight.grad, plain.weight.grad)]:
+        torch.testing.assert_close(got, want, rtol=2 ** -6, atol=4e-3 * want.abs().max().item())
