@@ -1,12 +1,16 @@
 """Where a training step stands against the conv peak (issue 9, RESULTS run Q): each part of it timed alone.
 
     .venv/bin/python benchmarks/conv_parts.py [--model advanced_cnn] [--image-size 224] [--batch-size 32]
-        [--precision bf16|fp32] [--threads 2] [--rounds 4] [--json]
+        [--precision bf16|fp32] [--tweaks matmul_weight_grad] [--threads 2] [--rounds 4] [--json]
 
-1. The whole training step (autocast or not, channels_last, fused AdamW, BCE on random targets) and the
-   same step with one layer class swapped for nn.Identity — BatchNorm, ReLU — timed interleaved, best
-   round: what those memory-bound layers cost, and at what GFLOP/s (multitag/ceiling.py's count) the rest runs.
-   (timm's BatchNormAct2d, in EfficientNet, carries its activation: that goes with it.)
+1. The whole training step (autocast or not, channels_last, fused AdamW, BCE on random targets, the layer
+   tweaks named) and the same step with one layer class swapped for nn.Identity — BatchNorm, ReLU — timed
+   interleaved, best round: what those memory-bound layers cost, and at what GFLOP/s (multitag/ceiling.py's
+   count) the rest runs. (timm's BatchNormAct2d, in EfficientNet, carries its activation: that goes with it.)
+   Where they apply, also the step without one of multitag's levers — timm's stem order (ReLU before the
+   max-pool, models/resnet_stem.py), oneDNN's input gradient on the smallest maps (layer_tweaks'
+   MATMUL_DGRAD_MAX_POSITIONS) — in the same interleaved rounds: what each lever is worth here, free of the
+   drift between runs that hides a few per cent (RESULTS run R).
 2. Each distinct 3x3 conv of a ResNet's stages at this image size (multitag.ceiling.conv_shapes, each
    stage's first conv strided from the stage before): forward, and the input and weight gradients each by
    oneDNN and by layer_tweaks' matmul, in GFLOP/s and ms.
@@ -28,8 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))      # runs from a 
 
 from multitag.ceiling import DTYPES, best_seconds, conv_shapes, training_flops  # noqa: E402
 from multitag.inference_speed import time_calls  # noqa: E402
+from multitag import layer_tweaks  # noqa: E402
 from multitag.layer_tweaks import _input_grad_by_matmul, _weight_grad_by_matmul  # noqa: E402
 from multitag.models import build_model  # noqa: E402
+from multitag.models.resnet_stem import PoolFirstResNet, relu_before_pool  # noqa: E402
 from multitag.runtime import Runtime, describe_cpu  # noqa: E402
 
 
@@ -44,17 +50,25 @@ def without(model: nn.Module, cls: type) -> nn.Module:
 
 
 def step_rows(model: nn.Module, rt: Runtime, x: torch.Tensor, y: torch.Tensor, rounds: int) -> list[dict]:
-    """The training step with and without BatchNorm / ReLU: ms, img/s, and the GFLOP/s of what is left."""
+    """The training step with and without BatchNorm / ReLU, and without each lever that applies: ms,
+    img/s, and the GFLOP/s of what is left."""
     loss_fn = lambda logits, t, ignore: F.binary_cross_entropy_with_logits(logits.float(), t)  # noqa: E731
     flops = training_flops(model, loss_fn, x, y)
     variants = {"whole step": model, "without BatchNorm": without(model, nn.modules.batchnorm._BatchNorm),
                 "without ReLU": without(model, nn.ReLU)}
-    nets = {k: rt.prepare_model(v).train() for k, v in variants.items()}
+    if type(model) is PoolFirstResNet:
+        variants["with timm's stem order"] = relu_before_pool(copy.deepcopy(model))
+    dgrad_limit = {k: layer_tweaks.MATMUL_DGRAD_MAX_POSITIONS for k in variants}
+    if "matmul_weight_grad" in rt.layer_tweaks:
+        variants["with oneDNN's input gradient"] = model
+        dgrad_limit["with oneDNN's input gradient"] = 0
+    nets = {k: rt.prepare_model(copy.deepcopy(v)).train() for k, v in variants.items()}
     optims = {k: torch.optim.AdamW(v.parameters(), 1e-4, fused=True) for k, v in nets.items()}
     xs = rt.prepare_input(x)
 
     def step(k: str):
         def run(inputs: torch.Tensor) -> None:
+            layer_tweaks.MATMUL_DGRAD_MAX_POSITIONS = dgrad_limit[k]       # read by the tweak's backward
             with rt.autocast():
                 loss = loss_fn(nets[k](inputs), y, None)
             optims[k].zero_grad()
@@ -63,7 +77,10 @@ def step_rows(model: nn.Module, rt: Runtime, x: torch.Tensor, y: torch.Tensor, r
         return run
 
     # interleaved (a burst of load slows one round of each), fastest round
-    best = {k: fastest for k, (_, fastest) in time_calls({k: step(k) for k in nets}, xs, rounds).items()}
+    try:
+        best = {k: fastest for k, (_, fastest) in time_calls({k: step(k) for k in nets}, xs, rounds).items()}
+    finally:
+        layer_tweaks.MATMUL_DGRAD_MAX_POSITIONS = dgrad_limit["whole step"]
     whole = best["whole step"]
     return [{"part": k, "ms": 1000 * t, "img_s": len(x) / t, "saves": None if k == "whole step" else 1 - t / whole,
              "gflop_s_of_the_rest": len(x) * flops / t / 1e9} for k, t in best.items()]
@@ -109,12 +126,13 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--tweaks", default="", help="layer tweaks, comma-separated (multitag/layer_tweaks.py)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     torch.manual_seed(0)
-    rt = Runtime(torch.device("cpu"), a.precision, True, a.threads)
+    rt = Runtime(torch.device("cpu"), a.precision, True, a.threads, tuple(t for t in a.tweaks.split(",") if t))
     model = build_model(a.model, 20, pretrained=False)
     x, y = torch.randn(a.batch_size, 3, a.image_size, a.image_size), torch.rand(a.batch_size, 20)
     with rt.thread_count():
@@ -126,7 +144,8 @@ def main() -> None:
     print(f"{describe_cpu()}; {a.model} @{a.image_size} px, batch {a.batch_size}, {rt.describe()}")
     for r in steps:
         print(f"  {r['part']:18s} {r['ms']:8.1f} ms {r['img_s']:8.1f} img/s  "
-              + (f"saves {r['saves']:.0%} of the step; " if r["saves"] is not None else "")
+              + ("" if r["saves"] is None else f"saves {r['saves']:.0%} of the step; " if r["saves"] >= 0
+                 else f"costs {-r['saves']:.0%} more; ")
               + f"training FLOPs at {r['gflop_s_of_the_rest']:,.0f} GFLOP/s")
     print("  conv shape                                   GFLOP/s: forward    input grad     weight grad   (oneDNN / matmul)")
     for r in convs:

@@ -111,6 +111,16 @@ def test_conv_parts_script_runs_tiny():
     assert "flags" in out["cpu"]
 
 
+def test_conv_parts_times_the_step_without_each_lever_that_applies():
+    """A ResNet with the matmul tweak: also the step in timm's stem order and with oneDNN's input gradient."""
+    out = json.loads(run_script("conv_parts.py", "--model", "advanced_cnn", "--image-size", "32", "--batch-size", "2",
+                                "--threads", "1", "--rounds", "1", "--tweaks", "matmul_weight_grad", "--json",
+                                timeout=180).stdout)
+    assert [r["part"] for r in out["step"]] == ["whole step", "without BatchNorm", "without ReLU",
+                                                "with timm's stem order", "with oneDNN's input gradient"]
+    assert all(r["ms"] > 0 for r in out["step"])
+
+
 def test_bench_allocator_script_runs_tiny():
     """benchmarks/bench_allocator.py: one case, each allocator in its own process, one row with both."""
     out = run_script("bench_allocator.py", "--only", "simple_cnn", "--rounds", "1", "--steps", "1",
