@@ -131,16 +131,23 @@ def _is_dense_conv(m: nn.Module) -> bool:
     return _is_plain_conv(m) and m.groups == 1 and m.weight.numel() >= MATMUL_WGRAD_MIN_WEIGHT
 
 
+def _tap_windows(kernel: tuple[int, int], out: tuple[int, int], stride, dilation) -> list[tuple[slice, slice]]:
+    """For each of a conv's kh*kw taps (row-major), the (H, W) slices of the zero-padded input that tap
+    reads across all Ho x Wo output positions: a strided, dilated view the size of the output map."""
+    (kh, kw), (ho, wo), (sh, sw), (dh, dw) = kernel, out, stride, dilation
+    return [(slice(i * dh, i * dh + sh * (ho - 1) + 1, sh), slice(j * dw, j * dw + sw * (wo - 1) + 1, sw))
+            for i in range(kh) for j in range(kw)]
+
+
 def _weight_grad_by_matmul(grad: torch.Tensor, x: torch.Tensor, kernel: tuple[int, int], stride, padding,
                            dilation) -> torch.Tensor:
     """dL/dW of a conv2d as one GEMM: the k*k shifted (strided, dilated) views of the zero-padded input
     side by side, against the output gradient, over every batch position.
     grad (B, O, Ho, Wo) and x (B, C, H, W) bf16 -> (O, C, kh, kw) bf16 (channels_last strides)."""
     (b, c), (ho, wo), (kh, kw) = x.shape[:2], grad.shape[2:], kernel
-    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    ph, pw = padding
     xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, pw, pw, ph, ph))                   # (B, H+2ph, W+2pw, C)
-    taps = [xp[:, i * dh: i * dh + sh * (ho - 1) + 1: sh, j * dw: j * dw + sw * (wo - 1) + 1: sw]
-            for i in range(kh) for j in range(kw)]                              # each (B, Ho, Wo, C)
+    taps = [xp[:, hs, ws] for hs, ws in _tap_windows(kernel, (ho, wo), stride, dilation)]    # each (B, Ho, Wo, C)
     cols = torch.stack(taps, 3).reshape(b * ho * wo, kh * kw * c)              # (B*Ho*Wo, kh*kw*C)
     g = grad.permute(0, 2, 3, 1).reshape(b * ho * wo, -1)                       # (B*Ho*Wo, O)
     return (g.t() @ cols).view(-1, kh, kw, c).permute(0, 3, 1, 2)
@@ -154,14 +161,12 @@ def _input_grad_by_matmul(grad: torch.Tensor, w: torch.Tensor, x_shape: torch.Si
     roundings of the shares where oneDNN rounds the sum once (measured worst 2e-3 of the largest
     gradient, tests/test_layer_tweaks.py). grad (B, O, Ho, Wo), w (O, C, kh, kw) bf16 -> (B, C, H, W)
     bf16 (channels_last strides)."""
-    (b, c, h, wd), (ho, wo), (kh, kw) = x_shape, grad.shape[2:], w.shape[-2:]
-    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    (b, c, h, wd), (ho, wo), (kh, kw), (ph, pw) = x_shape, grad.shape[2:], w.shape[-2:], padding
     g = grad.permute(0, 2, 3, 1).reshape(b * ho * wo, -1)                       # (B*Ho*Wo, O)
-    cols = (g @ w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)).view(b, ho, wo, kh, kw, c)
+    shares = (g @ w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)).view(b, ho, wo, kh * kw, c)
     gx = grad.new_zeros(b, h + 2 * ph, wd + 2 * pw, c, dtype=torch.float32)    # (B, H+2ph, W+2pw, C)
-    for i in range(kh):
-        for j in range(kw):
-            gx[:, i * dh: i * dh + sh * (ho - 1) + 1: sh, j * dw: j * dw + sw * (wo - 1) + 1: sw] += cols[:, :, :, i, j]
+    for t, (hs, ws) in enumerate(_tap_windows((kh, kw), (ho, wo), stride, dilation)):
+        gx[:, hs, ws] += shares[:, :, :, t]
     return gx[:, ph: ph + h, pw: pw + wd].to(grad.dtype).permute(0, 3, 1, 2)
 
 
