@@ -58,17 +58,17 @@ def step_rows(model: nn.Module, rt: Runtime, x: torch.Tensor, y: torch.Tensor, r
                 "without ReLU": without(model, nn.ReLU)}
     if type(model) is PoolFirstResNet:
         variants["with timm's stem order"] = relu_before_pool(copy.deepcopy(model))
-    dgrad_limit = {k: layer_tweaks.MATMUL_DGRAD_MAX_POSITIONS for k in variants}
+    dgrad_default, dgrad_off = layer_tweaks.MATMUL_DGRAD_MAX_POSITIONS, set()
     if "matmul_weight_grad" in rt.layer_tweaks:
-        variants["with oneDNN's input gradient"] = model
-        dgrad_limit["with oneDNN's input gradient"] = 0
-    nets = {k: rt.prepare_model(copy.deepcopy(v)).train() for k, v in variants.items()}
+        variants["with oneDNN's input gradient"] = copy.deepcopy(model)
+        dgrad_off.add("with oneDNN's input gradient")
+    nets = {k: rt.prepare_model(v).train() for k, v in variants.items()}
     optims = {k: torch.optim.AdamW(v.parameters(), 1e-4, fused=True) for k, v in nets.items()}
     xs = rt.prepare_input(x)
 
     def step(k: str):
         def run(inputs: torch.Tensor) -> None:
-            layer_tweaks.MATMUL_DGRAD_MAX_POSITIONS = dgrad_limit[k]       # read by the tweak's backward
+            layer_tweaks.MATMUL_DGRAD_MAX_POSITIONS = 0 if k in dgrad_off else dgrad_default   # read in backward
             with rt.autocast():
                 loss = loss_fn(nets[k](inputs), y, None)
             optims[k].zero_grad()
@@ -80,7 +80,7 @@ def step_rows(model: nn.Module, rt: Runtime, x: torch.Tensor, y: torch.Tensor, r
     try:
         best = {k: fastest for k, (_, fastest) in time_calls({k: step(k) for k in nets}, xs, rounds).items()}
     finally:
-        layer_tweaks.MATMUL_DGRAD_MAX_POSITIONS = dgrad_limit["whole step"]
+        layer_tweaks.MATMUL_DGRAD_MAX_POSITIONS = dgrad_default
     whole = best["whole step"]
     return [{"part": k, "ms": 1000 * t, "img_s": len(x) / t, "saves": None if k == "whole step" else 1 - t / whole,
              "gflop_s_of_the_rest": len(x) * flops / t / 1e9} for k, t in best.items()]
