@@ -142,8 +142,9 @@ def main() -> None:
         print(json.dumps({"cpu": describe_cpu(), "options": vars(a), "step": steps, "convs": convs}))
         return
     print(f"{describe_cpu()}; {a.model} @{a.image_size} px, batch {a.batch_size}, {rt.describe()}")
+    width = max(len(r["part"]) for r in steps)
     for r in steps:
-        print(f"  {r['part']:18s} {r['ms']:8.1f} ms {r['img_s']:8.1f} img/s  "
+        print(f"  {r['part']:{width}s} {r['ms']:8.1f} ms {r['img_s']:8.1f} img/s  "
               + ("" if r["saves"] is None else f"saves {r['saves']:.0%} of the step; " if r["saves"] >= 0
                  else f"costs {-r['saves']:.0%} more; ")
               + f"training FLOPs at {r['gflop_s_of_the_rest']:,.0f} GFLOP/s")
