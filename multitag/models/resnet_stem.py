@@ -5,9 +5,9 @@ non-decreasing function, and where a window's max is <= 0 both orders give 0 and
 After the pool the ReLU runs on a quarter of the elements — (B, 64, H/4, W/4) instead of the
 conv's (B, 64, H/2, W/2), which at 224 px and batch 32 is 25.7 M values — and its backward, which
 reads the mask and the gradient at full size, shrinks with it: the training step of the ResNet-18
-layout was 1.01–1.10× faster on the AMX machine (benchmarks/RESULTS.md, run R; as noisy as that range says). Parameters, state
-dict keys, module names and ``forward_intermediates`` (which returns the stem's post-ReLU map) are
-timm's own; only ``forward_features`` runs the two stem ops the other way round.
+layout was 1.01–1.10× faster on the AMX machine (benchmarks/RESULTS.md, run R; as noisy as that range
+says). Parameters, state dict keys, module names and ``forward_intermediates`` (which returns the stem's
+post-ReLU map) are timm's own; only ``forward_features`` runs the two stem ops the other way round.
 """
 from __future__ import annotations
 
