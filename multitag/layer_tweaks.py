@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from multitag import fused_batchnorm
+
 _SWAPPED: dict[tuple[str, type], type] = {}
 
 
@@ -250,9 +252,13 @@ class Tweak(NamedTuple):
     label: str                                    # as Runtime.describe shows it
     precisions: frozenset                         # the runtime precisions it is for
     channels_last: frozenset                      # the memory formats it is for (channels_last True/False)
+    unavailable: Callable[[], str] = lambda: ""   # why it cannot run on this machine ("" when it can)
 
 
 TWEAKS = {
+    # before nchw_odd_batchnorm: the plain BatchNorms it takes are then fused instead of copied to NCHW
+    "fused_batchnorm": Tweak(fused_batchnorm.selects, fused_batchnorm.make_forward, "BatchNorm + residual + ReLU fused",
+                             frozenset({"bf16"}), frozenset({True}), fused_batchnorm.unavailable_reason),
     "fp32_depthwise": Tweak(_is_depthwise, _fp32_backward_forward, "depthwise backward in fp32", frozenset({"bf16"}),
                             frozenset({False, True})),
     "nchw_odd_batchnorm": Tweak(_is_odd_batchnorm, _nchw_forward, "NCHW BatchNorm at widths not ÷16",
@@ -264,7 +270,8 @@ TWEAKS = {
 
 def available_tweaks(model: nn.Module) -> tuple[str, ...]:
     """The tweaks ``model`` has layers for, in TWEAKS order."""
-    return tuple(name for name, t in TWEAKS.items() if any(t.selects(m) for m in model.modules()))
+    return tuple(name for name, t in TWEAKS.items()
+                 if any(t.selects(m) for m in model.modules()) and not t.unavailable())
 
 
 def tweaks_for(available: tuple[str, ...], precision: str, channels_last: bool) -> tuple[str, ...]:

@@ -209,15 +209,16 @@ def test_odd_width_batchnorm_runs_on_an_nchw_copy_and_gives_the_same_values(monk
     for p, q in zip(plain.parameters(), kept.parameters()):
         torch.testing.assert_close(p.grad, q.grad)
     torch.testing.assert_close(plain[1].running_var, kept[1].running_var)
-    assert available_tweaks(tiny_net(16)) == ("fp32_depthwise",)              # 16 wide: BatchNorm left alone
+    assert available_tweaks(tiny_net(16)) == ("fused_batchnorm", "fp32_depthwise")   # 16 wide: no NCHW copy
 
 
 def test_which_models_have_which_tweaks():
     assert available_tweaks(build_model("efficientnet_lite0", 3, pretrained=False)) == \
         ("fp32_depthwise", "nchw_odd_batchnorm", "matmul_weight_grad")          # 24 and 40 wide stages
-    assert available_tweaks(build_model("inception_resnet_v1_small", 3)) == ("nchw_odd_batchnorm",)
-    assert available_tweaks(build_model("advanced_cnn", 3)) == ("matmul_weight_grad",)     # its 256 and 512 stages
-    assert available_tweaks(build_model("simple_cnn", 3)) == ()
+    # (fused_batchnorm: plain BatchNorm2d layers; EfficientNet's are timm's BatchNormAct2d)
+    assert available_tweaks(build_model("inception_resnet_v1_small", 3)) == ("fused_batchnorm", "nchw_odd_batchnorm")
+    assert available_tweaks(build_model("advanced_cnn", 3)) == ("fused_batchnorm", "matmul_weight_grad")  # 256/512 stages
+    assert available_tweaks(build_model("simple_cnn", 3)) == ("fused_batchnorm",)
     both = ("fp32_depthwise", "nchw_odd_batchnorm")
     assert tweaks_for(both, "fp32", False) == () and tweaks_for(both, "fp32", True) == ("nchw_odd_batchnorm",)
     assert tweaks_for(both, "bf16", True) == both
@@ -242,16 +243,16 @@ def test_the_runtime_measures_tweaks_only_for_models_that_have_them(tmp_path, mo
     monkeypatch.setattr(runtime, "time_train_step", fake_time)
     args = (MaskedBCE(), torch.randn(4, 3, 16, 16), torch.randint(0, 2, (4, 4)).float())
     rt = runtime.choose_runtime(tiny_net(), *args, threads=1, log=lambda *a: None)
-    assert rt.precision == "bf16" and rt.layer_tweaks == ("fp32_depthwise", "nchw_odd_batchnorm")
+    assert rt.precision == "bf16" and rt.layer_tweaks == ("fused_batchnorm", "fp32_depthwise", "nchw_odd_batchnorm")
     assert "depthwise backward in fp32" in rt.describe()
     saved = json.loads((tmp_path / "precision.json").read_text()).popitem()[1]
-    assert saved["layer_tweaks"] == ["fp32_depthwise", "nchw_odd_batchnorm"]
+    assert saved["layer_tweaks"] == ["fused_batchnorm", "fp32_depthwise", "nchw_odd_batchnorm"]
     monkeypatch.setattr(runtime, "time_train_step", lambda *a, **k: pytest.fail("measured twice"))
     assert runtime.choose_runtime(tiny_net(), *args, threads=1, log=lambda *a: None) == rt    # from the cache
 
     monkeypatch.setattr(runtime, "time_train_step", fake_time)
     measured.clear()
-    plain = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    plain = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())   # no BatchNorm
     assert runtime.choose_runtime(plain, *args, threads=1, log=lambda *a: None).layer_tweaks == ()
     assert measured and not any(measured)
 

@@ -1,0 +1,229 @@
+"""Training-mode BatchNorm, residual add and ReLU in one C++ kernel each way, for bf16 channels_last CPUs.
+
+Eager PyTorch runs a ResNet block's tail — BatchNorm, ``x += shortcut``, ReLU — as separate ATen kernels,
+each reading and writing the whole activation, and its channels_last bf16 BatchNorm takes an extra pass
+for the variance and for the backward's sums. On the AMX machine those memory-bound ops were 25-35 % of
+a ResNet-18 training step (benchmarks/RESULTS.md, run R) while its convs ran near their peak; inductor's
+generated kernels for the same ops were slower than ATen's there, fused or not. The kernel here
+(kernels/batchnorm_act.cpp) takes two passes each way, and BN+ReLU forward + backward ran 2.0-2.8x faster
+than ATen's on every ResNet-18 map size at batch 32 (run S).
+
+It is the layer tweak ``fused_batchnorm`` (layer_tweaks.py): measured at start-up like the others and kept
+only where the step is faster. It acts on plain ``nn.BatchNorm2d`` layers (the stem's, the downsample
+paths'), on timm's ``BasicBlock``/``Bottleneck`` without attention, anti-aliasing, DropBlock or drop-path,
+and on the Inception-ResNet recipe's conv units. Everything else — eval mode, no autograd, fp32 or NCHW
+inputs, other devices, torch.compile tracing — runs the layers' own forward, so scoring, exports and the
+fp32 predictor compute exactly what they did.
+
+The kernel is compiled on first use for this machine (``-march=native``; ~30 s, once) into the cache
+root, keyed by its source, torch's version and the CPU; without a C++ compiler the tweak is unavailable,
+and multitag says so once (on stderr, like the build notice: `--json` output stays JSON).
+
+Numerics (tests/test_fused_batchnorm.py): the forward matches ATen's mixed bf16/fp32 kernel (BN output
+rounded to bf16 before the residual is added, as ``x += shortcut`` does), batch statistics from fp32
+block sums gathered in fp64 around a per-channel pivot; running statistics and ``num_batches_tracked`` are
+updated as ``nn.BatchNorm2d`` does. The ReLU's mask is the one the forward's rounded output implies.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from multitag.config import cache_root
+
+SOURCE = Path(__file__).with_name("kernels") / "batchnorm_act.cpp"
+_said_unavailable = False
+
+
+def _cflags() -> list[str]:
+    flags = ["-O3", "-march=native", "-fopenmp"]
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        # gcc keeps to 256-bit vectors on AVX-512 CPUs unless told; 512 made the kernel 1.1-1.3x faster
+        flags.append("-mprefer-vector-width=512")
+    return flags
+
+
+def _build_key() -> str:
+    from multitag.runtime import machine_fingerprint      # runtime imports the tweaks, which import this
+    text = "\n".join([SOURCE.read_text(), torch.__version__, " ".join(_cflags()),
+                      machine_fingerprint(torch.device("cpu"))])
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+@lru_cache(maxsize=None)
+def _load() -> tuple[object | None, str]:
+    """(the compiled extension, "") or (None, why it could not be built)."""
+    try:
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)   # "no CUDA runtime" on CPU torch
+        from torch.utils import cpp_extension
+        try:                           # the `ninja` wheel's binary, for a venv that is not activated
+            import ninja
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            pass
+        key = _build_key()
+        build_dir = cache_root() / "kernels" / f"batchnorm_act-{key}"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        if not any(build_dir.glob("*.so")):
+            print("multitag: compiling the fused BatchNorm kernel for this machine (once, ~30 s)", file=sys.stderr, flush=True)
+        module = cpp_extension.load(f"multitag_batchnorm_act_{key}", [str(SOURCE)], extra_cflags=_cflags(),
+                                    build_directory=str(build_dir), verbose=False)
+        return module, ""
+    except Exception as e:      # no compiler, no ninja, a failed build: the tweak is then unavailable
+        lines = str(e).strip().splitlines()
+        return None, f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+
+def unavailable_reason() -> str:
+    """Why the kernel cannot be used here ("" when it can); builds it on first call, says once if not."""
+    global _said_unavailable
+    module, reason = _load()
+    if module is None and not _said_unavailable:
+        _said_unavailable = True
+        print(f"multitag: the fused BatchNorm kernel is unavailable ({reason}); BatchNorm runs on ATen's kernels",
+              file=sys.stderr)
+    return reason
+
+
+class _BatchNormAct(torch.autograd.Function):
+    """y = ReLU?(bf16(BN(x)) + residual?) with batch statistics; x, residual, y: (N, C, H, W) bf16
+    channels_last; weight, bias, running stats: (C,) fp32."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, residual, relu):
+        y, mean, invstd, scale, shift = _load()[0].forward(x, weight, bias, running_mean, running_var,
+                                                           momentum, eps, residual, relu)
+        # y only where the backward reads it (the ReLU's mask after a residual): a plain BN's output may
+        # be changed in place next (timm's stem: bn1, then an in-place ReLU)
+        ctx.save_for_backward(x, y if residual is not None and relu else None, weight, mean, invstd, scale, shift)
+        ctx.has_residual, ctx.relu = residual is not None, relu
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, y, weight, mean, invstd, scale, shift = ctx.saved_tensors
+        grads = _load()[0].backward(dy.contiguous(memory_format=torch.channels_last), x, x if y is None else y,
+                                    weight, mean, invstd,
+                                    scale, shift, ctx.has_residual, ctx.relu)
+        dres = grads[3] if ctx.has_residual else None
+        return grads[0], grads[1], grads[2], None, None, None, None, dres, None
+
+
+def _is_bf16_cl(t: torch.Tensor) -> bool:
+    return (t.device.type == "cpu" and t.dtype == torch.bfloat16 and t.dim() == 4
+            and t.is_contiguous(memory_format=torch.channels_last))
+
+
+def _fusable(bn: nn.BatchNorm2d, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
+    """Whether the kernel computes what ``bn`` (+ residual) (+ ReLU) would, and a backward follows."""
+    return (bn.training and bn.track_running_stats and bn.affine and bn.running_mean is not None
+            and bn.weight.dtype == torch.float32 and torch.is_grad_enabled()
+            and (x.requires_grad or bn.weight.requires_grad or bn.bias.requires_grad)
+            and not torch.compiler.is_compiling() and _is_bf16_cl(x) and x.size(1) == bn.num_features
+            and x.numel() > x.size(1)          # one value per channel: BatchNorm's own error is raised
+            and (residual is None or (_is_bf16_cl(residual) and residual.shape == x.shape))
+            and _load()[0] is not None)
+
+
+def _momentum(bn: nn.BatchNorm2d) -> float:
+    """The new batch's weight in the running statistics, counting the batch as nn.BatchNorm2d does."""
+    if bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:                 # cumulative average
+            return 1.0 / float(bn.num_batches_tracked)
+    return 0.0 if bn.momentum is None else bn.momentum
+
+
+def batchnorm_act(bn: nn.BatchNorm2d, x: torch.Tensor, residual: torch.Tensor | None = None,
+                  relu: bool = False) -> torch.Tensor:
+    """ReLU?(bn(x) + residual?): by the fused kernel where it applies, else by the layers' own ops."""
+    if _fusable(bn, x, residual):
+        return _BatchNormAct.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, _momentum(bn), bn.eps,
+                                   residual, relu)
+    y = nn.BatchNorm2d.forward(bn, x)
+    if residual is not None:
+        y = y + residual
+    return torch.relu(y) if relu else y
+
+
+# -- the layers the tweak rewrites ------------------------------------------------------------------------
+
+def _batchnorm_forward(self: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    return batchnorm_act(self, x)
+
+
+def _plain_bn(m: nn.Module) -> bool:
+    """A BatchNorm2d that computes only BatchNorm (not timm's BatchNormAct2d, airbench's ShiftOnlyBN, ...)."""
+    return isinstance(m, nn.BatchNorm2d) and type(m).forward in (nn.BatchNorm2d.forward, _batchnorm_forward)
+
+
+def _relu(m: nn.Module) -> bool:
+    return type(m) is nn.ReLU
+
+
+def _identity(m: nn.Module | None) -> bool:
+    return m is None or type(m) is nn.Identity
+
+
+def _basic_block_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """timm's BasicBlock.forward with its two BN(+add)+ReLU tails fused."""
+    shortcut = x
+    x = batchnorm_act(self.bn1, self.conv1(x), relu=True)
+    x = self.conv2(x)
+    if self.downsample is not None:
+        shortcut = self.downsample(shortcut)
+    return batchnorm_act(self.bn2, x, residual=shortcut, relu=True)
+
+
+def _bottleneck_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """timm's Bottleneck.forward with its three BN(+add)+ReLU tails fused."""
+    shortcut = x
+    x = batchnorm_act(self.bn1, self.conv1(x), relu=True)
+    x = batchnorm_act(self.bn2, self.conv2(x), relu=True)
+    x = self.conv3(x)
+    if self.downsample is not None:
+        shortcut = self.downsample(shortcut)
+    return batchnorm_act(self.bn3, x, residual=shortcut, relu=True)
+
+
+def _conv_bn_relu_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """multitag's Inception-ResNet conv unit (conv → BN → ReLU), fused."""
+    return batchnorm_act(self.bn, self.conv(x), relu=True)
+
+
+def _block_kinds() -> dict[type, tuple]:
+    """Block class → (its fused forward, its BatchNorms, its ReLUs, the parts that must be absent/identity)."""
+    from timm.models.resnet import BasicBlock, Bottleneck
+    from multitag.models.inception_resnet import ConvBNReLU
+    return {
+        BasicBlock: (_basic_block_forward, ("bn1", "bn2"), ("act1", "act2"), ("drop_block", "aa", "se", "drop_path")),
+        Bottleneck: (_bottleneck_forward, ("bn1", "bn2", "bn3"), ("act1", "act2", "act3"),
+                     ("drop_block", "aa", "se", "drop_path")),
+        ConvBNReLU: (_conv_bn_relu_forward, ("bn",), ("act",), ()),
+    }
+
+
+def selects(m: nn.Module) -> bool:
+    """The layers the tweak rewrites: plain BatchNorm2d, and the blocks above in their plain form."""
+    if type(m) is nn.BatchNorm2d:
+        return True
+    kind = _block_kinds().get(type(m))
+    if kind is None:
+        return False
+    _, bns, acts, absent = kind
+    return (all(_plain_bn(getattr(m, n)) for n in bns) and all(_relu(getattr(m, n)) for n in acts)
+            and all(_identity(getattr(m, n, None)) for n in absent))
+
+
+def make_forward(base: type):
+    """The fused forward for a class ``selects`` accepts."""
+    return _batchnorm_forward if base is nn.BatchNorm2d else _block_kinds()[base][0]

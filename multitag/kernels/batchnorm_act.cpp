@@ -1,0 +1,289 @@
+// Training-mode BatchNorm (+ residual add) (+ ReLU) on channels_last bf16 maps, in two passes each way.
+//
+// Why: ATen runs BatchNorm, the residual add and the ReLU as separate kernels, each reading and writing
+// the whole activation, and its channels_last bf16 BatchNorm itself takes a third pass for the variance
+// and another in its backward. Here the forward reads x once for the statistics and once to write
+// ReLU(BN(x) [+ r]); the backward reads dy and x once for the two per-channel sums and once to write dx.
+// multitag/fused_batchnorm.py says where it is used and what it was measured against.
+//
+// Layout: a channels_last (N, C, H, W) tensor is a row-major (M = N*H*W, C) matrix; every loop below
+// runs over (wide) rows outside and over contiguous channels inside, which the compiler vectorizes.
+// Numerics follow ATen's mixed bf16/fp32 kernel: statistics and arithmetic in fp32 (sums in fp64),
+// the BN output rounded to bf16 before the residual is added (as `x += shortcut` on a bf16 tensor),
+// the result rounded once more, weights, bias and their gradients in fp32.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <numeric>
+#include <vector>
+
+namespace {
+
+using bf16_t = uint16_t;
+
+// bf16 <-> fp32 by bit operations (round to nearest even, NaN kept a quiet NaN): these vectorize.
+inline float to_float(bf16_t v) {
+  uint32_t u = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline bf16_t to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  const bf16_t rounded = bf16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  return f != f ? bf16_t(0x7FC0) : rounded;
+}
+
+inline const bf16_t* bits(const at::Tensor& t) { return reinterpret_cast<const bf16_t*>(t.data_ptr()); }
+inline bf16_t* bits_mut(at::Tensor& t) { return reinterpret_cast<bf16_t*>(t.data_ptr()); }
+
+// The (M, C) matrix is walked as "wide rows" of k consecutive rows, L = k*C values (the last one
+// shorter when k does not divide M), with every per-channel array tiled k times (tiled()): narrow
+// layers (8, 24 or 17 channels) then still get inner loops long enough to fill the vector registers.
+// k makes L a multiple of 16 and at least 64; layers of 16·n or ≥ 256 channels keep k = 1.
+struct Rows {
+  int64_t C, k, L, count, values;
+  Rows(int64_t M, int64_t C_) : C(C_), k(1), values(M * C_) {
+    if (C % 16 != 0 && C < 256) {
+      k = 16 / std::gcd<int64_t>(C, 16);
+      k *= (64 + k * C - 1) / (k * C);
+    }
+    L = k * C;
+    count = (values + L - 1) / L;
+  }
+  int64_t width(int64_t i) const { return std::min(L, values - i * L); }
+};
+
+std::vector<float> tiled(const float* per_channel, const Rows& rows) {
+  std::vector<float> t(rows.L);
+  for (int64_t j = 0; j < rows.L; ++j) t[j] = per_channel[j % rows.C];
+  return t;
+}
+
+// Wide rows summed in fp32 before they join a chunk's fp64 sum: short enough that fp32 loses nothing
+// that matters, long enough that the fp64 adds cost nothing.
+constexpr int64_t kBlockValues = 256 * 64;
+
+// Two per-channel sums over all rows: add_row(i, s, q) adds wide row i's terms to s[0..L), q[0..L).
+// Rows are split into chunks (a few per thread) with their own fp64 sums, added up in a fixed order,
+// so the result does not depend on how the threads were scheduled. Returns {s[0..C), q[0..C)}.
+template <typename AddRow>
+std::vector<double> channel_sums(const Rows& rows, const AddRow& add_row) {
+  const int64_t L = rows.L, block = std::max<int64_t>(1, kBlockValues / L);
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(4 * at::get_num_threads(), rows.count / block));
+  std::vector<double> partial(chunks * 2 * L, 0.0);
+  at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+    std::vector<float> s(L), q(L);
+    for (int64_t k = first; k < last; ++k) {
+      double* S = partial.data() + k * 2 * L;
+      double* Q = S + L;
+      const int64_t i_end = rows.count * (k + 1) / chunks;
+      for (int64_t i0 = rows.count * k / chunks; i0 < i_end; i0 += block) {
+        std::fill(s.begin(), s.end(), 0.f);
+        std::fill(q.begin(), q.end(), 0.f);
+        for (int64_t i = i0; i < std::min(i_end, i0 + block); ++i) add_row(i, s.data(), q.data());
+        for (int64_t j = 0; j < L; ++j) {
+          S[j] += s[j];
+          Q[j] += q[j];
+        }
+      }
+    }
+  });
+  std::vector<double> total(2 * rows.C, 0.0);
+  for (int64_t k = 0; k < chunks; ++k)
+    for (int64_t j = 0; j < L; ++j) {
+      total[j % rows.C] += partial[k * 2 * L + j];
+      total[rows.C + j % rows.C] += partial[k * 2 * L + L + j];
+    }
+  return total;
+}
+
+// Every wide row once, in parallel: each_row(i).
+template <typename EachRow>
+void for_rows(const Rows& rows, const EachRow& each_row) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / rows.L);
+  at::parallel_for(0, rows.count, grain, [&](int64_t first, int64_t last) {
+    for (int64_t i = first; i < last; ++i) each_row(i);
+  });
+}
+
+// z = x * scale + shift, as the forward computed it (the backward recomputes the ReLU mask from it).
+inline float affine(bf16_t x, float scale, float shift) { return to_float(x) * scale + shift; }
+
+// The row kernels below take their flags as template parameters so that each inner loop is one
+// branch-free vectorized loop (selects, not jumps), and restrict pointers so that it needs no alias checks.
+
+template <bool kResidual, bool kRelu>
+void forward_row(const bf16_t* __restrict x, const bf16_t* __restrict res, bf16_t* __restrict y,
+                 const float* __restrict scale, const float* __restrict shift, int64_t C) {
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    float z = affine(x[c], scale[c], shift[c]);
+    if constexpr (kResidual) z = to_float(to_bf16(z)) + to_float(res[c]);
+    if constexpr (kRelu) z = std::max(z, 0.f);
+    y[c] = to_bf16(z);
+  }
+}
+
+// The gradient at BN's output: dy through the ReLU's mask, which is y > 0 — with a residual read from
+// y, without one recomputed from x exactly as the forward rounded it.
+template <bool kResidual, bool kRelu>
+inline float bn_grad(bf16_t dy, bf16_t x, bf16_t y, float scale, float shift) {
+  if constexpr (!kRelu) return to_float(dy);
+  const bool live = kResidual ? to_float(y) > 0.f : to_float(to_bf16(affine(x, scale, shift))) > 0.f;
+  return live ? to_float(dy) : 0.f;
+}
+
+// Backward pass 1 for one row: the sums of g and g·(x − mean); with a residual g is also written out
+// (it is the residual's gradient, and pass 2 reads it back instead of dy and y).
+template <bool kResidual, bool kRelu>
+void grad_sums_row(const bf16_t* __restrict dy, const bf16_t* __restrict x, const bf16_t* __restrict y,
+                   bf16_t* __restrict g_out, const float* __restrict mean, const float* __restrict scale,
+                   const float* __restrict shift, float* __restrict s, float* __restrict q, int64_t C) {
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    const float g = bn_grad<kResidual, kRelu>(dy[c], x[c], kResidual ? y[c] : bf16_t(0), scale[c], shift[c]);
+    if constexpr (kResidual) g_out[c] = to_bf16(g);      // exact: dy or 0
+    s[c] += g;
+    q[c] += g * (to_float(x[c]) - mean[c]);
+  }
+}
+
+// Backward pass 2 for one row: dx = γ·invstd·(g − mean(g) − x̂·mean(g·x̂)), x̂ = (x − mean)·invstd
+// (ATen's formula), with a = γ·invstd and k = mean(g·(x − mean))·invstd².
+template <bool kResidual, bool kRelu>
+void grad_input_row(const bf16_t* __restrict dy_or_g, const bf16_t* __restrict x, bf16_t* __restrict dx,
+                    const float* __restrict mean, const float* __restrict scale, const float* __restrict shift,
+                    const float* __restrict g_mean, const float* __restrict k, const float* __restrict a, int64_t C) {
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    // with a residual dy_or_g holds g already (no mask left to apply)
+    const float g = kResidual ? to_float(dy_or_g[c]) : bn_grad<false, kRelu>(dy_or_g[c], x[c], 0, scale[c], shift[c]);
+    dx[c] = to_bf16((g - g_mean[c] - (to_float(x[c]) - mean[c]) * k[c]) * a[c]);
+  }
+}
+
+// f(residual, relu) with both flags as compile-time constants (std::bool_constant).
+template <typename F>
+void with_flags(bool residual, bool relu, const F& f) {
+  if (residual) {
+    if (relu) f(std::true_type{}, std::true_type{}); else f(std::true_type{}, std::false_type{});
+  } else {
+    if (relu) f(std::false_type{}, std::true_type{}); else f(std::false_type{}, std::false_type{});
+  }
+}
+
+}  // namespace
+
+// x, residual: (N, C, H, W) channels_last bf16; weight, bias, running_mean, running_var: (C,) fp32.
+// Updates the running statistics in place (momentum = the weight of the new batch, as in PyTorch; the
+// running variance gets the unbiased batch variance). Returns {y, mean, invstd, scale, shift}.
+std::vector<at::Tensor> forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                at::Tensor running_mean, at::Tensor running_var, double momentum, double eps,
+                                const c10::optional<at::Tensor>& residual, bool relu) {
+  const int64_t C = x.size(1), M = x.numel() / C;
+  const Rows rows(M, C);
+  const int64_t L = rows.L;
+  const bf16_t* X = bits(x);
+  // Sums of (x - pivot) and its square, the pivot being the first row: E[x²] − E[x]² then cancels
+  // only as much as the channel's spread around one of its own values, not around 0.
+  std::vector<float> pivot(C);
+  for (int64_t c = 0; c < C; ++c) pivot[c] = to_float(X[c]);
+  const std::vector<float> P = tiled(pivot.data(), rows);
+  const std::vector<double> sums = channel_sums(rows, [&](int64_t i, float* __restrict s, float* __restrict q) {
+    const bf16_t* __restrict xr = X + i * L;
+    const float* __restrict p = P.data();
+#pragma omp simd
+    for (int64_t j = 0; j < rows.width(i); ++j) {
+      const float d = to_float(xr[j]) - p[j];
+      s[j] += d;
+      q[j] += d * d;
+    }
+  });
+
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor mean = at::empty({C}, f32), invstd = at::empty({C}, f32);
+  at::Tensor scale = at::empty({C}, f32), shift = at::empty({C}, f32);
+  float *MEAN = mean.data_ptr<float>(), *INV = invstd.data_ptr<float>();
+  float *SC = scale.data_ptr<float>(), *SH = shift.data_ptr<float>();
+  const float *W = weight.data_ptr<float>(), *B = bias.data_ptr<float>();
+  float *RM = running_mean.data_ptr<float>(), *RV = running_var.data_ptr<float>();
+  for (int64_t c = 0; c < C; ++c) {
+    const double d = sums[c] / M, var = std::max(0.0, sums[C + c] / M - d * d);
+    const double m = pivot[c] + d;
+    MEAN[c] = float(m);
+    INV[c] = float(1.0 / std::sqrt(var + eps));
+    RM[c] = float((1.0 - momentum) * RM[c] + momentum * m);
+    RV[c] = float((1.0 - momentum) * RV[c] + momentum * var * M / std::max<int64_t>(M - 1, 1));
+    SC[c] = INV[c] * W[c];
+    SH[c] = B[c] - MEAN[c] * SC[c];
+  }
+
+  at::Tensor y = at::empty_like(x);
+  bf16_t* Y = bits_mut(y);
+  const bf16_t* R = residual ? bits(*residual) : nullptr;
+  const std::vector<float> sc = tiled(SC, rows), sh = tiled(SH, rows);
+  with_flags(R != nullptr, relu, [&](auto res_t, auto relu_t) {
+    for_rows(rows, [&](int64_t i) {
+      forward_row<res_t(), relu_t()>(X + i * L, R ? R + i * L : nullptr, Y + i * L, sc.data(), sh.data(),
+                                     rows.width(i));
+    });
+  });
+  return {y, mean, invstd, scale, shift};
+}
+
+// dy, x, y: (N, C, H, W) channels_last bf16 (y: the forward's output, read only with a residual, where
+// the ReLU's mask can only be told from it); the rest (C,) fp32 as the forward returned them.
+// Returns {dx, dweight, dbias} and, with a residual, the gradient of the residual (dy where y > 0).
+std::vector<at::Tensor> backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& y,
+                                 const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& invstd,
+                                 const at::Tensor& scale, const at::Tensor& shift, bool has_residual, bool relu) {
+  const int64_t C = x.size(1), M = x.numel() / C;
+  const Rows rows(M, C);
+  const int64_t L = rows.L;
+  const bf16_t *X = bits(x), *DY = bits(dy), *Y = bits(y);
+  const float *W = weight.data_ptr<float>(), *INV = invstd.data_ptr<float>();
+  const std::vector<float> mu = tiled(mean.data_ptr<float>(), rows), sc = tiled(scale.data_ptr<float>(), rows),
+                           sh = tiled(shift.data_ptr<float>(), rows);
+  at::Tensor dres = has_residual ? at::empty_like(x) : at::Tensor();
+  bf16_t* G = has_residual ? bits_mut(dres) : nullptr;
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor dweight = at::empty({C}, f32), dbias = at::empty({C}, f32);
+  at::Tensor dx = at::empty_like(x);
+  with_flags(has_residual, relu, [&](auto res_t, auto relu_t) {
+    constexpr bool kResidual = res_t(), kRelu = relu_t();
+    const std::vector<double> sums = channel_sums(rows, [&](int64_t i, float* s, float* q) {
+      grad_sums_row<kResidual, kRelu>(DY + i * L, X + i * L, Y + i * L, G ? G + i * L : nullptr, mu.data(),
+                                      sc.data(), sh.data(), s, q, rows.width(i));
+    });
+    float *DW = dweight.data_ptr<float>(), *DB = dbias.data_ptr<float>();
+    std::vector<float> g_mean(C), k(C), a(C);
+    for (int64_t c = 0; c < C; ++c) {
+      DB[c] = float(sums[c]);
+      DW[c] = float(sums[C + c] * INV[c]);
+      g_mean[c] = float(sums[c] / M);
+      k[c] = float(sums[C + c] / M * INV[c] * INV[c]);
+      a[c] = INV[c] * W[c];
+    }
+    const std::vector<float> gm = tiled(g_mean.data(), rows), kk = tiled(k.data(), rows), aa = tiled(a.data(), rows);
+    bf16_t* DX = bits_mut(dx);
+    const bf16_t* source = kResidual ? G : DY;
+    for_rows(rows, [&](int64_t i) {
+      grad_input_row<kResidual, kRelu>(source + i * L, X + i * L, DX + i * L, mu.data(), sc.data(), sh.data(),
+                                       gm.data(), kk.data(), aa.data(), rows.width(i));
+    });
+  });
+  if (has_residual) return {dx, dweight, dbias, dres};
+  return {dx, dweight, dbias};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, "BatchNorm (+ residual) (+ ReLU) forward, training mode");
+  m.def("backward", &backward, "its backward");
+}
