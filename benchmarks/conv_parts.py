@@ -1,7 +1,7 @@
 """Where a training step stands against the conv peak (issue 9, RESULTS run Q): each part of it timed alone.
 
     .venv/bin/python benchmarks/conv_parts.py [--model advanced_cnn] [--image-size 224] [--batch-size 32]
-        [--precision bf16|fp32] [--tweaks matmul_weight_grad] [--threads 2] [--rounds 4] [--json]
+        [--precision bf16|fp32] [--tweaks fused_batchnorm,matmul_weight_grad] [--threads 2] [--rounds 4] [--json]
 
 1. The whole training step (autocast or not, channels_last, fused AdamW, BCE on random targets, the layer
    tweaks named) and the same step with one layer class swapped for nn.Identity — BatchNorm, ReLU — timed
@@ -9,7 +9,8 @@
    count) the rest runs. (timm's BatchNormAct2d, in EfficientNet, carries its activation: that goes with it.)
    Where they apply, also the step without one of multitag's levers — timm's stem order (ReLU before the
    max-pool, models/resnet_stem.py), oneDNN's input gradient on the smallest maps (layer_tweaks'
-   MATMUL_DGRAD_MAX_POSITIONS) — in the same interleaved rounds: what each lever is worth here, free of the
+   MATMUL_DGRAD_MAX_POSITIONS), ATen's BatchNorm, add and ReLU instead of the fused kernel
+   (fused_batchnorm.py) — in the same interleaved rounds: what each lever is worth here, free of the
    drift between runs that hides a few per cent (RESULTS run R).
 2. Each distinct 3x3 conv of a ResNet's stages at this image size (multitag.ceiling.conv_shapes, each
    stage's first conv strided from the stage before): forward, and the input and weight gradients each by
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -62,7 +64,12 @@ def step_rows(model: nn.Module, rt: Runtime, x: torch.Tensor, y: torch.Tensor, r
     if "matmul_weight_grad" in rt.layer_tweaks:
         variants["with oneDNN's input gradient"] = copy.deepcopy(model)
         dgrad_off.add("with oneDNN's input gradient")
-    nets = {k: rt.prepare_model(v).train() for k, v in variants.items()}
+    runtimes = {k: rt for k in variants}
+    if "fused_batchnorm" in rt.layer_tweaks:
+        variants["with ATen's BatchNorm, add, ReLU"] = copy.deepcopy(model)
+        runtimes["with ATen's BatchNorm, add, ReLU"] = dataclasses.replace(
+            rt, layer_tweaks=tuple(t for t in rt.layer_tweaks if t != "fused_batchnorm"))
+    nets = {k: runtimes[k].prepare_model(v).train() for k, v in variants.items()}
     optims = {k: torch.optim.AdamW(v.parameters(), 1e-4, fused=True) for k, v in nets.items()}
     xs = rt.prepare_input(x)
 

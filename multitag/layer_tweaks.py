@@ -1,7 +1,8 @@
 """Per-layer exceptions to the runtime's precision and memory format, measured rather than assumed.
 
-Three kernels of oneDNN/ATen on this project's AVX-512 + AMX CPUs are far slower than their neighbours
-(benchmarks/RESULTS.md, runs I, J and O), so the runtime measures each model with and without these:
+Some kernels of oneDNN/ATen on this project's AVX-512 + AMX CPUs are far slower than their neighbours
+or than what the memory allows (benchmarks/RESULTS.md, runs I, J, O and S), so the runtime measures each
+model with and without these:
 
 - ``fp32_depthwise`` (bf16 only; the name is older than the function, kept for cached choices):
   depthwise convs run their backward in fp32 inside bf16 autocast, their forward in bf16 (as fast as
@@ -20,10 +21,15 @@ Three kernels of oneDNN/ATen on this project's AVX-512 + AMX CPUs are far slower
   two stages at 128 px: training step 1.12x. On output maps of at most 4x4 their input gradient is a GEMM
   too, summed back onto the input in fp32 (MATMUL_DGRAD_MAX_POSITIONS): 1.01-1.06x more.
 
+- ``fused_batchnorm`` (bf16 channels_last only): BatchNorm, the residual add and the ReLU of ResNet blocks
+  (and plain BatchNorm layers) as one C++ kernel each way (fused_batchnorm.py): ATen's separate kernels
+  took ~8 passes over the activation where it takes 4; ResNet-18's training step 1.12x at 128 px, 1.20x
+  at 224. Listed first, so that plain BatchNorms at odd widths are fused rather than copied to NCHW.
+
 All swap the layer's class for a subclass with another forward, so parameters, buffers and
 state-dict keys are unchanged (checkpoints, EMA copies, exports are unaffected). They act only where
 a backward follows (training); ``fp32_depthwise`` and ``matmul_weight_grad`` do nothing outside autocast and
-``nchw_odd_batchnorm`` nothing to NCHW inputs, so scoring and the fp32 predictor compute exactly
+``nchw_odd_batchnorm`` nothing to NCHW inputs, ``fused_batchnorm`` nothing in eval mode, so scoring and the fp32 predictor compute exactly
 what they computed before.
 """
 from __future__ import annotations

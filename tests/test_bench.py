@@ -114,11 +114,24 @@ def test_conv_parts_script_runs_tiny():
 def test_conv_parts_times_the_step_without_each_lever_that_applies():
     """A ResNet with the matmul tweak: also the step in timm's stem order and with oneDNN's input gradient."""
     out = json.loads(run_script("conv_parts.py", "--model", "advanced_cnn", "--image-size", "32", "--batch-size", "2",
-                                "--threads", "1", "--rounds", "1", "--tweaks", "matmul_weight_grad", "--json",
-                                timeout=180).stdout)
+                                "--threads", "1", "--rounds", "1", "--tweaks", "fused_batchnorm,matmul_weight_grad",
+                                "--json", timeout=180).stdout)
     assert [r["part"] for r in out["step"]] == ["whole step", "without BatchNorm", "without ReLU",
-                                                "with timm's stem order", "with oneDNN's input gradient"]
+                                                "with timm's stem order", "with oneDNN's input gradient",
+                                                "with ATen's BatchNorm, add, ReLU"]
     assert all(r["ms"] > 0 for r in out["step"])
+
+
+def test_batchnorm_kernels_script_runs_tiny():
+    """benchmarks/batchnorm_kernels.py: every ResNet-18 map at this size, the three BatchNorm tails, both kernels."""
+    from multitag import fused_batchnorm
+    if fused_batchnorm.unavailable_reason():
+        pytest.skip("no C++ compiler for the fused BatchNorm kernel")
+    out = json.loads(run_script("batchnorm_kernels.py", "--image-size", "32", "--batch-size", "2", "--threads", "1",
+                                "--rounds", "1", "--json", timeout=180).stdout)
+    assert [r["map"] for r in out["rows"][::3]] == ["2x64x16x16", "2x64x8x8", "2x128x4x4", "2x256x2x2", "2x512x1x1"]
+    assert [r["tail"] for r in out["rows"][:3]] == ["BN", "BN+ReLU", "BN+add+ReLU"]
+    assert all(r["ATen ms"] > 0 and r["fused ms"] > 0 and r["fused speed-up"] > 0 for r in out["rows"])
 
 
 def test_bench_allocator_script_runs_tiny():

@@ -160,8 +160,9 @@ def test_the_second_round_skips_candidates_far_behind(tmp_path, monkeypatch):
     fake = {("fp32", False): 0.9, ("fp32", True): 0.15, ("bf16", True): 0.1}   # fp32 NCHW 9x behind
     calls = []
     monkeypatch.setattr(runtime, "time_train_step",
-                        lambda m, l, x, y, rt, **k: calls.append((rt.precision, rt.channels_last))
+                        lambda m, l, x, y, rt, **k: calls.append((rt.precision, rt.channels_last, rt.layer_tweaks))
                         or fake[(rt.precision, rt.channels_last)])
     rt = runtime.choose_runtime(*setup(), threads=1, log=lambda *a: None)
     assert (rt.precision, rt.channels_last) == ("bf16", True)
-    assert calls.count(("fp32", False)) == 1 and calls.count(("fp32", True)) == calls.count(("bf16", True)) == 2
+    assert calls.count(("fp32", False, ())) == 1 and calls.count(("fp32", True, ())) == 2
+    assert calls.count(("bf16", True, ())) == calls.count(("bf16", True, ("fused_batchnorm",))) == 2   # with its tweak
