@@ -24,7 +24,7 @@ from multitag import allocator, fused_batchnorm  # noqa: E402
 from multitag.inference_speed import time_calls  # noqa: E402
 from multitag.runtime import describe_cpu  # noqa: E402
 
-TAILS = {"BN": (False, False), "BN+ReLU": (False, True), "BN+add+ReLU": (True, True)}
+TAILS = {"BN": (False, "none"), "BN+ReLU": (False, "relu"), "BN+add+ReLU": (True, "relu")}
 
 
 def resnet18_maps(image_size: int, batch: int) -> list[tuple[int, int, int, int]]:
@@ -35,18 +35,18 @@ def resnet18_maps(image_size: int, batch: int) -> list[tuple[int, int, int, int]
 
 
 class Tail(nn.Module):
-    """ReLU?(BN(x) + residual?) by ATen's ops, or by the fused kernel (``fused``)."""
+    """act(BN(x) + residual?) by ATen's ops, or by the fused kernel (``fused``)."""
 
-    def __init__(self, channels: int, residual: bool, relu: bool, fused: bool):
+    def __init__(self, channels: int, residual: bool, act: str, fused: bool):
         super().__init__()
-        self.bn, self.residual, self.relu, self.fused = nn.BatchNorm2d(channels), residual, relu, fused
+        self.bn, self.residual, self.act, self.fused = nn.BatchNorm2d(channels), residual, act, fused
 
     def forward(self, x, r):
         if self.fused:
-            return fused_batchnorm.batchnorm_act(self.bn, x, r if self.residual else None, relu=self.relu)
+            return fused_batchnorm.batchnorm_act(self.bn, x, r if self.residual else None, act=self.act)
         y = self.bn(x)
         y = y + r if self.residual else y
-        return torch.relu(y) if self.relu else y
+        return torch.relu(y) if self.act == "relu" else y
 
 
 def rows(image_size: int, batch: int, rounds: int, compile_too: bool) -> list[dict]:
@@ -55,10 +55,11 @@ def rows(image_size: int, batch: int, rounds: int, compile_too: bool) -> list[di
         x = torch.randn(shape).to(torch.bfloat16).contiguous(memory_format=torch.channels_last).requires_grad_()
         r = torch.randn_like(x).requires_grad_()
         dy = torch.randn_like(x)
-        for tail, (residual, relu) in TAILS.items():
-            kinds = {"ATen": Tail(shape[1], residual, relu, False), "fused": Tail(shape[1], residual, relu, True)}
+        for tail, (residual, act) in TAILS.items():
+            kinds = {"ATen": Tail(shape[1], residual, act, False), "fused": Tail(shape[1], residual, act, True)}
             if compile_too:
-                kinds["inductor"] = torch.compile(Tail(shape[1], residual, relu, False))
+                torch._dynamo.reset()        # a fresh graph per case: dynamo stops recompiling after 8
+                kinds["inductor"] = torch.compile(Tail(shape[1], residual, act, False))
 
             def step(module):
                 def run(inputs):

@@ -1,4 +1,4 @@
-"""Training-mode BatchNorm, residual add and ReLU in one C++ kernel each way, for bf16 channels_last CPUs.
+"""Training-mode BatchNorm, residual add and ReLU(6) in one C++ kernel each way, for bf16 channels_last CPUs.
 
 Eager PyTorch runs a ResNet block's tail — BatchNorm, ``x += shortcut``, ReLU — as separate ATen kernels,
 each reading and writing the whole activation, and its channels_last bf16 BatchNorm takes an extra pass
@@ -11,7 +11,8 @@ than ATen's on every ResNet-18 map size at batch 32 (run S).
 It is the layer tweak ``fused_batchnorm`` (layer_tweaks.py): measured at start-up like the others and kept
 only where the step is faster. It acts on plain ``nn.BatchNorm2d`` layers (the stem's, the downsample
 paths'), on timm's ``BasicBlock``/``Bottleneck`` without attention, anti-aliasing, DropBlock or drop-path,
-and on the Inception-ResNet recipe's conv units. Everything else — eval mode, no autograd, fp32 or NCHW
+on the Inception-ResNet recipe's conv units, and on timm's ``BatchNormAct2d`` with ReLU, ReLU6 or no
+activation (EfficientNet-Lite: its training step 1.29x at 224 px, run S). Everything else — eval mode, no autograd, fp32 or NCHW
 inputs, other devices, torch.compile tracing — runs the layers' own forward, so scoring, exports and the
 fp32 predictor compute exactly what they did.
 
@@ -35,6 +36,8 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from timm.layers import BatchNormAct2d
 from torch import nn
 
 from multitag.config import cache_root
@@ -93,18 +96,23 @@ def unavailable_reason() -> str:
     return reason
 
 
+# The activations the kernel applies after BN (+ residual), by its codes, and as the layers compute them.
+ACTS = {"none": 0, "relu": 1, "relu6": 2}
+_LAYER_ACT = {"none": lambda y: y, "relu": torch.relu, "relu6": F.relu6}
+
+
 class _BatchNormAct(torch.autograd.Function):
-    """y = ReLU?(bf16(BN(x)) + residual?) with batch statistics; x, residual, y: (N, C, H, W) bf16
-    channels_last; weight, bias, running stats: (C,) fp32."""
+    """y = act(bf16(BN(x)) + residual?) with batch statistics; x, residual, y: (N, C, H, W) bf16
+    channels_last; weight, bias, running stats: (C,) fp32; act: an ACTS code."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, residual, relu):
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, residual, act):
         y, mean, invstd, scale, shift = _load()[0].forward(x, weight, bias, running_mean, running_var,
-                                                           momentum, eps, residual, relu)
-        # y only where the backward reads it (the ReLU's mask after a residual): a plain BN's output may
-        # be changed in place next (timm's stem: bn1, then an in-place ReLU)
-        ctx.save_for_backward(x, y if residual is not None and relu else None, weight, mean, invstd, scale, shift)
-        ctx.has_residual, ctx.relu = residual is not None, relu
+                                                           momentum, eps, residual, act)
+        # y only where the backward reads it (the activation's mask after a residual): a plain BN's output
+        # may be changed in place next (timm's stem: bn1, then an in-place ReLU)
+        ctx.save_for_backward(x, y if residual is not None and act else None, weight, mean, invstd, scale, shift)
+        ctx.has_residual, ctx.act = residual is not None, act
         return y
 
     @staticmethod
@@ -112,8 +120,7 @@ class _BatchNormAct(torch.autograd.Function):
     def backward(ctx, dy):
         x, y, weight, mean, invstd, scale, shift = ctx.saved_tensors
         grads = _load()[0].backward(dy.contiguous(memory_format=torch.channels_last), x, x if y is None else y,
-                                    weight, mean, invstd,
-                                    scale, shift, ctx.has_residual, ctx.relu)
+                                    weight, mean, invstd, scale, shift, ctx.has_residual, ctx.act)
         dres = grads[3] if ctx.has_residual else None
         return grads[0], grads[1], grads[2], None, None, None, None, dres, None
 
@@ -124,7 +131,7 @@ def _is_bf16_cl(t: torch.Tensor) -> bool:
 
 
 def _fusable(bn: nn.BatchNorm2d, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
-    """Whether the kernel computes what ``bn`` (+ residual) (+ ReLU) would, and a backward follows."""
+    """Whether the kernel computes what ``bn`` (+ residual) (+ activation) would, and a backward follows."""
     return (bn.training and bn.track_running_stats and bn.affine and bn.running_mean is not None
             and bn.weight.dtype == torch.float32 and torch.is_grad_enabled()
             and (x.requires_grad or bn.weight.requires_grad or bn.bias.requires_grad)
@@ -143,22 +150,37 @@ def _momentum(bn: nn.BatchNorm2d) -> float:
     return 0.0 if bn.momentum is None else bn.momentum
 
 
+def _fused(bn: nn.BatchNorm2d, x: torch.Tensor, residual: torch.Tensor | None, act: str) -> torch.Tensor:
+    return _BatchNormAct.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, _momentum(bn), bn.eps,
+                               residual, ACTS[act])
+
+
 def batchnorm_act(bn: nn.BatchNorm2d, x: torch.Tensor, residual: torch.Tensor | None = None,
-                  relu: bool = False) -> torch.Tensor:
-    """ReLU?(bn(x) + residual?): by the fused kernel where it applies, else by the layers' own ops."""
+                  act: str = "none") -> torch.Tensor:
+    """act(bn(x) + residual?), act one of ACTS: by the fused kernel where it applies, else by the layers'
+    own ops."""
     if _fusable(bn, x, residual):
-        return _BatchNormAct.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, _momentum(bn), bn.eps,
-                                   residual, relu)
+        return _fused(bn, x, residual, act)
     y = nn.BatchNorm2d.forward(bn, x)
     if residual is not None:
         y = y + residual
-    return torch.relu(y) if relu else y
+    return _LAYER_ACT[act](y)
 
 
 # -- the layers the tweak rewrites ------------------------------------------------------------------------
 
 def _batchnorm_forward(self: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
     return batchnorm_act(self, x)
+
+
+# timm's BatchNormAct2d (EfficientNet-Lite's BN + ReLU6, BN alone) by the activation it carries
+_BN_ACT2D_ACTS = {nn.Identity: "none", nn.ReLU: "relu", nn.ReLU6: "relu6"}
+
+
+def _batchnorm_act2d_forward(self: BatchNormAct2d, x: torch.Tensor) -> torch.Tensor:
+    if _fusable(self, x, None):
+        return _fused(self, x, None, _BN_ACT2D_ACTS[type(self.act)])
+    return BatchNormAct2d.forward(self, x)
 
 
 def _plain_bn(m: nn.Module) -> bool:
@@ -177,27 +199,27 @@ def _identity(m: nn.Module | None) -> bool:
 def _basic_block_forward(self, x: torch.Tensor) -> torch.Tensor:
     """timm's BasicBlock.forward with its two BN(+add)+ReLU tails fused."""
     shortcut = x
-    x = batchnorm_act(self.bn1, self.conv1(x), relu=True)
+    x = batchnorm_act(self.bn1, self.conv1(x), act="relu")
     x = self.conv2(x)
     if self.downsample is not None:
         shortcut = self.downsample(shortcut)
-    return batchnorm_act(self.bn2, x, residual=shortcut, relu=True)
+    return batchnorm_act(self.bn2, x, residual=shortcut, act="relu")
 
 
 def _bottleneck_forward(self, x: torch.Tensor) -> torch.Tensor:
     """timm's Bottleneck.forward with its three BN(+add)+ReLU tails fused."""
     shortcut = x
-    x = batchnorm_act(self.bn1, self.conv1(x), relu=True)
-    x = batchnorm_act(self.bn2, self.conv2(x), relu=True)
+    x = batchnorm_act(self.bn1, self.conv1(x), act="relu")
+    x = batchnorm_act(self.bn2, self.conv2(x), act="relu")
     x = self.conv3(x)
     if self.downsample is not None:
         shortcut = self.downsample(shortcut)
-    return batchnorm_act(self.bn3, x, residual=shortcut, relu=True)
+    return batchnorm_act(self.bn3, x, residual=shortcut, act="relu")
 
 
 def _conv_bn_relu_forward(self, x: torch.Tensor) -> torch.Tensor:
     """multitag's Inception-ResNet conv unit (conv → BN → ReLU), fused."""
-    return batchnorm_act(self.bn, self.conv(x), relu=True)
+    return batchnorm_act(self.bn, self.conv(x), act="relu")
 
 
 def _block_kinds() -> dict[type, tuple]:
@@ -213,9 +235,12 @@ def _block_kinds() -> dict[type, tuple]:
 
 
 def selects(m: nn.Module) -> bool:
-    """The layers the tweak rewrites: plain BatchNorm2d, and the blocks above in their plain form."""
+    """The layers the tweak rewrites: plain BatchNorm2d, BatchNormAct2d with an activation the kernel has,
+    and the blocks above in their plain form."""
     if type(m) is nn.BatchNorm2d:
         return True
+    if type(m) is BatchNormAct2d:
+        return _identity(m.drop) and type(m.act) in _BN_ACT2D_ACTS
     kind = _block_kinds().get(type(m))
     if kind is None:
         return False
@@ -226,4 +251,6 @@ def selects(m: nn.Module) -> bool:
 
 def make_forward(base: type):
     """The fused forward for a class ``selects`` accepts."""
-    return _batchnorm_forward if base is nn.BatchNorm2d else _block_kinds()[base][0]
+    if base is nn.BatchNorm2d:
+        return _batchnorm_forward
+    return _batchnorm_act2d_forward if base is BatchNormAct2d else _block_kinds()[base][0]

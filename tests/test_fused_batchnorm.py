@@ -33,28 +33,32 @@ def make_bn(c: int, seed: int = 0) -> nn.BatchNorm2d:
     return bn
 
 
-def reference(x, dy, bn, residual, relu, y_kernel):
-    """float64 BatchNorm (+ residual) (+ ReLU) and its gradients; the ReLU mask is the kernel's y > 0
-    (values within rounding of 0 may fall either side, and then both are right)."""
+def reference(x, dy, bn, residual, act, y_kernel):
+    """float64 BatchNorm (+ residual) (+ ReLU / ReLU6) and its gradients; the activation's mask is told
+    from the kernel's y (values within rounding of 0 or 6 may fall either side, and then both are right)."""
     x64, w, b = x.double(), bn.weight.detach().double(), bn.bias.detach().double()
     dims = (0, 2, 3)
     mean, var = x64.mean(dims, keepdim=True), x64.var(dims, unbiased=False, keepdim=True)
     xhat = (x64 - mean) / torch.sqrt(var + bn.eps)
     z = xhat * w.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)
     y = z + residual.double() if residual is not None else z
-    if relu:
-        y = y.clamp_min(0)
-    g = dy.double() * (y_kernel.double() > 0) if relu else dy.double()
+    yk = y_kernel.double()
+    if act == "relu":
+        y, g = y.clamp_min(0), dy.double() * (yk > 0)
+    elif act == "relu6":
+        y, g = y.clamp(0, 6), dy.double() * ((yk > 0) & (yk < 6))
+    else:
+        g = dy.double()
     db, dw = g.sum(dims), (g * xhat).sum(dims)
     dx = (w / torch.sqrt(var.flatten() + bn.eps)).view(1, -1, 1, 1) * (
         g - g.mean(dims, keepdim=True) - xhat * (g * xhat).mean(dims, keepdim=True))
     return {"y": y, "z": z, "dx": dx, "dw": dw, "db": db, "dres": g, "var": var.flatten(), "mean": mean.flatten()}
 
 
-def run_fused(x, dy, bn, residual, relu):
+def run_fused(x, dy, bn, residual, act):
     x = x.detach().requires_grad_()
     r = residual.detach().requires_grad_() if residual is not None else None
-    y = fb.batchnorm_act(bn, x, r, relu=relu)
+    y = fb.batchnorm_act(bn, x, r, act=act)
     y.backward(dy)
     return {"y": y.detach(), "dx": x.grad, "dw": bn.weight.grad, "db": bn.bias.grad,
             "dres": r.grad if r is not None else None}
@@ -63,15 +67,20 @@ def run_fused(x, dy, bn, residual, relu):
 # widths: a multiple of 16 (one row per inner loop), narrow and odd ones (several rows per loop, a short
 # last one), and one of 256 (rows as they are); maps with M = N*H*W not a multiple of the rows per loop
 @pytest.mark.parametrize("shape", [(4, 64, 6, 5), (3, 24, 5, 7), (2, 17, 3, 5), (2, 8, 9, 9), (2, 256, 3, 3)])
-@pytest.mark.parametrize("residual,relu", [(False, False), (False, True), (True, True)])
-def test_matches_float64_reference(shape, residual, relu):
+@pytest.mark.parametrize("residual,act", [(False, "none"), (False, "relu"), (True, "relu"), (False, "relu6")])
+def test_matches_float64_reference(shape, residual, act):
     g = torch.Generator().manual_seed(1)
     x = cl_bf16(torch.randn(shape, generator=g) * 2 + 0.5)
     r = cl_bf16(torch.randn(shape, generator=g)) if residual else None
     dy = cl_bf16(torch.randn(shape, generator=g))
     bn = make_bn(shape[1])
-    out = run_fused(x, dy, bn, r, relu)
-    ref = reference(x, dy, bn, r, relu, out["y"])
+    if act == "relu6":
+        with torch.no_grad():
+            bn.weight.mul_(4)                          # a good share of values above 6
+    out = run_fused(x, dy, bn, r, act)
+    ref = reference(x, dy, bn, r, act, out["y"])
+    if act == "relu6":
+        assert (out["y"] == 6).any()                 # the upper clamp is exercised
 
     assert out["y"].dtype == torch.bfloat16 and out["y"].is_contiguous(memory_format=torch.channels_last)
     # the forward rounds BN's output to bf16 (then, with a residual, the sum): at most one step each
@@ -97,7 +106,7 @@ def test_statistics_of_a_far_offset_channel():
     x = cl_bf16(1000 + torch.randn(8, 32, 16, 16, generator=g) * 4)
     bn = make_bn(32)
     bn.momentum = 1.0                      # running stats = this batch's (unbiased variance)
-    fb.batchnorm_act(bn, x.requires_grad_(), relu=False)
+    fb.batchnorm_act(bn, x.requires_grad_())
     x64 = x.detach().double()
     assert torch.allclose(bn.running_mean.double(), x64.mean((0, 2, 3)), rtol=1e-6)
     assert torch.allclose(bn.running_var.double(), x64.var((0, 2, 3), unbiased=True), rtol=1e-4)
@@ -110,7 +119,7 @@ def test_running_statistics_follow_batchnorm_with_cumulative_momentum():
     for _ in range(3):
         x = cl_bf16(torch.randn(4, 32, 6, 6, generator=g) * 3 + 1).requires_grad_()
         plain(x)
-        fb.batchnorm_act(fused, x, relu=False)
+        fb.batchnorm_act(fused, x)
     assert fused.num_batches_tracked.item() == plain.num_batches_tracked.item() == 3
     assert torch.allclose(fused.running_mean, plain.running_mean, rtol=1e-4, atol=1e-5)
     assert torch.allclose(fused.running_var, plain.running_var, rtol=1e-4, atol=1e-5)
@@ -130,10 +139,10 @@ def test_falls_back_to_the_layers_own_ops(case):
         bn.eval(), ref_bn.eval()
     if case == "one_value_per_channel":
         with pytest.raises(ValueError, match="more than 1 value per channel"):
-            fb.batchnorm_act(bn, x.requires_grad_(), r, relu=True)
+            fb.batchnorm_act(bn, x.requires_grad_(), r, act="relu")
         return
     with torch.set_grad_enabled(case != "no_grad"):
-        got = fb.batchnorm_act(bn, x.requires_grad_(case != "no_grad"), r, relu=True)
+        got = fb.batchnorm_act(bn, x.requires_grad_(case != "no_grad"), r, act="relu")
         want = torch.relu(ref_bn(x) + r)
     assert torch.equal(got, want)
     assert torch.equal(bn.running_mean, ref_bn.running_mean)
@@ -159,7 +168,8 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got - want).norm() / want.norm()).item()
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet26"])      # BasicBlock and Bottleneck
+# BasicBlock, Bottleneck, and BatchNormAct2d with ReLU6 and without an activation
+@pytest.mark.parametrize("name", ["resnet18", "resnet26", "tf_efficientnet_lite0"])
 def test_tweaked_timm_resnet_trains_as_accurately_as_timm(name):
     """One bf16 training step of the tweaked model is as close to float64 as timm's own bf16 step
     (bf16 alone is ~18 % off in the stem's gradient at this size, so 'close to timm' would say little)."""
@@ -173,13 +183,16 @@ def test_tweaked_timm_resnet_trains_as_accurately_as_timm(name):
     out_p, grads_p = grads_after_step(plain, x)
     out_t, grads_t = grads_after_step(tweaked, x)
     assert relative_error(out_t, out_64.float()) <= 1.25 * relative_error(out_p, out_64.float()) + 0.005
+    largest = max(p.grad.norm() for p in exact.parameters())
     for n, p in exact.named_parameters():
-        if p.grad.norm() > 0:                      # (timm zero-inits the last BN's γ of each block)
+        # gradients that are 0 in exact arithmetic (timm zero-inits each block's last γ; a BN's shift
+        # before a 1×1 conv and another BN) are bf16 noise in both, not a measure
+        if p.grad.norm() > 1e-6 * largest:
             want = p.grad.float()
             assert relative_error(grads_t[n], want) <= 1.25 * relative_error(grads_p[n], want) + 0.02, n
-    for (n, b64), bt in zip(exact.named_buffers(), tweaked.buffers()):
+    for (n, b64), bp, bt in zip(exact.named_buffers(), plain.buffers(), tweaked.buffers()):
         if "running" in n:
-            assert torch.allclose(bt.double(), b64, rtol=0.02, atol=0.02), n
+            assert relative_error(bt.double(), b64) <= 1.25 * relative_error(bp.double(), b64) + 0.005, n
     # in eval mode the tweaked model runs the layers' own ops: bitwise what timm computes
     tweaked.load_state_dict(plain.state_dict())
     plain.eval(), tweaked.eval()
@@ -193,7 +206,8 @@ def test_selects_only_what_it_computes_exactly():
     with_drop_path = BasicBlock(16, 16, drop_path=timm.layers.DropPath(0.1))
     assert fb.selects(plain) and fb.selects(Bottleneck(64, 16)) and fb.selects(nn.BatchNorm2d(8))
     assert not fb.selects(with_se) and not fb.selects(with_drop_path)
-    assert not fb.selects(BatchNormAct2d(8))                  # BN + activation of its own
+    assert fb.selects(BatchNormAct2d(8, act_layer=nn.ReLU6)) and fb.selects(BatchNormAct2d(8, apply_act=False))
+    assert not fb.selects(BatchNormAct2d(8, act_layer=nn.SiLU)) and not fb.selects(BatchNormAct2d(8, drop_layer=nn.Dropout))
     silu = BasicBlock(16, 16, act_layer=nn.SiLU)
     assert not fb.selects(silu)
 
@@ -208,4 +222,4 @@ def test_unavailable_kernel_leaves_the_tweak_out_and_says_so(monkeypatch, capsys
     assert capsys.readouterr().err == ""                      # once per process
     x = cl_bf16(torch.randn(2, 16, 3, 3)).requires_grad_()
     bn = make_bn(16)
-    assert torch.equal(fb.batchnorm_act(bn, x, relu=True), torch.relu(make_bn(16)(x)))
+    assert torch.equal(fb.batchnorm_act(bn, x, act="relu"), torch.relu(make_bn(16)(x)))

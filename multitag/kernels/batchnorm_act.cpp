@@ -1,4 +1,4 @@
-// Training-mode BatchNorm (+ residual add) (+ ReLU) on channels_last bf16 maps, in two passes each way.
+// Training-mode BatchNorm (+ residual add) (+ ReLU or ReLU6) on channels_last bf16 maps, two passes each way.
 //
 // Why: ATen runs BatchNorm, the residual add and the ReLU as separate kernels, each reading and writing
 // the whole activation, and its channels_last bf16 BatchNorm itself takes a third pass for the variance
@@ -113,42 +113,58 @@ void for_rows(const Rows& rows, const EachRow& each_row) {
   });
 }
 
+// The activation after BN (+ residual): 0 none, 1 ReLU, 2 ReLU6 (max(0, min(v, 6)), EfficientNet-Lite's).
+enum Act : int { kNone = 0, kReLU = 1, kReLU6 = 2 };
+
+template <int kAct>
+inline float activate(float v) {
+  if constexpr (kAct >= kReLU) v = std::max(v, 0.f);
+  if constexpr (kAct == kReLU6) v = std::min(v, 6.f);
+  return v;
+}
+
+// Whether the activation passes the gradient at v (its input, as rounded to bf16): PyTorch's
+// threshold/hardtanh backward, strict at the ends. For ReLU(6) it can also be told from the output.
+template <int kAct>
+inline bool passes(float v) {
+  return kAct == kNone || (v > 0.f && (kAct == kReLU || v < 6.f));
+}
+
 // z = x * scale + shift, as the forward computed it (the backward recomputes the ReLU mask from it).
 inline float affine(bf16_t x, float scale, float shift) { return to_float(x) * scale + shift; }
 
 // The row kernels below take their flags as template parameters so that each inner loop is one
 // branch-free vectorized loop (selects, not jumps), and restrict pointers so that it needs no alias checks.
 
-template <bool kResidual, bool kRelu>
+template <bool kResidual, int kAct>
 void forward_row(const bf16_t* __restrict x, const bf16_t* __restrict res, bf16_t* __restrict y,
                  const float* __restrict scale, const float* __restrict shift, int64_t C) {
 #pragma omp simd
   for (int64_t c = 0; c < C; ++c) {
     float z = affine(x[c], scale[c], shift[c]);
     if constexpr (kResidual) z = to_float(to_bf16(z)) + to_float(res[c]);
-    if constexpr (kRelu) z = std::max(z, 0.f);
-    y[c] = to_bf16(z);
+    y[c] = to_bf16(activate<kAct>(z));
   }
 }
 
-// The gradient at BN's output: dy through the ReLU's mask, which is y > 0 — with a residual read from
-// y, without one recomputed from x exactly as the forward rounded it.
-template <bool kResidual, bool kRelu>
+// The gradient at BN's output: dy through the activation's mask (0 < v, and v < 6 for ReLU6) — with a
+// residual told from y, without one from v recomputed from x exactly as the forward rounded it.
+template <bool kResidual, int kAct>
 inline float bn_grad(bf16_t dy, bf16_t x, bf16_t y, float scale, float shift) {
-  if constexpr (!kRelu) return to_float(dy);
-  const bool live = kResidual ? to_float(y) > 0.f : to_float(to_bf16(affine(x, scale, shift))) > 0.f;
-  return live ? to_float(dy) : 0.f;
+  if constexpr (kAct == kNone) return to_float(dy);
+  const float v = kResidual ? to_float(y) : to_float(to_bf16(affine(x, scale, shift)));
+  return passes<kAct>(v) ? to_float(dy) : 0.f;
 }
 
 // Backward pass 1 for one row: the sums of g and g·(x − mean); with a residual g is also written out
 // (it is the residual's gradient, and pass 2 reads it back instead of dy and y).
-template <bool kResidual, bool kRelu>
+template <bool kResidual, int kAct>
 void grad_sums_row(const bf16_t* __restrict dy, const bf16_t* __restrict x, const bf16_t* __restrict y,
                    bf16_t* __restrict g_out, const float* __restrict mean, const float* __restrict scale,
                    const float* __restrict shift, float* __restrict s, float* __restrict q, int64_t C) {
 #pragma omp simd
   for (int64_t c = 0; c < C; ++c) {
-    const float g = bn_grad<kResidual, kRelu>(dy[c], x[c], kResidual ? y[c] : bf16_t(0), scale[c], shift[c]);
+    const float g = bn_grad<kResidual, kAct>(dy[c], x[c], kResidual ? y[c] : bf16_t(0), scale[c], shift[c]);
     if constexpr (kResidual) g_out[c] = to_bf16(g);      // exact: dy or 0
     s[c] += g;
     q[c] += g * (to_float(x[c]) - mean[c]);
@@ -157,26 +173,28 @@ void grad_sums_row(const bf16_t* __restrict dy, const bf16_t* __restrict x, cons
 
 // Backward pass 2 for one row: dx = γ·invstd·(g − mean(g) − x̂·mean(g·x̂)), x̂ = (x − mean)·invstd
 // (ATen's formula), with a = γ·invstd and k = mean(g·(x − mean))·invstd².
-template <bool kResidual, bool kRelu>
+template <bool kResidual, int kAct>
 void grad_input_row(const bf16_t* __restrict dy_or_g, const bf16_t* __restrict x, bf16_t* __restrict dx,
                     const float* __restrict mean, const float* __restrict scale, const float* __restrict shift,
                     const float* __restrict g_mean, const float* __restrict k, const float* __restrict a, int64_t C) {
 #pragma omp simd
   for (int64_t c = 0; c < C; ++c) {
     // with a residual dy_or_g holds g already (no mask left to apply)
-    const float g = kResidual ? to_float(dy_or_g[c]) : bn_grad<false, kRelu>(dy_or_g[c], x[c], 0, scale[c], shift[c]);
+    const float g = kResidual ? to_float(dy_or_g[c]) : bn_grad<false, kAct>(dy_or_g[c], x[c], 0, scale[c], shift[c]);
     dx[c] = to_bf16((g - g_mean[c] - (to_float(x[c]) - mean[c]) * k[c]) * a[c]);
   }
 }
 
-// f(residual, relu) with both flags as compile-time constants (std::bool_constant).
+// f(residual, act) with both as compile-time constants (std::integral_constant).
 template <typename F>
-void with_flags(bool residual, bool relu, const F& f) {
-  if (residual) {
-    if (relu) f(std::true_type{}, std::true_type{}); else f(std::true_type{}, std::false_type{});
-  } else {
-    if (relu) f(std::false_type{}, std::true_type{}); else f(std::false_type{}, std::false_type{});
-  }
+void with_flags(bool residual, int64_t act, const F& f) {
+  TORCH_CHECK(act >= kNone && act <= kReLU6, "unknown activation code ", act);
+  auto with_act = [&](auto res_t) {
+    if (act == kNone) f(res_t, std::integral_constant<int, kNone>{});
+    else if (act == kReLU) f(res_t, std::integral_constant<int, kReLU>{});
+    else f(res_t, std::integral_constant<int, kReLU6>{});
+  };
+  if (residual) with_act(std::true_type{}); else with_act(std::false_type{});
 }
 
 }  // namespace
@@ -186,7 +204,7 @@ void with_flags(bool residual, bool relu, const F& f) {
 // running variance gets the unbiased batch variance). Returns {y, mean, invstd, scale, shift}.
 std::vector<at::Tensor> forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                                 at::Tensor running_mean, at::Tensor running_var, double momentum, double eps,
-                                const c10::optional<at::Tensor>& residual, bool relu) {
+                                const c10::optional<at::Tensor>& residual, int64_t act) {
   const int64_t C = x.size(1), M = x.numel() / C;
   const Rows rows(M, C);
   const int64_t L = rows.L;
@@ -229,9 +247,9 @@ std::vector<at::Tensor> forward(const at::Tensor& x, const at::Tensor& weight, c
   bf16_t* Y = bits_mut(y);
   const bf16_t* R = residual ? bits(*residual) : nullptr;
   const std::vector<float> sc = tiled(SC, rows), sh = tiled(SH, rows);
-  with_flags(R != nullptr, relu, [&](auto res_t, auto relu_t) {
+  with_flags(R != nullptr, act, [&](auto res_t, auto act_t) {
     for_rows(rows, [&](int64_t i) {
-      forward_row<res_t(), relu_t()>(X + i * L, R ? R + i * L : nullptr, Y + i * L, sc.data(), sh.data(),
+      forward_row<res_t(), act_t()>(X + i * L, R ? R + i * L : nullptr, Y + i * L, sc.data(), sh.data(),
                                      rows.width(i));
     });
   });
@@ -243,7 +261,7 @@ std::vector<at::Tensor> forward(const at::Tensor& x, const at::Tensor& weight, c
 // Returns {dx, dweight, dbias} and, with a residual, the gradient of the residual (dy where y > 0).
 std::vector<at::Tensor> backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& y,
                                  const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& invstd,
-                                 const at::Tensor& scale, const at::Tensor& shift, bool has_residual, bool relu) {
+                                 const at::Tensor& scale, const at::Tensor& shift, bool has_residual, int64_t act) {
   const int64_t C = x.size(1), M = x.numel() / C;
   const Rows rows(M, C);
   const int64_t L = rows.L;
@@ -256,10 +274,11 @@ std::vector<at::Tensor> backward(const at::Tensor& dy, const at::Tensor& x, cons
   const auto f32 = x.options().dtype(at::kFloat);
   at::Tensor dweight = at::empty({C}, f32), dbias = at::empty({C}, f32);
   at::Tensor dx = at::empty_like(x);
-  with_flags(has_residual, relu, [&](auto res_t, auto relu_t) {
-    constexpr bool kResidual = res_t(), kRelu = relu_t();
+  with_flags(has_residual, act, [&](auto res_t, auto act_t) {
+    constexpr bool kResidual = res_t();
+    constexpr int kAct = act_t();
     const std::vector<double> sums = channel_sums(rows, [&](int64_t i, float* s, float* q) {
-      grad_sums_row<kResidual, kRelu>(DY + i * L, X + i * L, Y + i * L, G ? G + i * L : nullptr, mu.data(),
+      grad_sums_row<kResidual, kAct>(DY + i * L, X + i * L, Y + i * L, G ? G + i * L : nullptr, mu.data(),
                                       sc.data(), sh.data(), s, q, rows.width(i));
     });
     float *DW = dweight.data_ptr<float>(), *DB = dbias.data_ptr<float>();
@@ -275,7 +294,7 @@ std::vector<at::Tensor> backward(const at::Tensor& dy, const at::Tensor& x, cons
     bf16_t* DX = bits_mut(dx);
     const bf16_t* source = kResidual ? G : DY;
     for_rows(rows, [&](int64_t i) {
-      grad_input_row<kResidual, kRelu>(source + i * L, X + i * L, DX + i * L, mu.data(), sc.data(), sh.data(),
+      grad_input_row<kResidual, kAct>(source + i * L, X + i * L, DX + i * L, mu.data(), sc.data(), sh.data(),
                                        gm.data(), kk.data(), aa.data(), rows.width(i));
     });
   });
