@@ -263,7 +263,7 @@ class Tweak(NamedTuple):
 
 TWEAKS = {
     # before nchw_odd_batchnorm: the plain BatchNorms it takes are then fused instead of copied to NCHW
-    "fused_batchnorm": Tweak(fused_batchnorm.selects, fused_batchnorm.make_forward, "BatchNorm + residual + ReLU fused",
+    "fused_batchnorm": Tweak(fused_batchnorm.selects, fused_batchnorm.make_forward, "BatchNorm + residual + ReLU(6) fused",
                              frozenset({"bf16"}), frozenset({True}), fused_batchnorm.unavailable_reason),
     "fp32_depthwise": Tweak(_is_depthwise, _fp32_backward_forward, "depthwise backward in fp32", frozenset({"bf16"}),
                             frozenset({False, True})),
@@ -280,9 +280,22 @@ def available_tweaks(model: nn.Module) -> tuple[str, ...]:
                  if any(t.selects(m) for m in model.modules()) and not t.unavailable())
 
 
-def tweaks_for(available: tuple[str, ...], precision: str, channels_last: bool) -> tuple[str, ...]:
-    """Of ``available``, those that mean something at this precision and memory format."""
-    return tuple(t for t in available if precision in TWEAKS[t].precisions and channels_last in TWEAKS[t].channels_last)
+def tweaks_for(available: tuple[str, ...], precision: str, channels_last: bool,
+               model: nn.Module | None = None) -> tuple[str, ...]:
+    """Of ``available``, those that mean something at this precision and memory format — and, given the
+    model, that would still change a layer when applied in this order (fused_batchnorm takes the plain
+    BatchNorms nchw_odd_batchnorm would otherwise copy; a tweak left with none is not listed)."""
+    own = tuple(t for t in available if precision in TWEAKS[t].precisions and channels_last in TWEAKS[t].channels_last)
+    if model is None:
+        return own
+    taken: set[int] = set()
+    kept = []
+    for name in own:                            # as apply_tweaks goes: a layer is swapped by one tweak only
+        mine = {id(m) for m in model.modules() if id(m) not in taken and TWEAKS[name].selects(m)}
+        if mine:
+            kept.append(name)
+            taken |= mine
+    return tuple(kept)
 
 
 def label(tweak: str) -> str:

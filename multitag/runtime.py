@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from multitag import allocator, openmp
 from multitag.config import cache_root
@@ -149,21 +150,21 @@ RETRY_WITHIN = 2.0
 MEASURE_MAX_IMAGES = 256
 
 
-def candidates(device: torch.device, threads: int = 0, tweaks: tuple[str, ...] = ()
+def candidates(device: torch.device, threads: int = 0, tweaks: tuple[str, ...] = (), model: nn.Module | None = None
                ) -> list[tuple[str, bool, int, tuple[str, ...]]]:
     """(precision, channels_last, threads, layer_tweaks) to measure: Runtime's fields. On a CPU with
     several threads each is also tried with one: when other processes share the cores, every parallel
     region of a 2-thread step waits for its descheduled thread, and one thread was 2-5x faster
     (benchmarks/RESULTS.md, "Performance (issue 9)"); on an idle machine two threads win. ``threads``
     > 0 fixes the count. ``tweaks``: the model's available layer tweaks; every precision and format
-    they apply to is also tried with all of them on."""
+    they apply to is also tried with all of them on (all that still change a layer of ``model``, if given)."""
     base = [("fp32", False), ("fp32", True), ("bf16", True)]
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         base = base[:2]
     cands = []
     for p, c in base:
         cands.append((p, c, ()))
-        if own := tweaks_for(tweaks, p, c):
+        if own := tweaks_for(tweaks, p, c, model):
             cands.append((p, c, own))
     counts = [threads] if threads or device.type != "cpu" or torch.get_num_threads() == 1 else [0, 1]
     return [(p, c, n, tw) for n in counts for p, c, tw in cands]
@@ -244,7 +245,7 @@ def choose_runtime(model, loss_fn, example, targets, *, device: str = "auto", pr
         raise UserError(f'unknown precision "{precision}"{did_you_mean(precision, ["auto", "fp32", "bf16"])}.')
     cl = _parse_bool(channels_last, "train.channels_last")
     tweaks = available_tweaks(model)
-    cands = [cand for cand in candidates(dev, threads, tweaks)
+    cands = [cand for cand in candidates(dev, threads, tweaks, model)
              if (precision == "auto" or cand[0] == precision) and (cl is None or cand[1] == cl)]
     if not cands:
         cands = [(precision if precision != "auto" else "fp32", bool(cl), threads, ())]

@@ -214,8 +214,7 @@ def test_odd_width_batchnorm_runs_on_an_nchw_copy_and_gives_the_same_values(monk
 
 def test_which_models_have_which_tweaks():
     assert available_tweaks(build_model("efficientnet_lite0", 3, pretrained=False)) == \
-        ("fp32_depthwise", "nchw_odd_batchnorm", "matmul_weight_grad")          # 24 and 40 wide stages
-    # (fused_batchnorm: plain BatchNorm2d layers; EfficientNet's are timm's BatchNormAct2d)
+        ("fused_batchnorm", "fp32_depthwise", "nchw_odd_batchnorm", "matmul_weight_grad")   # 24 and 40 wide stages
     assert available_tweaks(build_model("inception_resnet_v1_small", 3)) == ("fused_batchnorm", "nchw_odd_batchnorm")
     assert available_tweaks(build_model("advanced_cnn", 3)) == ("fused_batchnorm", "matmul_weight_grad")  # 256/512 stages
     assert available_tweaks(build_model("simple_cnn", 3)) == ("fused_batchnorm",)
@@ -243,10 +242,11 @@ def test_the_runtime_measures_tweaks_only_for_models_that_have_them(tmp_path, mo
     monkeypatch.setattr(runtime, "time_train_step", fake_time)
     args = (MaskedBCE(), torch.randn(4, 3, 16, 16), torch.randint(0, 2, (4, 4)).float())
     rt = runtime.choose_runtime(tiny_net(), *args, threads=1, log=lambda *a: None)
-    assert rt.precision == "bf16" and rt.layer_tweaks == ("fused_batchnorm", "fp32_depthwise", "nchw_odd_batchnorm")
+    # (its plain BatchNorms are fused under bf16, so nchw_odd_batchnorm has none left there)
+    assert rt.precision == "bf16" and rt.layer_tweaks == ("fused_batchnorm", "fp32_depthwise")
     assert "depthwise backward in fp32" in rt.describe()
     saved = json.loads((tmp_path / "precision.json").read_text()).popitem()[1]
-    assert saved["layer_tweaks"] == ["fused_batchnorm", "fp32_depthwise", "nchw_odd_batchnorm"]
+    assert saved["layer_tweaks"] == ["fused_batchnorm", "fp32_depthwise"]
     monkeypatch.setattr(runtime, "time_train_step", lambda *a, **k: pytest.fail("measured twice"))
     assert runtime.choose_runtime(tiny_net(), *args, threads=1, log=lambda *a: None) == rt    # from the cache
 
@@ -308,3 +308,15 @@ def test_tweaks_act_only_where_a_backward_follows(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         net(x).float().sum().backward()
     assert runs == [1] and formats[4:] == [False, False]
+
+
+def test_a_tweak_left_without_layers_by_an_earlier_one_is_not_a_candidate():
+    """EfficientNet-Lite0's BatchNorms are all fused under bf16 channels_last, so nchw_odd_batchnorm has
+    none left there (and would only mislabel the runtime); under fp32 channels_last it keeps its own."""
+    model = build_model("efficientnet_lite0", 3, pretrained=False)
+    tweaks = available_tweaks(model)
+    assert tweaks == ("fused_batchnorm", "fp32_depthwise", "nchw_odd_batchnorm", "matmul_weight_grad")
+    assert tweaks_for(tweaks, "bf16", True, model) == ("fused_batchnorm", "fp32_depthwise", "matmul_weight_grad")
+    assert tweaks_for(tweaks, "fp32", True, model) == ("nchw_odd_batchnorm",)
+    cands = runtime.candidates(torch.device("cpu"), threads=1, tweaks=tweaks, model=model)
+    assert ("bf16", True, 1, ("fused_batchnorm", "fp32_depthwise", "matmul_weight_grad")) in cands
