@@ -5,25 +5,25 @@ each reading and writing the whole activation, and its channels_last bf16 BatchN
 for the variance and for the backward's sums. On the AMX machine those memory-bound ops were 25-35 % of
 a ResNet-18 training step (benchmarks/RESULTS.md, run R) while its convs ran near their peak; inductor's
 generated kernels for the same ops were slower than ATen's there, fused or not. The kernel here
-(kernels/batchnorm_act.cpp) takes two passes each way, and BN+ReLU forward + backward ran 2.0-2.8x faster
-than ATen's on every ResNet-18 map size at batch 32 (run S).
+(kernels/batchnorm_act.cpp) takes two passes each way: forward + backward ran 1.5-1.9x faster than ATen's
+for BN alone and 1.8-2.2x for BN + (add +) ReLU on every ResNet-18 map at batch 32 (run S).
 
 It is the layer tweak ``fused_batchnorm`` (layer_tweaks.py): measured at start-up like the others and kept
 only where the step is faster. It acts on plain ``nn.BatchNorm2d`` layers (the stem's, the downsample
 paths'), on timm's ``BasicBlock``/``Bottleneck`` without attention, anti-aliasing, DropBlock or drop-path,
 on the Inception-ResNet recipe's conv units, and on timm's ``BatchNormAct2d`` with ReLU, ReLU6 or no
-activation (EfficientNet-Lite: its training step 1.29x at 224 px, run S). Everything else — eval mode, no autograd, fp32 or NCHW
-inputs, other devices, torch.compile tracing — runs the layers' own forward, so scoring, exports and the
-fp32 predictor compute exactly what they did.
+activation (EfficientNet-Lite: its training step 1.29x at 224 px, run S). Everything else — eval mode, no
+autograd, fp32 or NCHW inputs, other devices, torch.compile tracing — runs the layers' own forward, so
+scoring, exports and the fp32 predictor compute exactly what they did.
 
-The kernel is compiled on first use for this machine (``-march=native``; ~30 s, once) into the cache
+The kernel is compiled on first use for this machine (``-march=native``; ~25 s, once) into the cache
 root, keyed by its source, torch's version and the CPU; without a C++ compiler the tweak is unavailable,
 and multitag says so once (on stderr, like the build notice: `--json` output stays JSON).
 
 Numerics (tests/test_fused_batchnorm.py): the forward matches ATen's mixed bf16/fp32 kernel (BN output
 rounded to bf16 before the residual is added, as ``x += shortcut`` does), batch statistics from fp32
 block sums gathered in fp64 around a per-channel pivot; running statistics and ``num_batches_tracked`` are
-updated as ``nn.BatchNorm2d`` does. The ReLU's mask is the one the forward's rounded output implies.
+updated as ``nn.BatchNorm2d`` does. The activation's mask is the one the forward's rounded output implies.
 """
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def _load() -> tuple[object | None, str]:
         build_dir = cache_root() / "kernels" / f"batchnorm_act-{key}"
         build_dir.mkdir(parents=True, exist_ok=True)
         if not any(build_dir.glob("*.so")):
-            print("multitag: compiling the fused BatchNorm kernel for this machine (once, ~30 s)", file=sys.stderr, flush=True)
+            print("multitag: compiling the fused BatchNorm kernel for this machine (once, ~25 s)", file=sys.stderr, flush=True)
         module = cpp_extension.load(f"multitag_batchnorm_act_{key}", [str(SOURCE)], extra_cflags=_cflags(),
                                     build_directory=str(build_dir), verbose=False)
         return module, ""

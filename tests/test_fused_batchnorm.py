@@ -223,3 +223,15 @@ def test_unavailable_kernel_leaves_the_tweak_out_and_says_so(monkeypatch, capsys
     x = cl_bf16(torch.randn(2, 16, 3, 3)).requires_grad_()
     bn = make_bn(16)
     assert torch.equal(fb.batchnorm_act(bn, x, act="relu"), torch.relu(make_bn(16)(x)))
+
+
+def test_the_kernel_checks_what_it_is_given():
+    bn = make_bn(16)
+    args = (bn.weight, bn.bias, bn.running_mean, bn.running_var, 0.1, 1e-5)
+    ext = fb._load()[0]
+    with pytest.raises(RuntimeError, match="x must be a bf16 channels_last CPU tensor"):
+        ext.forward(torch.randn(2, 16, 4, 4), *args, None, fb.ACTS["relu"])               # fp32
+    with pytest.raises(RuntimeError, match="residual must have x's shape"):
+        ext.forward(cl_bf16(torch.randn(2, 16, 4, 4)), *args, cl_bf16(torch.randn(2, 16, 2, 2)), fb.ACTS["relu"])
+    with pytest.raises(RuntimeError, match="unknown activation code"):
+        ext.forward(cl_bf16(torch.randn(2, 16, 4, 4)), *args, None, 7)

@@ -40,6 +40,13 @@ inline bf16_t to_bf16(float f) {
   return f != f ? bf16_t(0x7FC0) : rounded;
 }
 
+// Every map the kernels read: what multitag/fused_batchnorm.py hands over, checked (not assumed) here.
+void check_map(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kBFloat16 && t.dim() == 4 &&
+                  t.is_contiguous(at::MemoryFormat::ChannelsLast),
+              name, " must be a bf16 channels_last CPU tensor of 4 dimensions");
+}
+
 inline const bf16_t* bits(const at::Tensor& t) { return reinterpret_cast<const bf16_t*>(t.data_ptr()); }
 inline bf16_t* bits_mut(at::Tensor& t) { return reinterpret_cast<bf16_t*>(t.data_ptr()); }
 
@@ -205,6 +212,11 @@ void with_flags(bool residual, int64_t act, const F& f) {
 std::vector<at::Tensor> forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                                 at::Tensor running_mean, at::Tensor running_var, double momentum, double eps,
                                 const c10::optional<at::Tensor>& residual, int64_t act) {
+  check_map(x, "x");
+  if (residual) {
+    check_map(*residual, "residual");
+    TORCH_CHECK(residual->sizes() == x.sizes(), "residual must have x's shape");
+  }
   const int64_t C = x.size(1), M = x.numel() / C;
   const Rows rows(M, C);
   const int64_t L = rows.L;
@@ -262,6 +274,10 @@ std::vector<at::Tensor> forward(const at::Tensor& x, const at::Tensor& weight, c
 std::vector<at::Tensor> backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& y,
                                  const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& invstd,
                                  const at::Tensor& scale, const at::Tensor& shift, bool has_residual, int64_t act) {
+  check_map(dy, "dy");
+  check_map(x, "x");
+  check_map(y, "y");
+  TORCH_CHECK(dy.sizes() == x.sizes() && y.sizes() == x.sizes(), "dy and y must have x's shape");
   const int64_t C = x.size(1), M = x.numel() / C;
   const Rows rows(M, C);
   const int64_t L = rows.L;
