@@ -92,3 +92,20 @@ def test_matmul_gradient_tweak_runs_on_cuda_tensors():
     assert xs[1].grad.device.type == "cuda" and kept.weight.grad.device.type == "cuda"
     for got, want in [(xs[1].grad, xs[0].grad), (kept.weight.grad, plain.weight.grad)]:
         torch.testing.assert_close(got, want, rtol=2 ** -6, atol=4e-3 * want.abs().max().item())
+
+
+def test_fused_batchnorm_tweak_leaves_cuda_tensors_to_the_layers_own_ops():
+    """The kernel is for CPUs: on CUDA a tweaked ResNet block computes exactly what timm's does."""
+    import copy
+
+    import timm
+
+    from multitag.layer_tweaks import apply_tweaks
+
+    torch.manual_seed(0)
+    plain = timm.models.resnet.BasicBlock(64, 64).cuda().to(memory_format=torch.channels_last).train()
+    kept = copy.deepcopy(plain)
+    assert apply_tweaks(kept, ("fused_batchnorm",)) == 3                # the block and its two BatchNorms
+    x = torch.randn(4, 64, 8, 8, device="cuda").contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert torch.equal(plain(x), kept(x))
