@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from multitag import allocator, fused_batchnorm  # noqa: E402
+from multitag import allocator, cpu_kernels, fused_batchnorm  # noqa: E402
 from multitag.inference_speed import time_calls  # noqa: E402
 from multitag.runtime import describe_cpu  # noqa: E402
 
@@ -84,7 +84,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also time inductor's kernels for the same ops")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
-    if reason := fused_batchnorm.unavailable_reason():
+    if reason := cpu_kernels.unavailable_reason():
         sys.exit(f"the fused BatchNorm kernel could not be built here ({reason}); install a C++ compiler")
     allocator.keep_freed_memory()
     torch.set_num_threads(a.threads)

@@ -1,7 +1,7 @@
 """Where a training step stands against the conv peak (issue 9, RESULTS run Q): each part of it timed alone.
 
     .venv/bin/python benchmarks/conv_parts.py [--model advanced_cnn] [--image-size 224] [--batch-size 32]
-        [--precision bf16|fp32] [--tweaks fused_batchnorm,matmul_weight_grad] [--threads 2] [--rounds 4] [--json]
+        [--precision bf16|fp32] [--tweaks fused_batchnorm,max_pool_kernel,matmul_weight_grad] [--threads 2] [--rounds 4] [--json]
 
 1. The whole training step (autocast or not, channels_last, fused AdamW, BCE on random targets, the layer
    tweaks named) and the same step with one layer class swapped for nn.Identity — BatchNorm, ReLU — timed
@@ -10,7 +10,7 @@
    Where they apply, also the step without one of multitag's levers — timm's stem order (ReLU before the
    max-pool, models/resnet_stem.py), oneDNN's input gradient on the smallest maps (layer_tweaks'
    MATMUL_DGRAD_MAX_POSITIONS), ATen's BatchNorm, add and ReLU instead of the fused kernel
-   (fused_batchnorm.py) — in the same interleaved rounds: what each lever is worth here, free of the
+   (fused_batchnorm.py), ATen's max-pool instead of multitag's (max_pool.py) — in the same interleaved rounds: what each lever is worth here, free of the
    drift between runs that hides a few per cent (RESULTS run R).
 2. Each distinct 3x3 conv of a ResNet's stages at this image size (multitag.ceiling.conv_shapes, each
    stage's first conv strided from the stage before): forward, and the input and weight gradients each by
@@ -51,6 +51,10 @@ def without(model: nn.Module, cls: type) -> nn.Module:
     return model
 
 
+# the step without each of multitag's own kernels (cpu_kernels.py), by the tweak that brings it in
+WITHOUT_KERNEL = {"fused_batchnorm": "with ATen's BatchNorm, add, ReLU", "max_pool_kernel": "with ATen's max-pool"}
+
+
 def step_rows(model: nn.Module, rt: Runtime, x: torch.Tensor, y: torch.Tensor, rounds: int) -> list[dict]:
     """The training step with and without BatchNorm / ReLU, and without each lever that applies: ms,
     img/s, and the GFLOP/s of what is left."""
@@ -65,10 +69,10 @@ def step_rows(model: nn.Module, rt: Runtime, x: torch.Tensor, y: torch.Tensor, r
         variants["with oneDNN's input gradient"] = copy.deepcopy(model)
         dgrad_off.add("with oneDNN's input gradient")
     runtimes = {k: rt for k in variants}
-    if "fused_batchnorm" in rt.layer_tweaks:
-        variants["with ATen's BatchNorm, add, ReLU"] = copy.deepcopy(model)
-        runtimes["with ATen's BatchNorm, add, ReLU"] = dataclasses.replace(
-            rt, layer_tweaks=tuple(t for t in rt.layer_tweaks if t != "fused_batchnorm"))
+    for tweak, part in WITHOUT_KERNEL.items():             # multitag's own kernels, each left out once
+        if tweak in rt.layer_tweaks:
+            variants[part] = copy.deepcopy(model)
+            runtimes[part] = dataclasses.replace(rt, layer_tweaks=tuple(t for t in rt.layer_tweaks if t != tweak))
     nets = {k: runtimes[k].prepare_model(v).train() for k, v in variants.items()}
     optims = {k: torch.optim.AdamW(v.parameters(), 1e-4, fused=True) for k, v in nets.items()}
     xs = rt.prepare_input(x)

@@ -16,9 +16,8 @@ activation (EfficientNet-Lite: its training step 1.29x at 224 px, run S). Everyt
 autograd, fp32 or NCHW inputs, other devices, torch.compile tracing — runs the layers' own forward, so
 scoring, exports and the fp32 predictor compute exactly what they did.
 
-The kernel is compiled on first use for this machine (``-march=native``; ~25 s, once) into the cache
-root, keyed by its source, torch's version and the CPU; without a C++ compiler the tweak is unavailable,
-and multitag says so once (on stderr, like the build notice: `--json` output stays JSON).
+The kernel is compiled on first use for this machine with the others (cpu_kernels.py); without a C++
+compiler the tweak is unavailable, and multitag says so once.
 
 Numerics (tests/test_fused_batchnorm.py): the forward matches ATen's mixed bf16/fp32 kernel (BN output
 rounded to bf16 before the residual is added, as ``x += shortcut`` does), batch statistics from fp32
@@ -27,74 +26,12 @@ updated as ``nn.BatchNorm2d`` does. The activation's mask is the one the forward
 """
 from __future__ import annotations
 
-import hashlib
-import logging
-import os
-import platform
-import sys
-from functools import lru_cache
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from timm.layers import BatchNormAct2d
 from torch import nn
 
-from multitag.config import cache_root
-
-SOURCE = Path(__file__).with_name("kernels") / "batchnorm_act.cpp"
-_said_unavailable = False
-
-
-def _cflags() -> list[str]:
-    flags = ["-O3", "-march=native", "-fopenmp"]
-    if platform.machine().lower() in ("x86_64", "amd64"):
-        # gcc keeps to 256-bit vectors on AVX-512 CPUs unless told; 512 made the kernel 1.1-1.3x faster
-        flags.append("-mprefer-vector-width=512")
-    return flags
-
-
-def _build_key() -> str:
-    from multitag.runtime import machine_fingerprint      # runtime imports the tweaks, which import this
-    text = "\n".join([SOURCE.read_text(), torch.__version__, " ".join(_cflags()),
-                      machine_fingerprint(torch.device("cpu"))])
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-@lru_cache(maxsize=None)
-def _load() -> tuple[object | None, str]:
-    """(the compiled extension, "") or (None, why it could not be built)."""
-    try:
-        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)   # "no CUDA runtime" on CPU torch
-        from torch.utils import cpp_extension
-        try:                           # the `ninja` wheel's binary, for a venv that is not activated
-            import ninja
-            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-        except ImportError:
-            pass
-        key = _build_key()
-        build_dir = cache_root() / "kernels" / f"batchnorm_act-{key}"
-        build_dir.mkdir(parents=True, exist_ok=True)
-        if not any(build_dir.glob("*.so")):
-            print("multitag: compiling the fused BatchNorm kernel for this machine (once, ~25 s)", file=sys.stderr, flush=True)
-        module = cpp_extension.load(f"multitag_batchnorm_act_{key}", [str(SOURCE)], extra_cflags=_cflags(),
-                                    build_directory=str(build_dir), verbose=False)
-        return module, ""
-    except Exception as e:      # no compiler, no ninja, a failed build: the tweak is then unavailable
-        lines = str(e).strip().splitlines()
-        return None, f"{type(e).__name__}: {lines[0] if lines else ''}"
-
-
-def unavailable_reason() -> str:
-    """Why the kernel cannot be used here ("" when it can); builds it on first call, says once if not."""
-    global _said_unavailable
-    module, reason = _load()
-    if module is None and not _said_unavailable:
-        _said_unavailable = True
-        print(f"multitag: the fused BatchNorm kernel is unavailable ({reason}); BatchNorm runs on ATen's kernels",
-              file=sys.stderr)
-    return reason
-
+from multitag.cpu_kernels import kernels
 
 # The activations the kernel applies after BN (+ residual), by its codes, and as the layers compute them.
 ACTS = {"none": 0, "relu": 1, "relu6": 2}
@@ -107,7 +44,7 @@ class _BatchNormAct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, residual, act):
-        y, mean, invstd, scale, shift = _load()[0].forward(x, weight, bias, running_mean, running_var,
+        y, mean, invstd, scale, shift = kernels().batchnorm_act_forward(x, weight, bias, running_mean, running_var,
                                                            momentum, eps, residual, act)
         # y only where the backward reads it (the activation's mask after a residual): a plain BN's output
         # may be changed in place next (timm's stem: bn1, then an in-place ReLU)
@@ -119,7 +56,7 @@ class _BatchNormAct(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x, y, weight, mean, invstd, scale, shift = ctx.saved_tensors
-        grads = _load()[0].backward(dy.contiguous(memory_format=torch.channels_last), x, x if y is None else y,
+        grads = kernels().batchnorm_act_backward(dy.contiguous(memory_format=torch.channels_last), x, x if y is None else y,
                                     weight, mean, invstd, scale, shift, ctx.has_residual, ctx.act)
         dres = grads[3] if ctx.has_residual else None
         return grads[0], grads[1], grads[2], None, None, None, None, dres, None
@@ -138,7 +75,7 @@ def _fusable(bn: nn.BatchNorm2d, x: torch.Tensor, residual: torch.Tensor | None)
             and not torch.compiler.is_compiling() and _is_bf16_cl(x) and x.size(1) == bn.num_features
             and x.numel() > x.size(1)          # one value per channel: BatchNorm's own error is raised
             and (residual is None or (_is_bf16_cl(residual) and residual.shape == x.shape))
-            and _load()[0] is not None)
+            and kernels() is not None)
 
 
 def _momentum(bn: nn.BatchNorm2d) -> float:

@@ -114,18 +114,18 @@ def test_conv_parts_script_runs_tiny():
 def test_conv_parts_times_the_step_without_each_lever_that_applies():
     """A ResNet with the matmul tweak: also the step in timm's stem order and with oneDNN's input gradient."""
     out = json.loads(run_script("conv_parts.py", "--model", "advanced_cnn", "--image-size", "32", "--batch-size", "2",
-                                "--threads", "1", "--rounds", "1", "--tweaks", "fused_batchnorm,matmul_weight_grad",
+                                "--threads", "1", "--rounds", "1", "--tweaks", "fused_batchnorm,max_pool_kernel,matmul_weight_grad",
                                 "--json", timeout=180).stdout)
     assert [r["part"] for r in out["step"]] == ["whole step", "without BatchNorm", "without ReLU",
                                                 "with timm's stem order", "with oneDNN's input gradient",
-                                                "with ATen's BatchNorm, add, ReLU"]
+                                                "with ATen's BatchNorm, add, ReLU", "with ATen's max-pool"]
     assert all(r["ms"] > 0 for r in out["step"])
 
 
 def test_batchnorm_kernels_script_runs_tiny():
     """benchmarks/batchnorm_kernels.py: every ResNet-18 map at this size, the three BatchNorm tails, both kernels."""
-    from multitag import fused_batchnorm
-    if fused_batchnorm.unavailable_reason():
+    from multitag import cpu_kernels
+    if cpu_kernels.unavailable_reason():
         pytest.skip("no C++ compiler for the fused BatchNorm kernel")
     out = json.loads(run_script("batchnorm_kernels.py", "--image-size", "32", "--batch-size", "2", "--threads", "1",
                                 "--rounds", "1", "--json", timeout=180).stdout)

@@ -11,11 +11,12 @@ from timm.layers import BatchNormAct2d
 from timm.models.resnet import BasicBlock, Bottleneck
 from torch import nn
 
+from multitag import cpu_kernels
 from multitag import fused_batchnorm as fb
 from multitag.layer_tweaks import apply_tweaks, available_tweaks
 
-if fb.unavailable_reason():
-    pytest.skip(f"fused BatchNorm kernel not built here: {fb.unavailable_reason()}", allow_module_level=True)
+if cpu_kernels.unavailable_reason():
+    pytest.skip(f"multitag's CPU kernels not built here: {cpu_kernels.unavailable_reason()}", allow_module_level=True)
 
 BF16_ULP = 2.0 ** -8       # bf16's relative rounding step (8 significant bits)
 
@@ -213,11 +214,11 @@ def test_selects_only_what_it_computes_exactly():
 
 
 def test_unavailable_kernel_leaves_the_tweak_out_and_says_so(monkeypatch, capsys):
-    monkeypatch.setattr(fb, "_load", lambda: (None, "RuntimeError: no compiler"))
-    monkeypatch.setattr(fb, "_said_unavailable", False)
+    monkeypatch.setattr(cpu_kernels, "_load", lambda: (None, "RuntimeError: no compiler"))
+    monkeypatch.setattr(cpu_kernels, "_said_unavailable", False)
     model = timm.create_model("resnet18", num_classes=3)
-    assert "fused_batchnorm" not in available_tweaks(model)
-    assert "fused BatchNorm kernel is unavailable (RuntimeError: no compiler)" in capsys.readouterr().err
+    assert not {"fused_batchnorm", "max_pool_kernel"} & set(available_tweaks(model))
+    assert "CPU kernels are unavailable (RuntimeError: no compiler)" in capsys.readouterr().err
     available_tweaks(model)
     assert capsys.readouterr().err == ""                      # once per process
     x = cl_bf16(torch.randn(2, 16, 3, 3)).requires_grad_()
@@ -228,10 +229,10 @@ def test_unavailable_kernel_leaves_the_tweak_out_and_says_so(monkeypatch, capsys
 def test_the_kernel_checks_what_it_is_given():
     bn = make_bn(16)
     args = (bn.weight, bn.bias, bn.running_mean, bn.running_var, 0.1, 1e-5)
-    ext = fb._load()[0]
+    ext = cpu_kernels.kernels()
     with pytest.raises(RuntimeError, match="x must be a bf16 channels_last CPU tensor"):
-        ext.forward(torch.randn(2, 16, 4, 4), *args, None, fb.ACTS["relu"])               # fp32
+        ext.batchnorm_act_forward(torch.randn(2, 16, 4, 4), *args, None, fb.ACTS["relu"])               # fp32
     with pytest.raises(RuntimeError, match="residual must have x's shape"):
-        ext.forward(cl_bf16(torch.randn(2, 16, 4, 4)), *args, cl_bf16(torch.randn(2, 16, 2, 2)), fb.ACTS["relu"])
+        ext.batchnorm_act_forward(cl_bf16(torch.randn(2, 16, 4, 4)), *args, cl_bf16(torch.randn(2, 16, 2, 2)), fb.ACTS["relu"])
     with pytest.raises(RuntimeError, match="unknown activation code"):
-        ext.forward(cl_bf16(torch.randn(2, 16, 4, 4)), *args, None, 7)
+        ext.batchnorm_act_forward(cl_bf16(torch.randn(2, 16, 4, 4)), *args, None, 7)

@@ -216,7 +216,7 @@ def test_which_models_have_which_tweaks():
     assert available_tweaks(build_model("efficientnet_lite0", 3, pretrained=False)) == \
         ("fused_batchnorm", "fp32_depthwise", "nchw_odd_batchnorm", "matmul_weight_grad")   # 24 and 40 wide stages
     assert available_tweaks(build_model("inception_resnet_v1_small", 3)) == ("fused_batchnorm", "nchw_odd_batchnorm")
-    assert available_tweaks(build_model("advanced_cnn", 3)) == ("fused_batchnorm", "matmul_weight_grad")  # 256/512 stages
+    assert available_tweaks(build_model("advanced_cnn", 3)) == ("fused_batchnorm", "max_pool_kernel", "matmul_weight_grad")
     assert available_tweaks(build_model("simple_cnn", 3)) == ("fused_batchnorm",)
     both = ("fp32_depthwise", "nchw_odd_batchnorm")
     assert tweaks_for(both, "fp32", False) == () and tweaks_for(both, "fp32", True) == ("nchw_odd_batchnorm",)

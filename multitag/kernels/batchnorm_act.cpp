@@ -11,7 +11,8 @@
 // Numerics follow ATen's mixed bf16/fp32 kernel: statistics and arithmetic in fp32 (sums in fp64),
 // the BN output rounded to bf16 before the residual is added (as `x += shortcut` on a bf16 tensor),
 // the result rounded once more, weights, bias and their gradients in fp32.
-#include <torch/extension.h>
+#include "kernels.h"
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -22,33 +23,6 @@
 #include <vector>
 
 namespace {
-
-using bf16_t = uint16_t;
-
-// bf16 <-> fp32 by bit operations (round to nearest even, NaN kept a quiet NaN): these vectorize.
-inline float to_float(bf16_t v) {
-  uint32_t u = uint32_t(v) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-inline bf16_t to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  const bf16_t rounded = bf16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-  return f != f ? bf16_t(0x7FC0) : rounded;
-}
-
-// Every map the kernels read: what multitag/fused_batchnorm.py hands over, checked (not assumed) here.
-void check_map(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kBFloat16 && t.dim() == 4 &&
-                  t.is_contiguous(at::MemoryFormat::ChannelsLast),
-              name, " must be a bf16 channels_last CPU tensor of 4 dimensions");
-}
-
-inline const bf16_t* bits(const at::Tensor& t) { return reinterpret_cast<const bf16_t*>(t.data_ptr()); }
-inline bf16_t* bits_mut(at::Tensor& t) { return reinterpret_cast<bf16_t*>(t.data_ptr()); }
 
 // The (M, C) matrix is walked as "wide rows" of k consecutive rows, L = k*C values (the last one
 // shorter when k does not divide M), with every per-channel array tiled k times (tiled()): narrow
@@ -209,7 +183,7 @@ void with_flags(bool residual, int64_t act, const F& f) {
 // x, residual: (N, C, H, W) channels_last bf16; weight, bias, running_mean, running_var: (C,) fp32.
 // Updates the running statistics in place (momentum = the weight of the new batch, as in PyTorch; the
 // running variance gets the unbiased batch variance). Returns {y, mean, invstd, scale, shift}.
-std::vector<at::Tensor> forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+std::vector<at::Tensor> batchnorm_act_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                                 at::Tensor running_mean, at::Tensor running_var, double momentum, double eps,
                                 const c10::optional<at::Tensor>& residual, int64_t act) {
   check_map(x, "x");
@@ -271,7 +245,7 @@ std::vector<at::Tensor> forward(const at::Tensor& x, const at::Tensor& weight, c
 // dy, x, y: (N, C, H, W) channels_last bf16 (y: the forward's output, read only with a residual, where
 // the ReLU's mask can only be told from it); the rest (C,) fp32 as the forward returned them.
 // Returns {dx, dweight, dbias} and, with a residual, the gradient of the residual (dy where y > 0).
-std::vector<at::Tensor> backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& y,
+std::vector<at::Tensor> batchnorm_act_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& y,
                                  const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& invstd,
                                  const at::Tensor& scale, const at::Tensor& shift, bool has_residual, int64_t act) {
   check_map(dy, "dy");
@@ -316,9 +290,4 @@ std::vector<at::Tensor> backward(const at::Tensor& dy, const at::Tensor& x, cons
   });
   if (has_residual) return {dx, dweight, dbias, dres};
   return {dx, dweight, dbias};
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "BatchNorm (+ residual) (+ ReLU) forward, training mode");
-  m.def("backward", &backward, "its backward");
 }

@@ -1,0 +1,49 @@
+// What multitag's CPU kernels share: bf16 bit conversions, the map check, and their entry points
+// (bound to Python in module.cpp; multitag/cpu_kernels.py builds them into one extension).
+#pragma once
+
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+using bf16_t = uint16_t;
+
+// bf16 <-> fp32 by bit operations (round to nearest even, NaN kept a quiet NaN): these vectorize.
+inline float to_float(bf16_t v) {
+  uint32_t u = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline bf16_t to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  const bf16_t rounded = bf16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  return f != f ? bf16_t(0x7FC0) : rounded;
+}
+
+// Every map the kernels read: what the Python side hands over, checked (not assumed) here.
+inline void check_map(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kBFloat16 && t.dim() == 4 &&
+                  t.is_contiguous(at::MemoryFormat::ChannelsLast),
+              name, " must be a bf16 channels_last CPU tensor of 4 dimensions");
+}
+
+inline const bf16_t* bits(const at::Tensor& t) { return reinterpret_cast<const bf16_t*>(t.data_ptr()); }
+inline bf16_t* bits_mut(at::Tensor& t) { return reinterpret_cast<bf16_t*>(t.data_ptr()); }
+
+// batchnorm_act.cpp
+std::vector<at::Tensor> batchnorm_act_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                              at::Tensor running_mean, at::Tensor running_var, double momentum,
+                                              double eps, const c10::optional<at::Tensor>& residual, int64_t act);
+std::vector<at::Tensor> batchnorm_act_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& y,
+                                               const at::Tensor& weight, const at::Tensor& mean,
+                                               const at::Tensor& invstd, const at::Tensor& scale,
+                                               const at::Tensor& shift, bool has_residual, int64_t act);
+
+// max_pool.cpp
+std::vector<at::Tensor> max_pool_forward(const at::Tensor& x);
+at::Tensor max_pool_backward(const at::Tensor& dy, const at::Tensor& argmax, int64_t height, int64_t width);
