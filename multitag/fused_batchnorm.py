@@ -3,7 +3,7 @@
 Eager PyTorch runs a ResNet block's tail — BatchNorm, ``x += shortcut``, ReLU — as separate ATen kernels,
 each reading and writing the whole activation, and its channels_last bf16 BatchNorm takes an extra pass
 for the variance and for the backward's sums. On the AMX machine those memory-bound ops were 25-35 % of
-a ResNet-18 training step (benchmarks/RESULTS.md, run R) while its convs ran near their peak; inductor's
+a ResNet-18 training step (benchmarks/RESULTS.md, run R) while its convs' forward ran near the bf16 peak; inductor's
 generated kernels for the same ops were slower than ATen's there, fused or not. The kernel here
 (kernels/batchnorm_act.cpp) takes two passes each way: forward + backward ran 1.5-1.9x faster than ATen's
 for BN alone and 1.8-2.2x for BN + (add +) ReLU on every ResNet-18 map at batch 32 (run S).
@@ -44,8 +44,8 @@ class _BatchNormAct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, residual, act):
-        y, mean, invstd, scale, shift = kernels().batchnorm_act_forward(x, weight, bias, running_mean, running_var,
-                                                           momentum, eps, residual, act)
+        y, mean, invstd, scale, shift = kernels().batchnorm_act_forward(
+            x, weight, bias, running_mean, running_var, momentum, eps, residual, act)
         # y only where the backward reads it (the activation's mask after a residual): a plain BN's output
         # may be changed in place next (timm's stem: bn1, then an in-place ReLU)
         ctx.save_for_backward(x, y if residual is not None and act else None, weight, mean, invstd, scale, shift)
@@ -56,8 +56,9 @@ class _BatchNormAct(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x, y, weight, mean, invstd, scale, shift = ctx.saved_tensors
-        grads = kernels().batchnorm_act_backward(dy.contiguous(memory_format=torch.channels_last), x, x if y is None else y,
-                                    weight, mean, invstd, scale, shift, ctx.has_residual, ctx.act)
+        grads = kernels().batchnorm_act_backward(
+            dy.contiguous(memory_format=torch.channels_last), x, x if y is None else y, weight, mean, invstd, scale,
+            shift, ctx.has_residual, ctx.act)
         dres = grads[3] if ctx.has_residual else None
         return grads[0], grads[1], grads[2], None, None, None, None, dres, None
 

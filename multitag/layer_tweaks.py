@@ -31,9 +31,10 @@ model with and without these:
 
 All swap the layer's class for a subclass with another forward, so parameters, buffers and
 state-dict keys are unchanged (checkpoints, EMA copies, exports are unaffected). They act only where
-a backward follows (training); ``fp32_depthwise`` and ``matmul_weight_grad`` do nothing outside autocast and
-``nchw_odd_batchnorm`` nothing to NCHW inputs, ``fused_batchnorm`` nothing in eval mode, so scoring and the fp32 predictor compute exactly
-what they computed before.
+a backward follows (training); ``fp32_depthwise`` and ``matmul_weight_grad`` do nothing outside autocast,
+``nchw_odd_batchnorm`` nothing to NCHW inputs, ``fused_batchnorm`` and ``max_pool_kernel`` nothing in eval
+mode or off bf16 channels_last CPU tensors, so scoring and the fp32 predictor compute exactly what they
+computed before.
 """
 from __future__ import annotations
 
@@ -266,8 +267,9 @@ class Tweak(NamedTuple):
 
 TWEAKS = {
     # before nchw_odd_batchnorm: the plain BatchNorms it takes are then fused instead of copied to NCHW
-    "fused_batchnorm": Tweak(fused_batchnorm.selects, fused_batchnorm.make_forward, "BatchNorm + residual + ReLU(6) fused",
-                             frozenset({"bf16"}), frozenset({True}), cpu_kernels.unavailable_reason),
+    "fused_batchnorm": Tweak(fused_batchnorm.selects, fused_batchnorm.make_forward,
+                             "BatchNorm + residual + ReLU(6) fused", frozenset({"bf16"}), frozenset({True}),
+                             cpu_kernels.unavailable_reason),
     "max_pool_kernel": Tweak(max_pool.selects, max_pool.make_forward, "3×3/2 max-pool by multitag's kernel",
                              frozenset({"bf16"}), frozenset({True}), cpu_kernels.unavailable_reason),
     "fp32_depthwise": Tweak(_is_depthwise, _fp32_backward_forward, "depthwise backward in fp32", frozenset({"bf16"}),

@@ -208,9 +208,11 @@ def test_selects_only_what_it_computes_exactly():
     assert fb.selects(plain) and fb.selects(Bottleneck(64, 16)) and fb.selects(nn.BatchNorm2d(8))
     assert not fb.selects(with_se) and not fb.selects(with_drop_path)
     assert fb.selects(BatchNormAct2d(8, act_layer=nn.ReLU6)) and fb.selects(BatchNormAct2d(8, apply_act=False))
-    assert not fb.selects(BatchNormAct2d(8, act_layer=nn.SiLU)) and not fb.selects(BatchNormAct2d(8, drop_layer=nn.Dropout))
-    silu = BasicBlock(16, 16, act_layer=nn.SiLU)
-    assert not fb.selects(silu)
+    assert not fb.selects(BatchNormAct2d(8, act_layer=nn.SiLU))
+    assert not fb.selects(BatchNormAct2d(8, drop_layer=nn.Dropout))
+    assert not fb.selects(BasicBlock(16, 16, act_layer=nn.SiLU))
+    from multitag.models.inception_resnet import ConvBNReLU
+    assert fb.selects(ConvBNReLU(8, 16, 3))
 
 
 def test_unavailable_kernel_leaves_the_tweak_out_and_says_so(monkeypatch, capsys):
@@ -231,8 +233,9 @@ def test_the_kernel_checks_what_it_is_given():
     args = (bn.weight, bn.bias, bn.running_mean, bn.running_var, 0.1, 1e-5)
     ext = cpu_kernels.kernels()
     with pytest.raises(RuntimeError, match="x must be a bf16 channels_last CPU tensor"):
-        ext.batchnorm_act_forward(torch.randn(2, 16, 4, 4), *args, None, fb.ACTS["relu"])               # fp32
+        ext.batchnorm_act_forward(torch.randn(2, 16, 4, 4), *args, None, fb.ACTS["relu"])     # fp32
     with pytest.raises(RuntimeError, match="residual must have x's shape"):
-        ext.batchnorm_act_forward(cl_bf16(torch.randn(2, 16, 4, 4)), *args, cl_bf16(torch.randn(2, 16, 2, 2)), fb.ACTS["relu"])
+        ext.batchnorm_act_forward(cl_bf16(torch.randn(2, 16, 4, 4)), *args, cl_bf16(torch.randn(2, 16, 2, 2)),
+                                  fb.ACTS["relu"])
     with pytest.raises(RuntimeError, match="unknown activation code"):
         ext.batchnorm_act_forward(cl_bf16(torch.randn(2, 16, 4, 4)), *args, None, 7)
