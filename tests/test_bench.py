@@ -122,6 +122,15 @@ def test_conv_parts_times_the_step_without_each_lever_that_applies():
     assert all(r["ms"] > 0 for r in out["step"])
 
 
+def test_tweak_ab_script_runs_tiny():
+    """benchmarks/tweak_ab.py: the step with and without one tweak, the others on in both."""
+    out = json.loads(run_script("tweak_ab.py", "--tweak", "matmul_weight_grad", "--model", "advanced_cnn",
+                                "--image-size", "32", "--batch-size", "2", "--threads", "1", "--rounds", "1",
+                                "--steps", "1", "--json", timeout=180).stdout)
+    assert set(out["img_s"]) == {"without", "with"} and all(v > 0 for v in out["img_s"].values())
+    assert out["tweak"] == "matmul_weight_grad" and out["speed_up"] > 0
+
+
 def test_batchnorm_kernels_script_runs_tiny():
     """benchmarks/batchnorm_kernels.py: every ResNet-18 map at this size, the three BatchNorm tails, both kernels."""
     from multitag import cpu_kernels
