@@ -1,4 +1,4 @@
-"""Training-mode BatchNorm, residual add and ReLU(6) in one C++ kernel each way, for bf16 channels_last CPUs.
+"""Training-mode BatchNorm, residual add and ReLU(6) in one C++ kernel each way, for channels_last CPU training.
 
 Eager PyTorch runs a ResNet block's tail — BatchNorm, ``x += shortcut``, ReLU — as separate ATen kernels,
 each reading and writing the whole activation, and its channels_last bf16 BatchNorm takes an extra pass
@@ -13,8 +13,9 @@ only where the step is faster. It acts on plain ``nn.BatchNorm2d`` layers (the s
 paths'), on timm's ``BasicBlock``/``Bottleneck`` without attention, anti-aliasing, DropBlock or drop-path,
 on the Inception-ResNet recipe's conv units, and on timm's ``BatchNormAct2d`` with ReLU, ReLU6 or no
 activation (EfficientNet-Lite: its training step 1.29x at 224 px, run S). Everything else — eval mode, no
-autograd, fp32 or NCHW inputs, other devices, torch.compile tracing — runs the layers' own forward, so
-scoring, exports and the fp32 predictor compute exactly what they did.
+autograd, NCHW inputs, other devices, torch.compile tracing — runs the layers' own forward, so scoring,
+exports and the fp32 predictor compute exactly what they did. The kernel takes bf16 maps (autocast's, the
+runtime's usual choice) and fp32 ones (the fp32 channels_last candidate, chosen on CPUs without fast bf16).
 
 The kernel is compiled on first use for this machine with the others (cpu_kernels.py); without a C++
 compiler the tweak is unavailable, and multitag says so once.
@@ -39,8 +40,8 @@ _LAYER_ACT = {"none": lambda y: y, "relu": torch.relu, "relu6": F.relu6}
 
 
 class _BatchNormAct(torch.autograd.Function):
-    """y = act(bf16(BN(x)) + residual?) with batch statistics; x, residual, y: (N, C, H, W) bf16
-    channels_last; weight, bias, running stats: (C,) fp32; act: an ACTS code."""
+    """y = act(round(BN(x)) + residual?) with batch statistics; x, residual, y: (N, C, H, W) channels_last,
+    bf16 (round: to bf16) or fp32; weight, bias, running stats: (C,) fp32; act: an ACTS code."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, residual, act):
@@ -63,8 +64,9 @@ class _BatchNormAct(torch.autograd.Function):
         return grads[0], grads[1], grads[2], None, None, None, None, dres, None
 
 
-def _is_bf16_cl(t: torch.Tensor) -> bool:
-    return (t.device.type == "cpu" and t.dtype == torch.bfloat16 and t.dim() == 4
+def _is_cl_map(t: torch.Tensor) -> bool:
+    """A CPU channels_last map of a dtype the kernel has (bf16 under autocast, fp32 without)."""
+    return (t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float32) and t.dim() == 4
             and t.is_contiguous(memory_format=torch.channels_last))
 
 
@@ -73,9 +75,10 @@ def _fusable(bn: nn.BatchNorm2d, x: torch.Tensor, residual: torch.Tensor | None)
     return (bn.training and bn.track_running_stats and bn.affine and bn.running_mean is not None
             and bn.weight.dtype == torch.float32 and torch.is_grad_enabled()
             and (x.requires_grad or bn.weight.requires_grad or bn.bias.requires_grad)
-            and not torch.compiler.is_compiling() and _is_bf16_cl(x) and x.size(1) == bn.num_features
+            and not torch.compiler.is_compiling() and _is_cl_map(x) and x.size(1) == bn.num_features
             and x.numel() > x.size(1)          # one value per channel: BatchNorm's own error is raised
-            and (residual is None or (_is_bf16_cl(residual) and residual.shape == x.shape))
+            and (residual is None or (_is_cl_map(residual) and residual.shape == x.shape
+                                      and residual.dtype == x.dtype))
             and kernels() is not None)
 
 

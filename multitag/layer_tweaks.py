@@ -21,7 +21,7 @@ model with and without these:
   two stages at 128 px: training step 1.12x. On output maps of at most 4x4 their input gradient is a GEMM
   too, summed back onto the input in fp32 (MATMUL_DGRAD_MAX_POSITIONS): 1.01-1.06x more.
 
-- ``fused_batchnorm`` (bf16 channels_last only): BatchNorm, the residual add and the ReLU of ResNet blocks
+- ``fused_batchnorm`` (channels_last only, bf16 and fp32): BatchNorm, the residual add and the ReLU of ResNet blocks
   (and plain BatchNorm layers) as one C++ kernel each way (fused_batchnorm.py): ATen's separate kernels
   took ~8 passes over the activation where it takes 4; ResNet-18's training step 1.12-1.17x at 128 px,
   1.20x at 224, EfficientNet-Lite0's 1.29x. Listed first, so that the BatchNorms it takes at odd widths are
@@ -268,7 +268,7 @@ class Tweak(NamedTuple):
 TWEAKS = {
     # before nchw_odd_batchnorm: the plain BatchNorms it takes are then fused instead of copied to NCHW
     "fused_batchnorm": Tweak(fused_batchnorm.selects, fused_batchnorm.make_forward,
-                             "BatchNorm + residual + ReLU(6) fused", frozenset({"bf16"}), frozenset({True}),
+                             "BatchNorm + residual + ReLU(6) fused", frozenset({"fp32", "bf16"}), frozenset({True}),
                              cpu_kernels.unavailable_reason),
     "max_pool_kernel": Tweak(max_pool.selects, max_pool.make_forward, "3×3/2 max-pool by multitag's kernel",
                              frozenset({"bf16"}), frozenset({True}), cpu_kernels.unavailable_reason),

@@ -21,8 +21,8 @@ if cpu_kernels.unavailable_reason():
 BF16_ULP = 2.0 ** -8       # bf16's relative rounding step (8 significant bits)
 
 
-def cl_bf16(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+def cl_bf16(t: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:
+    return t.to(dtype).contiguous(memory_format=torch.channels_last)
 
 
 def make_bn(c: int, seed: int = 0) -> nn.BatchNorm2d:
@@ -69,11 +69,13 @@ def run_fused(x, dy, bn, residual, act):
 # last one), and one of 256 (rows as they are); maps with M = N*H*W not a multiple of the rows per loop
 @pytest.mark.parametrize("shape", [(4, 64, 6, 5), (3, 24, 5, 7), (2, 17, 3, 5), (2, 8, 9, 9), (2, 256, 3, 3)])
 @pytest.mark.parametrize("residual,act", [(False, "none"), (False, "relu"), (True, "relu"), (False, "relu6")])
-def test_matches_float64_reference(shape, residual, act):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_matches_float64_reference(shape, residual, act, dtype):
     g = torch.Generator().manual_seed(1)
-    x = cl_bf16(torch.randn(shape, generator=g) * 2 + 0.5)
-    r = cl_bf16(torch.randn(shape, generator=g)) if residual else None
-    dy = cl_bf16(torch.randn(shape, generator=g))
+    x = cl_bf16(torch.randn(shape, generator=g) * 2 + 0.5, dtype)
+    r = cl_bf16(torch.randn(shape, generator=g), dtype) if residual else None
+    dy = cl_bf16(torch.randn(shape, generator=g), dtype)
+    step = BF16_ULP if dtype == torch.bfloat16 else 2.0 ** -20      # fp32: its rounding, a few steps of it
     bn = make_bn(shape[1])
     if act == "relu6":
         with torch.no_grad():
@@ -83,14 +85,16 @@ def test_matches_float64_reference(shape, residual, act):
     if act == "relu6":
         assert (out["y"] == 6).any()                 # the upper clamp is exercised
 
-    assert out["y"].dtype == torch.bfloat16 and out["y"].is_contiguous(memory_format=torch.channels_last)
-    # the forward rounds BN's output to bf16 (then, with a residual, the sum): at most one step each
-    bound = 2 * BF16_ULP * (ref["z"].abs() + (r.double().abs() if residual else 0)) + 1e-6
+    assert out["y"].dtype == dtype and out["y"].is_contiguous(memory_format=torch.channels_last)
+    # the forward rounds BN's output to the dtype (then, with a residual, the sum): at most one step each
+    # (+ in fp32, where that step is tiny, the fp32 statistics' error on x·scale + shift: ~1e-6 of the largest)
+    floor = 1e-6 if dtype == torch.bfloat16 else 1e-5 * ref["z"].abs().max().item()
+    bound = 2 * step * (ref["z"].abs() + (r.double().abs() if residual else 0)) + floor
     assert ((out["y"].double() - ref["y"]).abs() <= bound).all()
     big = lambda t: t.abs().max().item()
     assert torch.allclose(out["db"].double(), ref["db"], rtol=1e-5, atol=1e-5 * big(ref["db"]))
     assert torch.allclose(out["dw"].double(), ref["dw"], rtol=1e-4, atol=1e-4 * big(ref["dw"]))
-    assert ((out["dx"].double() - ref["dx"]).abs() <= BF16_ULP * ref["dx"].abs() + 1e-4 * big(ref["dx"])).all()
+    assert ((out["dx"].double() - ref["dx"]).abs() <= step * ref["dx"].abs() + 1e-4 * big(ref["dx"])).all()
     if residual:
         assert torch.equal(out["dres"].double(), ref["dres"])      # dy or 0, exactly
     # running statistics: momentum 0.1 from (0, 1), unbiased variance, one batch counted
@@ -232,8 +236,8 @@ def test_the_kernel_checks_what_it_is_given():
     bn = make_bn(16)
     args = (bn.weight, bn.bias, bn.running_mean, bn.running_var, 0.1, 1e-5)
     ext = cpu_kernels.kernels()
-    with pytest.raises(RuntimeError, match="x must be a bf16 channels_last CPU tensor"):
-        ext.batchnorm_act_forward(torch.randn(2, 16, 4, 4), *args, None, fb.ACTS["relu"])     # fp32
+    with pytest.raises(RuntimeError, match="x must be a bf16 or fp32 channels_last CPU tensor"):
+        ext.batchnorm_act_forward(cl_bf16(torch.randn(2, 16, 4, 4), torch.float64), *args, None, fb.ACTS["relu"])
     with pytest.raises(RuntimeError, match="residual must have x's shape"):
         ext.batchnorm_act_forward(cl_bf16(torch.randn(2, 16, 4, 4)), *args, cl_bf16(torch.randn(2, 16, 2, 2)),
                                   fb.ACTS["relu"])

@@ -311,12 +311,13 @@ def test_tweaks_act_only_where_a_backward_follows(monkeypatch):
 
 
 def test_a_tweak_left_without_layers_by_an_earlier_one_is_not_a_candidate():
-    """EfficientNet-Lite0's BatchNorms are all fused under bf16 channels_last, so nchw_odd_batchnorm has
-    none left there (and would only mislabel the runtime); under fp32 channels_last it keeps its own."""
+    """EfficientNet-Lite0's BatchNorms are all fused under channels_last, so nchw_odd_batchnorm has none
+    left there (and would only mislabel the runtime); without the fused tweak it keeps its own."""
     model = build_model("efficientnet_lite0", 3, pretrained=False)
     tweaks = available_tweaks(model)
     assert tweaks == ("fused_batchnorm", "fp32_depthwise", "nchw_odd_batchnorm", "matmul_weight_grad")
     assert tweaks_for(tweaks, "bf16", True, model) == ("fused_batchnorm", "fp32_depthwise", "matmul_weight_grad")
-    assert tweaks_for(tweaks, "fp32", True, model) == ("nchw_odd_batchnorm",)
+    assert tweaks_for(tweaks, "fp32", True, model) == ("fused_batchnorm",)
+    assert tweaks_for(("nchw_odd_batchnorm",), "fp32", True, model) == ("nchw_odd_batchnorm",)
     cands = runtime.candidates(torch.device("cpu"), threads=1, tweaks=tweaks, model=model)
     assert ("bf16", True, 1, ("fused_batchnorm", "fp32_depthwise", "matmul_weight_grad")) in cands

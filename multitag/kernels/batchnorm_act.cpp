@@ -112,41 +112,42 @@ inline bool passes(float v) {
 }
 
 // z = x * scale + shift, as the forward computed it (the backward recomputes the ReLU mask from it).
-inline float affine(bf16_t x, float scale, float shift) { return to_float(x) * scale + shift; }
+template <typename T>
+inline float affine(T x, float scale, float shift) { return to_float(x) * scale + shift; }
 
 // The row kernels below take their flags as template parameters so that each inner loop is one
 // branch-free vectorized loop (selects, not jumps), and restrict pointers so that it needs no alias checks.
 
-template <bool kResidual, int kAct>
-void forward_row(const bf16_t* __restrict x, const bf16_t* __restrict res, bf16_t* __restrict y,
+template <typename T, bool kResidual, int kAct>
+void forward_row(const T* __restrict x, const T* __restrict res, T* __restrict y,
                  const float* __restrict scale, const float* __restrict shift, int64_t C) {
 #pragma omp simd
   for (int64_t c = 0; c < C; ++c) {
     float z = affine(x[c], scale[c], shift[c]);
-    if constexpr (kResidual) z = to_float(to_bf16(z)) + to_float(res[c]);
-    y[c] = to_bf16(activate<kAct>(z));
+    if constexpr (kResidual) z = to_float(from_float<T>(z)) + to_float(res[c]);
+    y[c] = from_float<T>(activate<kAct>(z));
   }
 }
 
 // The gradient at BN's output: dy through the activation's mask (0 < v, and v < 6 for ReLU6) — with a
 // residual told from y, without one from v recomputed from x exactly as the forward rounded it.
-template <bool kResidual, int kAct>
-inline float bn_grad(bf16_t dy, bf16_t x, bf16_t y, float scale, float shift) {
+template <typename T, bool kResidual, int kAct>
+inline float bn_grad(T dy, T x, T y, float scale, float shift) {
   if constexpr (kAct == kNone) return to_float(dy);
-  const float v = kResidual ? to_float(y) : to_float(to_bf16(affine(x, scale, shift)));
+  const float v = kResidual ? to_float(y) : to_float(from_float<T>(affine(x, scale, shift)));
   return passes<kAct>(v) ? to_float(dy) : 0.f;
 }
 
 // Backward pass 1 for one row: the sums of g and g·(x − mean); with a residual g is also written out
 // (it is the residual's gradient, and pass 2 reads it back instead of dy and y).
-template <bool kResidual, int kAct>
-void grad_sums_row(const bf16_t* __restrict dy, const bf16_t* __restrict x, const bf16_t* __restrict y,
-                   bf16_t* __restrict g_out, const float* __restrict mean, const float* __restrict scale,
+template <typename T, bool kResidual, int kAct>
+void grad_sums_row(const T* __restrict dy, const T* __restrict x, const T* __restrict y,
+                   T* __restrict g_out, const float* __restrict mean, const float* __restrict scale,
                    const float* __restrict shift, float* __restrict s, float* __restrict q, int64_t C) {
 #pragma omp simd
   for (int64_t c = 0; c < C; ++c) {
-    const float g = bn_grad<kResidual, kAct>(dy[c], x[c], kResidual ? y[c] : bf16_t(0), scale[c], shift[c]);
-    if constexpr (kResidual) g_out[c] = to_bf16(g);      // exact: dy or 0
+    const float g = bn_grad<T, kResidual, kAct>(dy[c], x[c], kResidual ? y[c] : T(0), scale[c], shift[c]);
+    if constexpr (kResidual) g_out[c] = from_float<T>(g);      // exact: dy or 0
     s[c] += g;
     q[c] += g * (to_float(x[c]) - mean[c]);
   }
@@ -154,15 +155,15 @@ void grad_sums_row(const bf16_t* __restrict dy, const bf16_t* __restrict x, cons
 
 // Backward pass 2 for one row: dx = γ·invstd·(g − mean(g) − x̂·mean(g·x̂)), x̂ = (x − mean)·invstd
 // (ATen's formula), with a = γ·invstd and k = mean(g·(x − mean))·invstd².
-template <bool kResidual, int kAct>
-void grad_input_row(const bf16_t* __restrict dy_or_g, const bf16_t* __restrict x, bf16_t* __restrict dx,
+template <typename T, bool kResidual, int kAct>
+void grad_input_row(const T* __restrict dy_or_g, const T* __restrict x, T* __restrict dx,
                     const float* __restrict mean, const float* __restrict scale, const float* __restrict shift,
                     const float* __restrict g_mean, const float* __restrict k, const float* __restrict a, int64_t C) {
 #pragma omp simd
   for (int64_t c = 0; c < C; ++c) {
     // with a residual dy_or_g holds g already (no mask left to apply)
-    const float g = kResidual ? to_float(dy_or_g[c]) : bn_grad<false, kAct>(dy_or_g[c], x[c], 0, scale[c], shift[c]);
-    dx[c] = to_bf16((g - g_mean[c] - (to_float(x[c]) - mean[c]) * k[c]) * a[c]);
+    const float g = kResidual ? to_float(dy_or_g[c]) : bn_grad<T, false, kAct>(dy_or_g[c], x[c], T(0), scale[c], shift[c]);
+    dx[c] = from_float<T>((g - g_mean[c] - (to_float(x[c]) - mean[c]) * k[c]) * a[c]);
   }
 }
 
@@ -178,30 +179,21 @@ void with_flags(bool residual, int64_t act, const F& f) {
   if (residual) with_act(std::true_type{}); else with_act(std::false_type{});
 }
 
-}  // namespace
-
-// x, residual: (N, C, H, W) channels_last bf16; weight, bias, running_mean, running_var: (C,) fp32.
-// Updates the running statistics in place (momentum = the weight of the new batch, as in PyTorch; the
-// running variance gets the unbiased batch variance). Returns {y, mean, invstd, scale, shift}.
-std::vector<at::Tensor> batchnorm_act_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                                at::Tensor running_mean, at::Tensor running_var, double momentum, double eps,
-                                const c10::optional<at::Tensor>& residual, int64_t act) {
-  check_map(x, "x");
-  if (residual) {
-    check_map(*residual, "residual");
-    TORCH_CHECK(residual->sizes() == x.sizes(), "residual must have x's shape");
-  }
+template <typename T>
+std::vector<at::Tensor> forward_as(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                   at::Tensor running_mean, at::Tensor running_var, double momentum, double eps,
+                                   const c10::optional<at::Tensor>& residual, int64_t act) {
   const int64_t C = x.size(1), M = x.numel() / C;
   const Rows rows(M, C);
   const int64_t L = rows.L;
-  const bf16_t* X = bits(x);
+  const T* X = data_of<T>(x);
   // Sums of (x - pivot) and its square, the pivot being the first row: E[x²] − E[x]² then cancels
   // only as much as the channel's spread around one of its own values, not around 0.
   std::vector<float> pivot(C);
   for (int64_t c = 0; c < C; ++c) pivot[c] = to_float(X[c]);
   const std::vector<float> P = tiled(pivot.data(), rows);
   const std::vector<double> sums = channel_sums(rows, [&](int64_t i, float* __restrict s, float* __restrict q) {
-    const bf16_t* __restrict xr = X + i * L;
+    const T* __restrict xr = X + i * L;
     const float* __restrict p = P.data();
 #pragma omp simd
     for (int64_t j = 0; j < rows.width(i); ++j) {
@@ -230,37 +222,31 @@ std::vector<at::Tensor> batchnorm_act_forward(const at::Tensor& x, const at::Ten
   }
 
   at::Tensor y = at::empty_like(x);
-  bf16_t* Y = bits_mut(y);
-  const bf16_t* R = residual ? bits(*residual) : nullptr;
+  T* Y = data_of_mut<T>(y);
+  const T* R = residual ? data_of<T>(*residual) : nullptr;
   const std::vector<float> sc = tiled(SC, rows), sh = tiled(SH, rows);
   with_flags(R != nullptr, act, [&](auto res_t, auto act_t) {
     for_rows(rows, [&](int64_t i) {
-      forward_row<res_t(), act_t()>(X + i * L, R ? R + i * L : nullptr, Y + i * L, sc.data(), sh.data(),
-                                     rows.width(i));
+      forward_row<T, res_t(), act_t()>(X + i * L, R ? R + i * L : nullptr, Y + i * L, sc.data(), sh.data(),
+                                        rows.width(i));
     });
   });
   return {y, mean, invstd, scale, shift};
 }
 
-// dy, x, y: (N, C, H, W) channels_last bf16 (y: the forward's output, read only with a residual, where
-// the ReLU's mask can only be told from it); the rest (C,) fp32 as the forward returned them.
-// Returns {dx, dweight, dbias} and, with a residual, the gradient of the residual (dy where y > 0).
-std::vector<at::Tensor> batchnorm_act_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& y,
-                                 const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& invstd,
-                                 const at::Tensor& scale, const at::Tensor& shift, bool has_residual, int64_t act) {
-  check_map(dy, "dy");
-  check_map(x, "x");
-  check_map(y, "y");
-  TORCH_CHECK(dy.sizes() == x.sizes() && y.sizes() == x.sizes(), "dy and y must have x's shape");
+template <typename T>
+std::vector<at::Tensor> backward_as(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& y,
+                                    const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& invstd,
+                                    const at::Tensor& scale, const at::Tensor& shift, bool has_residual, int64_t act) {
   const int64_t C = x.size(1), M = x.numel() / C;
   const Rows rows(M, C);
   const int64_t L = rows.L;
-  const bf16_t *X = bits(x), *DY = bits(dy), *Y = bits(y);
+  const T *X = data_of<T>(x), *DY = data_of<T>(dy), *Y = data_of<T>(y);
   const float *W = weight.data_ptr<float>(), *INV = invstd.data_ptr<float>();
   const std::vector<float> mu = tiled(mean.data_ptr<float>(), rows), sc = tiled(scale.data_ptr<float>(), rows),
                            sh = tiled(shift.data_ptr<float>(), rows);
   at::Tensor dres = has_residual ? at::empty_like(x) : at::Tensor();
-  bf16_t* G = has_residual ? bits_mut(dres) : nullptr;
+  T* G = has_residual ? data_of_mut<T>(dres) : nullptr;
   const auto f32 = x.options().dtype(at::kFloat);
   at::Tensor dweight = at::empty({C}, f32), dbias = at::empty({C}, f32);
   at::Tensor dx = at::empty_like(x);
@@ -268,8 +254,8 @@ std::vector<at::Tensor> batchnorm_act_backward(const at::Tensor& dy, const at::T
     constexpr bool kResidual = res_t();
     constexpr int kAct = act_t();
     const std::vector<double> sums = channel_sums(rows, [&](int64_t i, float* s, float* q) {
-      grad_sums_row<kResidual, kAct>(DY + i * L, X + i * L, Y + i * L, G ? G + i * L : nullptr, mu.data(),
-                                      sc.data(), sh.data(), s, q, rows.width(i));
+      grad_sums_row<T, kResidual, kAct>(DY + i * L, X + i * L, Y + i * L, G ? G + i * L : nullptr, mu.data(),
+                                         sc.data(), sh.data(), s, q, rows.width(i));
     });
     float *DW = dweight.data_ptr<float>(), *DB = dbias.data_ptr<float>();
     std::vector<float> g_mean(C), k(C), a(C);
@@ -281,13 +267,50 @@ std::vector<at::Tensor> batchnorm_act_backward(const at::Tensor& dy, const at::T
       a[c] = INV[c] * W[c];
     }
     const std::vector<float> gm = tiled(g_mean.data(), rows), kk = tiled(k.data(), rows), aa = tiled(a.data(), rows);
-    bf16_t* DX = bits_mut(dx);
-    const bf16_t* source = kResidual ? G : DY;
+    T* DX = data_of_mut<T>(dx);
+    const T* source = kResidual ? G : DY;
     for_rows(rows, [&](int64_t i) {
-      grad_input_row<kResidual, kAct>(source + i * L, X + i * L, DX + i * L, mu.data(), sc.data(), sh.data(),
-                                       gm.data(), kk.data(), aa.data(), rows.width(i));
+      grad_input_row<T, kResidual, kAct>(source + i * L, X + i * L, DX + i * L, mu.data(), sc.data(), sh.data(),
+                                          gm.data(), kk.data(), aa.data(), rows.width(i));
     });
   });
   if (has_residual) return {dx, dweight, dbias, dres};
   return {dx, dweight, dbias};
+}
+
+}  // namespace
+
+// x, residual: (N, C, H, W) channels_last, bf16 or fp32 (both the same); weight, bias, running_mean,
+// running_var: (C,) fp32. Updates the running statistics in place (momentum = the weight of the new batch,
+// as in PyTorch; the running variance gets the unbiased batch variance). Returns {y, mean, invstd, scale, shift}.
+std::vector<at::Tensor> batchnorm_act_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                              at::Tensor running_mean, at::Tensor running_var, double momentum,
+                                              double eps, const c10::optional<at::Tensor>& residual, int64_t act) {
+  check_map(x, "x", true);
+  if (residual) {
+    check_map(*residual, "residual", true);
+    TORCH_CHECK(residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type(),
+                "residual must have x's shape and dtype");
+  }
+  return x.scalar_type() == at::kFloat
+             ? forward_as<float>(x, weight, bias, running_mean, running_var, momentum, eps, residual, act)
+             : forward_as<bf16_t>(x, weight, bias, running_mean, running_var, momentum, eps, residual, act);
+}
+
+// dy, x, y: (N, C, H, W) channels_last, x's dtype (y: the forward's output, read only with a residual,
+// where the activation's mask can only be told from it); the rest (C,) fp32 as the forward returned them.
+// Returns {dx, dweight, dbias} and, with a residual, the gradient of the residual (dy where it passes).
+std::vector<at::Tensor> batchnorm_act_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& y,
+                                               const at::Tensor& weight, const at::Tensor& mean,
+                                               const at::Tensor& invstd, const at::Tensor& scale,
+                                               const at::Tensor& shift, bool has_residual, int64_t act) {
+  check_map(dy, "dy", true);
+  check_map(x, "x", true);
+  check_map(y, "y", true);
+  TORCH_CHECK(dy.sizes() == x.sizes() && y.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type() &&
+                  y.scalar_type() == x.scalar_type(),
+              "dy and y must have x's shape and dtype");
+  return x.scalar_type() == at::kFloat
+             ? backward_as<float>(dy, x, y, weight, mean, invstd, scale, shift, has_residual, act)
+             : backward_as<bf16_t>(dy, x, y, weight, mean, invstd, scale, shift, has_residual, act);
 }

@@ -25,15 +25,27 @@ inline bf16_t to_bf16(float f) {
   return f != f ? bf16_t(0x7FC0) : rounded;
 }
 
+inline float to_float(float v) { return v; }
+
+// fp32 -> the map's element type: bf16 rounded as above, fp32 as it is.
+template <typename T> inline T from_float(float f);
+template <> inline bf16_t from_float<bf16_t>(float f) { return to_bf16(f); }
+template <> inline float from_float<float>(float f) { return f; }
+
 // Every map the kernels read: what the Python side hands over, checked (not assumed) here.
-inline void check_map(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kBFloat16 && t.dim() == 4 &&
-                  t.is_contiguous(at::MemoryFormat::ChannelsLast),
-              name, " must be a bf16 channels_last CPU tensor of 4 dimensions");
+inline void check_map(const at::Tensor& t, const char* name, bool fp32_too = false) {
+  const bool dtype_ok = t.scalar_type() == at::kBFloat16 || (fp32_too && t.scalar_type() == at::kFloat);
+  TORCH_CHECK(t.device().is_cpu() && dtype_ok && t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast),
+              name, fp32_too ? " must be a bf16 or fp32" : " must be a bf16",
+              " channels_last CPU tensor of 4 dimensions");
 }
 
-inline const bf16_t* bits(const at::Tensor& t) { return reinterpret_cast<const bf16_t*>(t.data_ptr()); }
-inline bf16_t* bits_mut(at::Tensor& t) { return reinterpret_cast<bf16_t*>(t.data_ptr()); }
+// A map's elements as T (bf16_t for bf16 maps, float for fp32 ones).
+template <typename T> inline const T* data_of(const at::Tensor& t) { return reinterpret_cast<const T*>(t.data_ptr()); }
+template <typename T> inline T* data_of_mut(at::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
+
+inline const bf16_t* bits(const at::Tensor& t) { return data_of<bf16_t>(t); }
+inline bf16_t* bits_mut(at::Tensor& t) { return data_of_mut<bf16_t>(t); }
 
 // batchnorm_act.cpp
 std::vector<at::Tensor> batchnorm_act_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
