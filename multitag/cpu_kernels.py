@@ -75,6 +75,15 @@ def kernels():
     return _load()[0]
 
 
+def takes(t: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> bool:
+    """Whether the kernels can take ``t`` as a map (what kernels.h's check_map demands): a 4-d channels_last
+    CPU tensor of one of ``dtypes`` — and they are built, and no torch.compile trace is being recorded
+    (inductor then sees the layers' own ops)."""
+    return (t.device.type == "cpu" and t.dtype in dtypes and t.dim() == 4
+            and t.is_contiguous(memory_format=torch.channels_last) and not torch.compiler.is_compiling()
+            and kernels() is not None)
+
+
 def unavailable_reason() -> str:
     """Why the kernels cannot be used here ("" when they can); builds them on first call, says once if not."""
     global _said_unavailable

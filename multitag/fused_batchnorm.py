@@ -27,13 +27,17 @@ updated as ``nn.BatchNorm2d`` does. The activation's mask is the one the forward
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import torch.nn.functional as F
 from timm.layers import BatchNormAct2d
 from torch import nn
 
-from multitag.cpu_kernels import kernels
+from multitag.cpu_kernels import kernels, takes
 
+# The maps' dtypes the kernel has: bf16 (under autocast) and fp32 (the fp32 channels_last candidate).
+MAP_DTYPES = (torch.bfloat16, torch.float32)
 # The activations the kernel applies after BN (+ residual), by its codes, and as the layers compute them.
 ACTS = {"none": 0, "relu": 1, "relu6": 2}
 _LAYER_ACT = {"none": lambda y: y, "relu": torch.relu, "relu6": F.relu6}
@@ -64,22 +68,14 @@ class _BatchNormAct(torch.autograd.Function):
         return grads[0], grads[1], grads[2], None, None, None, None, dres, None
 
 
-def _is_cl_map(t: torch.Tensor) -> bool:
-    """A CPU channels_last map of a dtype the kernel has (bf16 under autocast, fp32 without)."""
-    return (t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float32) and t.dim() == 4
-            and t.is_contiguous(memory_format=torch.channels_last))
-
-
 def _fusable(bn: nn.BatchNorm2d, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
     """Whether the kernel computes what ``bn`` (+ residual) (+ activation) would, and a backward follows."""
     return (bn.training and bn.track_running_stats and bn.affine and bn.running_mean is not None
             and bn.weight.dtype == torch.float32 and torch.is_grad_enabled()
             and (x.requires_grad or bn.weight.requires_grad or bn.bias.requires_grad)
-            and not torch.compiler.is_compiling() and _is_cl_map(x) and x.size(1) == bn.num_features
+            and takes(x, MAP_DTYPES) and x.size(1) == bn.num_features
             and x.numel() > x.size(1)          # one value per channel: BatchNorm's own error is raised
-            and (residual is None or (_is_cl_map(residual) and residual.shape == x.shape
-                                      and residual.dtype == x.dtype))
-            and kernels() is not None)
+            and (residual is None or (takes(residual, (x.dtype,)) and residual.shape == x.shape)))
 
 
 def _momentum(bn: nn.BatchNorm2d) -> float:
@@ -163,6 +159,7 @@ def _conv_bn_relu_forward(self, x: torch.Tensor) -> torch.Tensor:
     return batchnorm_act(self.bn, self.conv(x), act="relu")
 
 
+@lru_cache(maxsize=None)
 def _block_kinds() -> dict[type, tuple]:
     """Block class → (its fused forward, its BatchNorms, its ReLUs, the parts that must be absent/identity)."""
     from timm.models.resnet import BasicBlock, Bottleneck

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from multitag.cpu_kernels import kernels
+from multitag.cpu_kernels import kernels, takes
 
 
 class _MaxPool3x3s2(torch.autograd.Function):
@@ -46,10 +46,7 @@ def selects(m: nn.Module) -> bool:
 
 
 def _forward(self: nn.MaxPool2d, x: torch.Tensor) -> torch.Tensor:
-    if (torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling()
-            and x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.dim() == 4
-            and x.is_contiguous(memory_format=torch.channels_last) and min(x.shape[2:]) >= 2
-            and kernels() is not None):
+    if torch.is_grad_enabled() and x.requires_grad and takes(x, (torch.bfloat16,)) and min(x.shape[2:]) >= 2:
         return _MaxPool3x3s2.apply(x)
     return nn.MaxPool2d.forward(self, x)
 
