@@ -8,13 +8,13 @@
    interleaved, best round: what those memory-bound layers cost, and at what GFLOP/s (multitag/ceiling.py's
    count) the rest runs. (timm's BatchNormAct2d, in EfficientNet, carries its activation: that goes with it.)
    Where they apply, also the step without one of multitag's levers — timm's stem order (ReLU before the
-   max-pool, models/resnet_stem.py), oneDNN's input gradient on the smallest maps (layer_tweaks'
-   MATMUL_DGRAD_MAX_POSITIONS), ATen's BatchNorm, add and ReLU instead of the fused kernel
+   max-pool, models/resnet_stem.py), oneDNN's conv gradients on the smallest maps instead of the GEMMs
+   measured faster there (matmul_conv.py), ATen's BatchNorm, add and ReLU instead of the fused kernel
    (fused_batchnorm.py), ATen's max-pool instead of multitag's (max_pool.py) — in the same interleaved rounds: what each lever is worth here, free of the
    drift between runs that hides a few per cent (RESULTS run R).
 2. Each distinct 3x3 conv of a ResNet's stages at this image size (multitag.ceiling.conv_shapes, each
    stage's first conv strided from the stage before): forward, and the input and weight gradients each by
-   oneDNN and by layer_tweaks' matmul, in GFLOP/s and ms.
+   oneDNN and by matmul_conv's GEMMs, in GFLOP/s and ms.
 The figures beside multitag bench's ceiling section: how far below its peak each part runs.
 """
 from __future__ import annotations
@@ -34,8 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))      # runs from a 
 
 from multitag.ceiling import DTYPES, best_seconds, conv_shapes, training_flops  # noqa: E402
 from multitag.inference_speed import time_calls  # noqa: E402
-from multitag import layer_tweaks  # noqa: E402
-from multitag.layer_tweaks import _input_grad_by_matmul, _weight_grad_by_matmul  # noqa: E402
+from multitag.matmul_conv import input_grad_by_matmul, weight_grad_by_matmul  # noqa: E402
 from multitag.models import build_model  # noqa: E402
 from multitag.models.resnet_stem import PoolFirstResNet, relu_before_pool  # noqa: E402
 from multitag.runtime import Runtime, describe_cpu  # noqa: E402
@@ -51,8 +50,9 @@ def without(model: nn.Module, cls: type) -> nn.Module:
     return model
 
 
-# the step without each of multitag's own kernels (cpu_kernels.py), by the tweak that brings it in
-WITHOUT_KERNEL = {"fused_batchnorm": "with ATen's BatchNorm, add, ReLU", "max_pool_kernel": "with ATen's max-pool"}
+# the step without each of multitag's own kernels (cpu_kernels.py) and GEMM gradients, by the tweak that brings it in
+WITHOUT_LEVER = {"fused_batchnorm": "with ATen's BatchNorm, add, ReLU", "max_pool_kernel": "with ATen's max-pool",
+                 "matmul_weight_grad": "with oneDNN's conv gradients"}
 
 
 def step_rows(model: nn.Module, rt: Runtime, x: torch.Tensor, y: torch.Tensor, rounds: int) -> list[dict]:
@@ -64,12 +64,8 @@ def step_rows(model: nn.Module, rt: Runtime, x: torch.Tensor, y: torch.Tensor, r
                 "without ReLU": without(model, nn.ReLU)}
     if type(model) is PoolFirstResNet:
         variants["with timm's stem order"] = relu_before_pool(copy.deepcopy(model))
-    dgrad_default, dgrad_off = layer_tweaks.MATMUL_DGRAD_MAX_POSITIONS, set()
-    if "matmul_weight_grad" in rt.layer_tweaks:
-        variants["with oneDNN's input gradient"] = copy.deepcopy(model)
-        dgrad_off.add("with oneDNN's input gradient")
     runtimes = {k: rt for k in variants}
-    for tweak, part in WITHOUT_KERNEL.items():             # multitag's own kernels, each left out once
+    for tweak, part in WITHOUT_LEVER.items():              # multitag's own levers, each left out once
         if tweak in rt.layer_tweaks:
             variants[part] = copy.deepcopy(model)
             runtimes[part] = dataclasses.replace(rt, layer_tweaks=tuple(t for t in rt.layer_tweaks if t != tweak))
@@ -79,7 +75,6 @@ def step_rows(model: nn.Module, rt: Runtime, x: torch.Tensor, y: torch.Tensor, r
 
     def step(k: str):
         def run(inputs: torch.Tensor) -> None:
-            layer_tweaks.MATMUL_DGRAD_MAX_POSITIONS = 0 if k in dgrad_off else dgrad_default   # read in backward
             with rt.autocast():
                 loss = loss_fn(nets[k](inputs), y, None)
             optims[k].zero_grad()
@@ -88,10 +83,7 @@ def step_rows(model: nn.Module, rt: Runtime, x: torch.Tensor, y: torch.Tensor, r
         return run
 
     # interleaved (a burst of load slows one round of each), fastest round
-    try:
-        best = {k: fastest for k, (_, fastest) in time_calls({k: step(k) for k in nets}, xs, rounds).items()}
-    finally:
-        layer_tweaks.MATMUL_DGRAD_MAX_POSITIONS = dgrad_default
+    best = {k: fastest for k, (_, fastest) in time_calls({k: step(k) for k in nets}, xs, rounds).items()}
     whole = best["whole step"]
     return [{"part": k, "ms": 1000 * t, "img_s": len(x) / t, "saves": None if k == "whole step" else 1 - t / whole,
              "gflop_s_of_the_rest": len(x) * flops / t / 1e9} for k, t in best.items()]
@@ -120,9 +112,9 @@ def conv_rows(image_size: int, batch: int, precision: str, reps: int) -> list[di
                                                                [0, 0], 1, mask)
         parts = {"forward": lambda: F.conv2d(x, w, None, stride, 1),
                  "input gradient (oneDNN)": backward([True, False, False]),
-                 "input gradient (matmul)": lambda: _input_grad_by_matmul(g, w, x.shape, (stride,) * 2, (1, 1), (1, 1)),
+                 "input gradient (matmul)": lambda: input_grad_by_matmul(g, w, x.shape, (stride,) * 2, (1, 1), (1, 1)),
                  "weight gradient (oneDNN)": backward([False, True, False]),
-                 "weight gradient (matmul)": lambda: _weight_grad_by_matmul(g, x, (3, 3), (stride,) * 2, (1, 1), (1, 1))}
+                 "weight gradient (matmul)": lambda: weight_grad_by_matmul(g, x, (3, 3), (stride,) * 2, (1, 1), (1, 1))}
         with torch.no_grad():
             times = {k: best_seconds(f, reps) for k, f in parts.items()}
         rows.append({"conv": f"{cin}->{cout} 3x3/{stride} on {size}x{size} (out {out}x{out})",

@@ -15,11 +15,13 @@ model with and without these:
   1.1) and only 1.5x at multiples of 16 (32 ch 1.8 vs 1.2), where the two copies would cost more than
   they save; with 1 thread 2-4x (8 ch 1.97 vs 0.52), where the copies can eat the gain — which is
   why it is a measured candidate, not a rule.
-- ``matmul_weight_grad`` (bf16 only): ungrouped convs with large weights, on output maps of at most 8x8
-  positions, compute their weight gradient as one GEMM over the k*k shifted views of the input instead
-  of oneDNN's bf16 weight-gradient kernel, 2-6x slower there (MATMUL_WGRAD_* below). ResNet-18's last
-  two stages at 128 px: training step 1.12x. On output maps of at most 4x4 their input gradient is a GEMM
-  too, summed back onto the input in fp32 (MATMUL_DGRAD_MAX_POSITIONS): 1.01-1.06x more.
+- ``matmul_weight_grad`` (bf16 only; named before it took the input gradient too): ungrouped convs with
+  large weights, on output maps of at most 8x8 positions, compute their weight gradient as one GEMM over
+  the k*k shifted views of the input, and their input gradient as one GEMM and a col2im, each where that
+  was measured faster than oneDNN's bf16 kernel for the conv's shape on this machine (matmul_conv.py:
+  2-6x on the weight gradient of the AMX machine, slower on some shapes of others). ResNet-18's last two
+  stages at 128 px: training step 1.12x with the weight gradient, 1.01-1.06x more with the input gradient
+  on 4x4 maps (AMX machine).
 
 - ``fused_batchnorm`` (channels_last only, bf16 and fp32): BatchNorm, the residual add and the ReLU of ResNet blocks
   (and plain BatchNorm layers) as one C++ kernel each way (fused_batchnorm.py): ATen's separate kernels
@@ -45,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from multitag import cpu_kernels, fused_batchnorm, max_pool
+from multitag import cpu_kernels, fused_batchnorm, matmul_conv, max_pool
 
 _SWAPPED: dict[tuple[str, type], type] = {}
 
@@ -120,97 +122,9 @@ def _padded(layer: nn.Conv2d, x: torch.Tensor, pad_same: Callable | None) -> tup
     return pad_same(x, layer.weight.shape[-2:], layer.stride, layer.dilation), (0, 0)
 
 
-# The matmul weight gradient is used where the conv's output map has at most this many positions and its
-# weight at least this many elements: there oneDNN's bf16 weight-gradient kernel, which reduces over the
-# batch x output positions, was 2-6x slower than one GEMM (batch 32, bf16 channels_last, 2 threads:
-# 512->512 3x3 on 4²: 8.8 vs 1.7 ms, 256->512 3x3/2 8²->4²: 5.0 vs 1.0, 512->512 3x3 on 7²: 11.4 vs 5.3,
-# 320->1280 1x1 on 7²: 1.5 vs 1.0), and slower at larger maps or small layers (128->128 3x3 on 16²: 1.5
-# vs 3.5, 64->64 3x3 on 8²: 0.31 vs 0.48).
-MATMUL_WGRAD_MAX_POSITIONS = 64
-MATMUL_WGRAD_MIN_WEIGHT = 100_000
-# Of those, convs with at most this many output positions also take their input gradient from a GEMM
-# (_input_grad_by_matmul): on the AMX machine oneDNN's bf16 input gradient there ran at 470-570 GFLOP/s
-# against 1,900-2,800 on 8²-16² maps (batch 32, channels_last, 2 threads: 512->512 3x3 on 4² 4.24 vs
-# 1.96 ms, 256->512 3x3/2 8²->4² 2.56 vs 1.24), while on 7² and 8² maps the GEMM lost (512->512 on 7²
-# 5.44 vs 5.20, 256->256 on 8² 2.95 vs 1.23). ResNet-18 layout at 128 px: training step 1.01-1.06x
-# (three interleaved runs; 160 px, which has no such map, 0.99x). benchmarks/RESULTS.md, run R.
-MATMUL_DGRAD_MAX_POSITIONS = 16
-
-
 def _is_dense_conv(m: nn.Module) -> bool:
-    """An ungrouped plain conv (_is_plain_conv) whose weight is large enough for the matmul weight
-    gradient to pay."""
-    return _is_plain_conv(m) and m.groups == 1 and m.weight.numel() >= MATMUL_WGRAD_MIN_WEIGHT
-
-
-def _tap_windows(kernel: tuple[int, int], out: tuple[int, int], stride, dilation) -> list[tuple[slice, slice]]:
-    """For each of a conv's kh*kw taps (row-major), the (H, W) slices of the zero-padded input that tap
-    reads across all Ho x Wo output positions: a strided, dilated view the size of the output map."""
-    (kh, kw), (ho, wo), (sh, sw), (dh, dw) = kernel, out, stride, dilation
-    return [(slice(i * dh, i * dh + sh * (ho - 1) + 1, sh), slice(j * dw, j * dw + sw * (wo - 1) + 1, sw))
-            for i in range(kh) for j in range(kw)]
-
-
-def _weight_grad_by_matmul(grad: torch.Tensor, x: torch.Tensor, kernel: tuple[int, int], stride, padding,
-                           dilation) -> torch.Tensor:
-    """dL/dW of a conv2d as one GEMM: the k*k shifted (strided, dilated) views of the zero-padded input
-    side by side, against the output gradient, over every batch position.
-    grad (B, O, Ho, Wo) and x (B, C, H, W) bf16 -> (O, C, kh, kw) bf16 (channels_last strides)."""
-    (b, c), (ho, wo), (kh, kw) = x.shape[:2], grad.shape[2:], kernel
-    ph, pw = padding
-    xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, pw, pw, ph, ph))                   # (B, H+2ph, W+2pw, C)
-    taps = [xp[:, hs, ws] for hs, ws in _tap_windows(kernel, (ho, wo), stride, dilation)]    # each (B, Ho, Wo, C)
-    cols = torch.stack(taps, 3).reshape(b * ho * wo, kh * kw * c)              # (B*Ho*Wo, kh*kw*C)
-    g = grad.permute(0, 2, 3, 1).reshape(b * ho * wo, -1)                       # (B*Ho*Wo, O)
-    return (g.t() @ cols).view(-1, kh, kw, c).permute(0, 3, 1, 2)
-
-
-def _input_grad_by_matmul(grad: torch.Tensor, w: torch.Tensor, x_shape: torch.Size, stride, padding,
-                          dilation) -> torch.Tensor:
-    """dL/dx of a conv2d as one GEMM and a col2im: the output gradient against the weight gives each
-    output position's share for each of its k*k input taps (bf16, fp32-accumulated over the O channels),
-    and the shares are summed into the zero-padded input in fp32, then rounded to bf16 — k*k bf16
-    roundings of the shares where oneDNN rounds the sum once (measured worst 2e-3 of the largest
-    gradient, tests/test_layer_tweaks.py). grad (B, O, Ho, Wo), w (O, C, kh, kw) bf16 -> (B, C, H, W)
-    bf16 (channels_last strides)."""
-    (b, c, h, wd), (ho, wo), (kh, kw), (ph, pw) = x_shape, grad.shape[2:], w.shape[-2:], padding
-    g = grad.permute(0, 2, 3, 1).reshape(b * ho * wo, -1)                       # (B*Ho*Wo, O)
-    shares = (g @ w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)).view(b, ho, wo, kh * kw, c)
-    gx = grad.new_zeros(b, h + 2 * ph, wd + 2 * pw, c, dtype=torch.float32)    # (B, H+2ph, W+2pw, C)
-    for t, (hs, ws) in enumerate(_tap_windows((kh, kw), (ho, wo), stride, dilation)):
-        gx[:, hs, ws] += shares[:, :, :, t]
-    return gx[:, ph: ph + h, pw: pw + wd].to(grad.dtype).permute(0, 3, 1, 2)
-
-
-class _Bf16MatmulWeightGrad(torch.autograd.Function):
-    """conv2d in bf16 whose weight gradient is one GEMM (_weight_grad_by_matmul) instead of oneDNN's
-    weight-gradient kernel, and so is its input gradient on the smallest maps (_input_grad_by_matmul);
-    the forward and the other input gradients are oneDNN's, as under plain autocast."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation):
-        # x (B, C, H, W) bf16, already padded when the layer pads in its forward; weight (O, C, k, k) fp32
-        w = weight.to(x.dtype)
-        ctx.save_for_backward(x, w)
-        ctx.conv = (list(stride), list(padding), list(dilation), bias is not None)
-        return F.conv2d(x, w, None if bias is None else bias.to(x.dtype), stride, padding, dilation)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, w = ctx.saved_tensors
-        stride, padding, dilation, has_bias = ctx.conv
-        grad, needs = grad.to(x.dtype), ctx.needs_input_grad
-        gx = gw = gb = None
-        if needs[0] and grad.shape[2] * grad.shape[3] <= MATMUL_DGRAD_MAX_POSITIONS:
-            gx = _input_grad_by_matmul(grad, w, x.shape, stride, padding, dilation)
-        elif needs[0]:
-            gx = torch.ops.aten.convolution_backward(grad, x, w, None, stride, padding, dilation, False, [0, 0], 1,
-                                                     [True, False, False])[0]
-        if needs[1]:
-            gw = _weight_grad_by_matmul(grad, x, w.shape[-2:], stride, padding, dilation).float()
-        if has_bias and needs[2]:
-            gb = grad.sum((0, 2, 3), dtype=torch.float32)
-        return gx, gw, gb, None, None, None
+    """An ungrouped plain conv (_is_plain_conv) whose weight is large enough for GEMM gradients to pay."""
+    return _is_plain_conv(m) and m.groups == 1 and m.weight.numel() >= matmul_conv.MIN_WEIGHT
 
 
 def _conv_out_positions(conv: nn.Conv2d, x: torch.Tensor, padding) -> int:
@@ -227,9 +141,9 @@ def _matmul_wgrad_forward(base: type) -> Callable:
                 or not _backward_follows(self, x)):
             return base.forward(self, x)
         x, padding = _padded(self, x, pad_same)
-        if _conv_out_positions(self, x, padding) > MATMUL_WGRAD_MAX_POSITIONS:   # autocast's conv, as before
+        if _conv_out_positions(self, x, padding) > matmul_conv.MAX_POSITIONS:   # autocast's conv, as before
             return F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
-        return _Bf16MatmulWeightGrad.apply(x.to(torch.bfloat16), self.weight, self.bias, self.stride, padding,
+        return matmul_conv.Bf16MatmulConv.apply(x.to(torch.bfloat16), self.weight, self.bias, self.stride, padding,
                                            self.dilation)
     return forward
 
@@ -276,7 +190,7 @@ TWEAKS = {
                             frozenset({False, True})),
     "nchw_odd_batchnorm": Tweak(_is_odd_batchnorm, _nchw_forward, "NCHW BatchNorm at widths not ÷16",
                                 frozenset({"fp32", "bf16"}), frozenset({True})),
-    "matmul_weight_grad": Tweak(_is_dense_conv, _matmul_wgrad_forward, "weight gradient by matmul on maps ≤ 8×8, input gradient on ≤ 4×4",
+    "matmul_weight_grad": Tweak(_is_dense_conv, _matmul_wgrad_forward, "conv gradients by matmul where measured faster on maps ≤ 8×8",
                                 frozenset({"bf16"}), frozenset({False, True})),
 }
 

@@ -71,12 +71,15 @@ def test_cifar_speed_recipe_on_cuda_holds_train_rows_on_the_gpu(tiny_cifar, tmp_
                                                                                         abs=0.05)
 
 
-def test_matmul_gradient_tweak_runs_on_cuda_tensors():
-    """The runtime also times the layer tweaks on CUDA: the small-map conv's GEMM gradients stay on the GPU
-    and agree with cuDNN's to bf16 rounding."""
+def test_matmul_gradient_tweak_runs_on_cuda_tensors(tmp_path, monkeypatch):
+    """The runtime also times the layer tweaks on CUDA: the small-map conv's gradient plan is measured there
+    (synchronised), and its GEMM gradients stay on the GPU and agree with cuDNN's to bf16 rounding."""
     import copy
 
+    from multitag import matmul_conv
     from multitag.layer_tweaks import apply_tweaks
+
+    monkeypatch.setenv("MULTITAG_CACHE", str(tmp_path))
 
     torch.manual_seed(0)
     plain = torch.nn.Conv2d(256, 512, 3, 2, 1, bias=False).cuda().to(memory_format=torch.channels_last)
@@ -85,8 +88,12 @@ def test_matmul_gradient_tweak_runs_on_cuda_tensors():
     x = torch.randn(4, 256, 8, 8, device="cuda").contiguous(memory_format=torch.channels_last)
     xs = [x.clone().requires_grad_(True) for _ in range(2)]
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        ys = [plain(xs[0]), kept(xs[1])]                       # (4, 512, 4, 4): both GEMM gradients
+        ys = [plain(xs[0]), kept(xs[1])]                       # (4, 512, 4, 4)
     g = torch.randn_like(ys[0])
+    measured = matmul_conv.plan_for(g.to(torch.bfloat16), xs[1].to(torch.bfloat16), kept.weight.to(torch.bfloat16),
+                                    [2, 2], [1, 1], [1, 1])
+    assert len(json.loads((tmp_path / "conv_grad_plans.json").read_text())) == 1 and len(measured) == 2
+    monkeypatch.setattr(matmul_conv, "plan_for", lambda *a: matmul_conv.Plan(True, True))     # both GEMMs
     for y in ys:
         y.backward(g)
     assert xs[1].grad.device.type == "cuda" and kept.weight.grad.device.type == "cuda"

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from multitag import layer_tweaks, runtime
+from multitag import layer_tweaks, matmul_conv, runtime
 from multitag.layer_tweaks import apply_tweaks, available_tweaks, tweaks_for
 from multitag.losses import MaskedBCE
 from multitag.models import build_model
@@ -105,8 +105,13 @@ def test_a_tf_same_padded_depthwise_conv_computes_what_it_computed(monkeypatch):
 
 
 def matmul_runs(monkeypatch) -> list[int]:
-    """Convs through the matmul weight-gradient function."""
-    return runs_of(monkeypatch, layer_tweaks._Bf16MatmulWeightGrad)
+    """Convs through the GEMM-gradient conv function."""
+    return runs_of(monkeypatch, matmul_conv.Bf16MatmulConv)
+
+
+def plan_as(monkeypatch, input_grad: bool, weight_grad: bool) -> None:
+    """Every conv shape's gradients planned so (by matmul where True), instead of measured."""
+    monkeypatch.setattr(matmul_conv, "plan_for", lambda *a: matmul_conv.Plan(input_grad, weight_grad))
 
 
 @pytest.mark.parametrize("width,kernel,stride,padding,dilation,size,bias", [
@@ -118,10 +123,10 @@ def matmul_runs(monkeypatch) -> list[int]:
 ])
 def test_small_map_convs_take_their_weight_gradient_from_one_matmul(monkeypatch, width, kernel, stride, padding,
                                                                      dilation, size, bias):
-    """The forward is autocast's own; the weight (and bias) gradient is the fp32 sum over the bf16 input
-    and output gradient, rounded once to bf16 (what oneDNN's bf16 kernel gives); the input gradient is
-    the same sum over bf16 per-tap shares on output maps of at most 4x4 (MATMUL_DGRAD_MAX_POSITIONS),
-    autocast's own on larger ones."""
+    """The forward is autocast's own; by matmul the weight (and bias) gradient is the fp32 sum over the
+    bf16 input and output gradient, rounded once to bf16 (what oneDNN's bf16 kernel gives), the input
+    gradient the same sum over bf16 per-tap shares (planned so here on output maps of at most 4x4, by
+    oneDNN on larger ones: autocast's own values)."""
     torch.manual_seed(0)
     plain = nn.Conv2d(width, 2 * width, kernel, stride, padding, dilation, bias=bias).to(memory_format=CL)
     kept = copy.deepcopy(plain)
@@ -133,12 +138,14 @@ def test_small_map_convs_take_their_weight_gradient_from_one_matmul(monkeypatch,
         y_plain, y_kept = plain(xs[0]), kept(xs[1])
     assert runs == [1] and y_kept.dtype == torch.bfloat16 and torch.equal(y_kept, y_plain)
     g = torch.randn(y_kept.shape).to(torch.bfloat16)
+    input_by_matmul = g.shape[2] * g.shape[3] <= 16
+    plan_as(monkeypatch, input_by_matmul, True)
     y_plain.backward(g), y_kept.backward(g)
     ref = copy.deepcopy(plain).double()
     ref.weight.data.copy_(plain.weight.to(torch.bfloat16))         # the weight the bf16 kernels multiply by
     x_ref = xs[2].detach().to(torch.bfloat16).double().requires_grad_(True)
     ref(x_ref).backward(g.double())
-    if g.shape[2] * g.shape[3] > layer_tweaks.MATMUL_DGRAD_MAX_POSITIONS:
+    if not input_by_matmul:
         assert torch.equal(xs[1].grad, xs[0].grad)
     else:
         assert xs[1].grad.dtype == torch.float32 and xs[1].grad.shape == x.shape
@@ -186,10 +193,73 @@ def test_the_matmul_weight_gradient_is_only_for_small_maps_and_large_layers(monk
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y_same, y_kept = same(xs[0]), kept(xs[1])
     assert runs == [1, 1] and y_kept.shape == y_same.shape == (2, 96, 4, 4) and torch.equal(y_kept, y_same)
+    plan_as(monkeypatch, True, True)
     y_same.float().sum().backward(), y_kept.float().sum().backward()
-    # 4x4 output: the input gradient comes from the GEMM too, back through timm's own padding
+    # both gradients from GEMMs, the input's back through timm's own padding
     torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=2 ** -6, atol=2e-3 * xs[0].grad.abs().max().item())
     torch.testing.assert_close(kept.weight.grad, same.weight.grad, rtol=2 ** -6, atol=2e-3 * same.weight.grad.abs().max().item())
+
+
+def test_convs_planned_for_onednn_give_autocasts_own_gradients(monkeypatch):
+    """A shape where both of oneDNN's kernels were measured faster: the tweaked conv's input and weight
+    gradients are bitwise those of plain autocast (one oneDNN call for both); the bias gradient is the
+    fp32 sum, which autocast's rounds to bf16."""
+    torch.manual_seed(0)
+    plain = nn.Conv2d(128, 256, 3, 2, 1).to(memory_format=CL)
+    kept = copy.deepcopy(plain)
+    apply_tweaks(kept, ("matmul_weight_grad",))
+    plan_as(monkeypatch, False, False)
+    xs = [torch.randn(4, 128, 8, 8).contiguous(memory_format=CL).requires_grad_(True) for _ in range(2)]
+    xs[1].data.copy_(xs[0].data)
+    runs = matmul_runs(monkeypatch)
+    for net, x in zip((plain, kept), xs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            net(x).float().square().sum().backward()
+    assert runs == [1]
+    for got, want in [(xs[1].grad, xs[0].grad), (kept.weight.grad, plain.weight.grad)]:
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    torch.testing.assert_close(kept.bias.grad.to(torch.bfloat16).float(), plain.bias.grad, rtol=2 ** -8, atol=0)
+
+
+def test_each_conv_shape_is_planned_by_measuring_once_per_machine(tmp_path, monkeypatch):
+    """Each gradient goes to whichever of oneDNN and the GEMM was timed faster for the conv's shape; the
+    plan is kept in the cache, so the next run (a new process: the file read afresh) measures nothing;
+    another thread count is another shape."""
+    monkeypatch.setenv("MULTITAG_CACHE", str(tmp_path))
+    times = iter([2.0, 1.0,      # input gradient: oneDNN 2 s, GEMM 1 s -> GEMM
+                  1.0, 2.0])     # weight gradient: oneDNN 1 s, GEMM 2 s -> oneDNN
+    order = []
+
+    def fake_best_seconds(fn, reps, device=None, warmup=2):
+        order.append(fn)
+        return next(times)
+    monkeypatch.setattr(matmul_conv, "best_seconds", fake_best_seconds)
+    used = {"input": 0, "weight": 0}
+    for name in used:
+        real = getattr(matmul_conv, f"{name}_grad_by_matmul")
+        monkeypatch.setattr(matmul_conv, f"{name}_grad_by_matmul",
+                            lambda *a, real=real, name=name: used.__setitem__(name, used[name] + 1) or real(*a))
+    conv = nn.Conv2d(128, 256, 3, 2, 1, bias=False).to(memory_format=CL)
+    apply_tweaks(conv, ("matmul_weight_grad",))
+    x = torch.randn(2, 128, 8, 8).contiguous(memory_format=CL).requires_grad_(True)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            conv(x).float().sum().backward()
+    step()
+    assert len(order) == 4 and used == {"input": 1, "weight": 0}      # timed fns are not called by the fake
+    saved = json.loads((tmp_path / "conv_grad_plans.json").read_text())
+    assert list(saved.values()) == [[True, False]]
+    matmul_conv._known.cache_clear()                                    # as a new process would
+    step()
+    assert len(order) == 4 and used == {"input": 2, "weight": 0}
+    other_threads = 2 if torch.get_num_threads() == 1 else 1
+    with runtime.Runtime(torch.device("cpu"), "bf16", True, other_threads).thread_count():
+        times = iter([1.0, 2.0, 2.0, 1.0])                               # measured the other way round
+        step()
+    assert len(order) == 8 and used == {"input": 2, "weight": 1}
+    assert sorted(map(tuple, json.loads((tmp_path / "conv_grad_plans.json").read_text()).values())) == \
+        [(False, True), (True, False)]
 
 
 def test_odd_width_batchnorm_runs_on_an_nchw_copy_and_gives_the_same_values(monkeypatch):
