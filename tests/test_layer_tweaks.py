@@ -1,5 +1,5 @@
 """Layer tweaks: depthwise convs in fp32 under bf16 autocast, BatchNorm at widths not ÷16 on an NCHW
-copy, dense convs on small maps taking their weight gradient from one matmul. Only the selected layers
+copy, dense convs on small maps taking their gradients from GEMMs where measured faster per shape. Only the selected layers
 change, nothing else does (outputs outside autocast, state-dict keys, copies), and the runtime measures them as candidates and keeps the choice across a resume."""
 from __future__ import annotations
 
