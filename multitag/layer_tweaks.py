@@ -15,13 +15,13 @@ model with and without these:
   1.1) and only 1.5x at multiples of 16 (32 ch 1.8 vs 1.2), where the two copies would cost more than
   they save; with 1 thread 2-4x (8 ch 1.97 vs 0.52), where the copies can eat the gain — which is
   why it is a measured candidate, not a rule.
-- ``matmul_weight_grad`` (bf16 only; named before it took the input gradient too): ungrouped convs with
-  large weights, on output maps of at most 8x8 positions, compute their weight gradient as one GEMM over
-  the k*k shifted views of the input, and their input gradient as one GEMM and a col2im, each where that
-  was measured faster than oneDNN's bf16 kernel for the conv's shape on this machine (matmul_conv.py:
-  2-6x on the weight gradient of the AMX machine, slower on some shapes of others). ResNet-18's last two
-  stages at 128 px: training step 1.12x with the weight gradient, 1.01-1.06x more with the input gradient
-  on 4x4 maps (AMX machine).
+- ``matmul_weight_grad`` (bf16 and fp32; named before it took the input gradient and fp32 too): ungrouped
+  convs with large weights, on output maps of at most 8x8 positions, compute their weight gradient as one
+  GEMM over the k*k shifted views of the input, and their input gradient as one GEMM and a col2im, each
+  where that was measured faster than oneDNN's kernel for the conv's shape and dtype on this machine
+  (matmul_conv.py: 2-6x on the bf16 weight gradient of the AMX machine, ~2x in fp32 on the Intel machine
+  without bf16, slower on some shapes of others). ResNet-18's last two stages at 128 px: training step
+  1.12x with the weight gradient, 1.01-1.06x more with the input gradient on 4x4 maps (AMX machine).
 
 - ``fused_batchnorm`` (channels_last only, bf16 and fp32): BatchNorm, the residual add and the ReLU of ResNet blocks
   (and plain BatchNorm layers) as one C++ kernel each way (fused_batchnorm.py): ATen's separate kernels
@@ -33,9 +33,9 @@ model with and without these:
 
 All swap the layer's class for a subclass with another forward, so parameters, buffers and
 state-dict keys are unchanged (checkpoints, EMA copies, exports are unaffected). They act only where
-a backward follows (training); ``fp32_depthwise`` and ``matmul_weight_grad`` do nothing outside autocast,
-``nchw_odd_batchnorm`` nothing to NCHW inputs, ``fused_batchnorm`` and ``max_pool_kernel`` nothing in eval
-mode or off bf16 channels_last CPU tensors, so scoring and the fp32 predictor compute exactly what they
+a backward follows (training); ``fp32_depthwise`` does nothing outside autocast, ``matmul_weight_grad``
+nothing outside bf16 autocast or fp32, ``nchw_odd_batchnorm`` nothing to NCHW inputs, ``fused_batchnorm`` and ``max_pool_kernel`` nothing in eval
+mode or off channels_last CPU tensors of their dtypes, so scoring and the fp32 predictor compute exactly what they
 computed before.
 """
 from __future__ import annotations
@@ -137,15 +137,22 @@ def _matmul_wgrad_forward(base: type) -> Callable:
     pad_same = _same_padder(base)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (torch.get_autocast_dtype(x.device.type) != torch.bfloat16 or not torch.is_autocast_enabled(x.device.type)
-                or not _backward_follows(self, x)):
+        dtype = _matmul_conv_dtype(x)
+        if dtype is None or not _backward_follows(self, x):
             return base.forward(self, x)
         x, padding = _padded(self, x, pad_same)
-        if _conv_out_positions(self, x, padding) > matmul_conv.MAX_POSITIONS:   # autocast's conv, as before
+        if _conv_out_positions(self, x, padding) > matmul_conv.MAX_POSITIONS:   # the conv as before
             return F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
-        return matmul_conv.Bf16MatmulConv.apply(x.to(torch.bfloat16), self.weight, self.bias, self.stride, padding,
-                                           self.dilation)
+        return matmul_conv.MatmulConv.apply(x.to(dtype), self.weight, self.bias, self.stride, padding, self.dilation)
     return forward
+
+
+def _matmul_conv_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype the matmul conv computes in: bf16 under bf16 autocast, fp32 for fp32 inputs with autocast
+    off (the runtime's fp32 candidates), None (the layer's own forward) otherwise."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.bfloat16 if torch.get_autocast_dtype(x.device.type) == torch.bfloat16 else None
+    return torch.float32 if x.dtype == torch.float32 else None
 
 
 def _fp32_backward_forward(base: type) -> Callable:
@@ -191,7 +198,7 @@ TWEAKS = {
     "nchw_odd_batchnorm": Tweak(_is_odd_batchnorm, _nchw_forward, "NCHW BatchNorm at widths not ÷16",
                                 frozenset({"fp32", "bf16"}), frozenset({True})),
     "matmul_weight_grad": Tweak(_is_dense_conv, _matmul_wgrad_forward, "conv gradients by matmul where measured faster on maps ≤ 8×8",
-                                frozenset({"bf16"}), frozenset({False, True})),
+                                frozenset({"fp32", "bf16"}), frozenset({False, True})),
 }
 
 

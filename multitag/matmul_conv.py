@@ -1,7 +1,7 @@
-"""A bf16 conv whose gradients on small output maps are GEMMs where that is faster, decided per conv shape
-by measuring both on this machine (layer_tweaks' ``matmul_weight_grad``).
+"""A conv (bf16 under autocast, or plain fp32) whose gradients on small output maps are GEMMs where that is
+faster, decided per conv shape by measuring both on this machine (layer_tweaks' ``matmul_weight_grad``).
 
-oneDNN's bf16 backward kernels reduce over batch x output positions; on maps of a few positions they run
+oneDNN's backward kernels reduce over batch x output positions; on maps of a few positions they run
 far below the GEMMs the same products make, but by how much — and whether at all — differs between CPUs:
 - weight gradient, the AMX Intel machine (batch 32, channels_last, 2 threads): 512->512 3x3 on 4²
   8.8 vs 1.7 ms by GEMM, 256->512 3x3/2 8²->4² 5.0 vs 1.0, 512->512 on 7² 11.4 vs 5.3, 320->1280 1x1 on
@@ -11,6 +11,9 @@ far below the GEMMs the same products make, but by how much — and whether at a
 - input gradient: on the AMX machine the GEMM won on 4² maps (512->512 4.24 vs 1.96 ms, 256->512/2 2.56 vs
   1.24) and lost on 7²-8² (256->256 on 8²: 2.95 vs 1.23); on the AMD family 25 machine it lost on 4² too
   (512->512: 253 vs 347 GFLOP/s), where a fixed 4x4 rule cost the step 3 % (RESULTS run T).
+- fp32, on the Intel machine without bf16 instructions (family 6 model 106, where the runtime trains in
+  fp32; RESULTS run U): oneDNN's weight gradient 71 vs 153 GFLOP/s by GEMM on 256->512/2 8²->4², 104 vs
+  172 on 512->512 on 4²; its input gradient 118 vs 171 there, but 176 vs 72 on 64->64 on 32².
 So each conv shape (input, weight, stride, padding, dilation, thread count) is timed once both ways on
 its first backward, with the real tensors, and the plan is kept in ``<cache root>/conv_grad_plans.json``
 per machine (a rerun computes what the last run computed, and pays no measurement).
@@ -48,7 +51,7 @@ def weight_grad_by_matmul(grad: torch.Tensor, x: torch.Tensor, kernel: tuple[int
                           dilation) -> torch.Tensor:
     """dL/dW of a conv2d as one GEMM: the k*k shifted (strided, dilated) views of the zero-padded input
     side by side, against the output gradient, over every batch position.
-    grad (B, O, Ho, Wo) and x (B, C, H, W) bf16 -> (O, C, kh, kw) bf16 (channels_last strides)."""
+    grad (B, O, Ho, Wo) and x (B, C, H, W) bf16 or fp32 -> (O, C, kh, kw), same dtype (channels_last strides)."""
     (b, c), (ho, wo), (kh, kw) = x.shape[:2], grad.shape[2:], kernel
     ph, pw = padding
     xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, pw, pw, ph, ph))                   # (B, H+2ph, W+2pw, C)
@@ -61,11 +64,11 @@ def weight_grad_by_matmul(grad: torch.Tensor, x: torch.Tensor, kernel: tuple[int
 def input_grad_by_matmul(grad: torch.Tensor, w: torch.Tensor, x_shape: torch.Size, stride, padding,
                          dilation) -> torch.Tensor:
     """dL/dx of a conv2d as one GEMM and a col2im: the output gradient against the weight gives each
-    output position's share for each of its k*k input taps (bf16, fp32-accumulated over the O channels),
-    and the shares are summed into the zero-padded input in fp32, then rounded to bf16 — k*k bf16
-    roundings of the shares where oneDNN rounds the sum once (measured worst 2e-3 of the largest
-    gradient, tests/test_layer_tweaks.py). grad (B, O, Ho, Wo), w (O, C, kh, kw) bf16 -> (B, C, H, W)
-    bf16 (channels_last strides)."""
+    output position's share for each of its k*k input taps (in the grad's dtype, fp32-accumulated over
+    the O channels), and the shares are summed into the zero-padded input in fp32, then rounded to that
+    dtype — in bf16, k*k roundings of the shares where oneDNN rounds the sum once (measured worst 2e-3 of
+    the largest gradient, tests/test_layer_tweaks.py). grad (B, O, Ho, Wo), w (O, C, kh, kw) bf16 or
+    fp32 -> (B, C, H, W), same dtype (channels_last strides)."""
     (b, c, h, wd), (ho, wo), (kh, kw), (ph, pw) = x_shape, grad.shape[2:], w.shape[-2:], padding
     g = grad.permute(0, 2, 3, 1).reshape(b * ho * wo, -1)                       # (B*Ho*Wo, O)
     shares = (g @ w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)).view(b, ho, wo, kh * kw, c)
@@ -88,8 +91,8 @@ class Plan(NamedTuple):
 
 def _plan_key(grad, x, w, stride, padding, dilation) -> str:
     from multitag.runtime import machine_fingerprint      # runtime imports the tweaks, which import this
-    return json.dumps([machine_fingerprint(x.device), torch.__version__, torch.get_num_threads(), list(x.shape),
-                       list(w.shape), list(grad.shape), list(stride), list(padding), list(dilation)])
+    return json.dumps([machine_fingerprint(x.device), torch.__version__, torch.get_num_threads(), str(x.dtype),
+                       list(x.shape), list(w.shape), list(grad.shape), list(stride), list(padding), list(dilation)])
 
 
 def _plans_path() -> Path:
@@ -132,22 +135,23 @@ def plan_for(grad, x, w, stride, padding, dilation) -> Plan:
     return Plan(*known[key])
 
 
-class Bf16MatmulConv(torch.autograd.Function):
-    """conv2d in bf16 (oneDNN's forward, as under plain autocast) whose input and weight gradients each
-    come from a GEMM (input_grad_by_matmul, weight_grad_by_matmul) or from oneDNN, as plan_for measured."""
+class MatmulConv(torch.autograd.Function):
+    """conv2d in x's dtype (oneDNN's forward, as under plain autocast in bf16 or plain fp32) whose input and
+    weight gradients each come from a GEMM (input_grad_by_matmul, weight_grad_by_matmul) or from oneDNN,
+    as plan_for measured for this shape and dtype."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, dilation):
-        # x (B, C, H, W) bf16, already padded when the layer pads in its forward; weight (O, C, k, k) fp32
+        # x (B, C, H, W) bf16 or fp32, already padded when the layer pads in its forward; weight (O, C, k, k) fp32
         w = weight.to(x.dtype)
         ctx.save_for_backward(x, w)
-        ctx.conv = (list(stride), list(padding), list(dilation), bias is not None)
+        ctx.conv = (list(stride), list(padding), list(dilation), bias is not None, weight.dtype)
         return F.conv2d(x, w, None if bias is None else bias.to(x.dtype), stride, padding, dilation)
 
     @staticmethod
     def backward(ctx, grad):
         x, w = ctx.saved_tensors
-        stride, padding, dilation, has_bias = ctx.conv
+        stride, padding, dilation, has_bias, weight_dtype = ctx.conv
         grad, needs = grad.to(x.dtype), ctx.needs_input_grad
         plan = plan_for(grad, x, w, stride, padding, dilation)
         by_onednn = (needs[0] and not plan.input_grad_by_matmul, needs[1] and not plan.weight_grad_by_matmul)
@@ -157,4 +161,4 @@ class Bf16MatmulConv(torch.autograd.Function):
         if needs[1] and plan.weight_grad_by_matmul:
             gw = weight_grad_by_matmul(grad, x, w.shape[-2:], stride, padding, dilation)
         gb = grad.sum((0, 2, 3), dtype=torch.float32) if has_bias and needs[2] else None
-        return gx, None if gw is None else gw.float(), gb, None, None, None
+        return gx, None if gw is None else gw.to(weight_dtype), gb, None, None, None

@@ -106,7 +106,7 @@ def test_a_tf_same_padded_depthwise_conv_computes_what_it_computed(monkeypatch):
 
 def matmul_runs(monkeypatch) -> list[int]:
     """Convs through the GEMM-gradient conv function."""
-    return runs_of(monkeypatch, matmul_conv.Bf16MatmulConv)
+    return runs_of(monkeypatch, matmul_conv.MatmulConv)
 
 
 def plan_as(monkeypatch, input_grad: bool, weight_grad: bool) -> None:
@@ -114,13 +114,16 @@ def plan_as(monkeypatch, input_grad: bool, weight_grad: bool) -> None:
     monkeypatch.setattr(matmul_conv, "plan_for", lambda *a: matmul_conv.Plan(input_grad, weight_grad))
 
 
-@pytest.mark.parametrize("width,kernel,stride,padding,dilation,size,bias", [
+SMALL_MAP_CONVS = pytest.mark.parametrize("width,kernel,stride,padding,dilation,size,bias", [
     (128, 3, 1, 1, 1, 4, False),          # ResNet-18's last stage at 128 px (narrower)
     (128, 3, 2, 1, 1, 8, True),           # its strided entry, 8² -> 4²
     (256, 1, 2, 0, 1, 8, False),          # the 1x1 downsample
     (128, 3, 1, 2, 2, 7, False),          # dilated, odd size
     (128, 3, (2, 1), (1, 0), 1, 7, True),  # unequal strides and padding
 ])
+
+
+@SMALL_MAP_CONVS
 def test_small_map_convs_take_their_weight_gradient_from_one_matmul(monkeypatch, width, kernel, stride, padding,
                                                                      dilation, size, bias):
     """The forward is autocast's own; by matmul the weight (and bias) gradient is the fp32 sum over the
@@ -160,9 +163,47 @@ def test_small_map_convs_take_their_weight_gradient_from_one_matmul(monkeypatch,
     torch.testing.assert_close(kept.weight.grad, plain.weight.grad, rtol=2 ** -6, atol=2e-3 * plain.weight.grad.abs().max().item())
 
 
+@SMALL_MAP_CONVS
+def test_fp32_small_map_convs_take_their_gradients_from_matmuls_to_fp32_rounding(monkeypatch, width, kernel, stride,
+                                                                                 padding, dilation, size, bias):
+    """Without autocast (the runtime's fp32 candidates) the forward is the plain fp32 conv, bitwise; by
+    matmul both gradients are fp32 sums in another order than oneDNN's (fp32 rounding apart, checked
+    against fp64), and planned for oneDNN they are oneDNN's own, bitwise."""
+    torch.manual_seed(0)
+    plain = nn.Conv2d(width, 2 * width, kernel, stride, padding, dilation, bias=bias).to(memory_format=CL)
+    x = torch.randn(3, width, size, size).contiguous(memory_format=CL)
+    ref = copy.deepcopy(plain).double()
+    x_ref = x.double().requires_grad_(True)
+    y_ref = ref(x_ref)
+    g = torch.randn(y_ref.shape)
+    y_ref.backward(g.double())
+    runs = matmul_runs(monkeypatch)
+    for by_matmul in (True, False):
+        nets = [copy.deepcopy(plain) for _ in range(2)]
+        apply_tweaks(nets[1], ("matmul_weight_grad",))
+        xs = [x.clone().requires_grad_(True) for _ in range(2)]
+        plan_as(monkeypatch, by_matmul, by_matmul)
+        ys = [net(xi) for net, xi in zip(nets, xs)]
+        assert ys[1].dtype == torch.float32 and torch.equal(ys[1], ys[0])
+        for y in ys:
+            y.backward(g)
+        got, plain_grads = [(xs[1].grad, nets[1].weight.grad)], [(xs[0].grad, nets[0].weight.grad)]
+        for (a, b), (c, d) in zip(got, plain_grads):
+            assert a.dtype == b.dtype == torch.float32 and a.shape == x.shape and b.shape == plain.weight.shape
+            if by_matmul:
+                for mine, want in [(a, x_ref.grad), (b, ref.weight.grad)]:
+                    torch.testing.assert_close(mine.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+            else:
+                assert torch.equal(a, c) and torch.equal(b, d)
+        if bias:
+            torch.testing.assert_close(nets[1].bias.grad.double(), ref.bias.grad, rtol=1e-5, atol=1e-4)
+    assert runs == [1, 1]
+
+
 def test_the_matmul_weight_gradient_is_only_for_small_maps_and_large_layers(monkeypatch):
     """Larger maps run autocast's conv as before; layers with small weights and grouped or self-padding
-    subclasses are not selected; outside autocast the layer is the original. timm's Conv2dSame pads as it did."""
+    subclasses are not selected; outside bf16 autocast and fp32 the layer is the original, and on large
+    maps in fp32 too. timm's Conv2dSame pads as it did."""
     from timm.layers.conv2d_same import Conv2dSame
 
     torch.manual_seed(0)
@@ -176,7 +217,10 @@ def test_the_matmul_weight_gradient_is_only_for_small_maps_and_large_layers(monk
     assert runs == [1]
     plain = copy.deepcopy(conv)
     plain.__class__ = nn.Conv2d
-    assert torch.equal(conv(big), plain(big)) and runs == [1]                # no autocast: the original layer
+    assert torch.equal(conv(big), plain(big)) and runs == [1]                # fp32 on 81 positions: the original's
+    small = big[:, :, :4, :4].double()
+    assert torch.equal(conv.double()(small), plain.double()(small)) and runs == [1]     # fp64: the original layer
+    conv.float(), plain.float()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         conv(big[:, :, :4, :4])
     assert runs == [1]                                                       # scoring: no backward follows
@@ -224,7 +268,7 @@ def test_convs_planned_for_onednn_give_autocasts_own_gradients(monkeypatch):
 def test_each_conv_shape_is_planned_by_measuring_once_per_machine(tmp_path, monkeypatch):
     """Each gradient goes to whichever of oneDNN and the GEMM was timed faster for the conv's shape; the
     plan is kept in the cache, so the next run (a new process: the file read afresh) measures nothing;
-    another thread count is another shape."""
+    another thread count or dtype is another shape."""
     monkeypatch.setenv("MULTITAG_CACHE", str(tmp_path))
     times = iter([2.0, 1.0,      # input gradient: oneDNN 2 s, GEMM 1 s -> GEMM
                   1.0, 2.0])     # weight gradient: oneDNN 1 s, GEMM 2 s -> oneDNN
@@ -260,6 +304,9 @@ def test_each_conv_shape_is_planned_by_measuring_once_per_machine(tmp_path, monk
     assert len(order) == 8 and used == {"input": 2, "weight": 1}
     assert sorted(map(tuple, json.loads((tmp_path / "conv_grad_plans.json").read_text()).values())) == \
         [(False, True), (True, False)]
+    times = iter([2.0, 1.0, 2.0, 1.0])                                   # fp32, the same shape: planned afresh
+    conv(x).sum().backward()
+    assert len(order) == 12 and used == {"input": 3, "weight": 2}
 
 
 def test_odd_width_batchnorm_runs_on_an_nchw_copy_and_gives_the_same_values(monkeypatch):
@@ -387,7 +434,7 @@ def test_a_tweak_left_without_layers_by_an_earlier_one_is_not_a_candidate():
     tweaks = available_tweaks(model)
     assert tweaks == ("fused_batchnorm", "fp32_depthwise", "nchw_odd_batchnorm", "matmul_weight_grad")
     assert tweaks_for(tweaks, "bf16", True, model) == ("fused_batchnorm", "fp32_depthwise", "matmul_weight_grad")
-    assert tweaks_for(tweaks, "fp32", True, model) == ("fused_batchnorm",)
+    assert tweaks_for(tweaks, "fp32", True, model) == ("fused_batchnorm", "matmul_weight_grad")
     assert tweaks_for(("nchw_odd_batchnorm",), "fp32", True, model) == ("nchw_odd_batchnorm",)
     cands = runtime.candidates(torch.device("cpu"), threads=1, tweaks=tweaks, model=model)
     assert ("bf16", True, 1, ("fused_batchnorm", "fp32_depthwise", "matmul_weight_grad")) in cands
