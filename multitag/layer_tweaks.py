@@ -28,7 +28,7 @@ model with and without these:
   took ~8 passes over the activation where it takes 4; ResNet-18's training step 1.12-1.17x at 128 px,
   1.20x at 224, EfficientNet-Lite0's 1.29x. Listed first, so that the BatchNorms it takes at odd widths are
   fused rather than copied to NCHW (tweaks_for then leaves out a tweak with no layer left).
-- ``max_pool_kernel`` (bf16 channels_last only): the ResNet stem's 3x3/2 max-pool by multitag's kernel
+- ``max_pool_kernel`` (channels_last only, bf16 and fp32): the ResNet stem's 3x3/2 max-pool by multitag's kernel
   (max_pool.py), whose backward gathers per input position where ATen's scatters.
 
 All swap the layer's class for a subclass with another forward, so parameters, buffers and
@@ -192,7 +192,7 @@ TWEAKS = {
                              "BatchNorm + residual + ReLU(6) fused", frozenset({"fp32", "bf16"}), frozenset({True}),
                              cpu_kernels.unavailable_reason),
     "max_pool_kernel": Tweak(max_pool.selects, max_pool.make_forward, "3×3/2 max-pool by multitag's kernel",
-                             frozenset({"bf16"}), frozenset({True}), cpu_kernels.unavailable_reason),
+                             frozenset({"fp32", "bf16"}), frozenset({True}), cpu_kernels.unavailable_reason),
     "fp32_depthwise": Tweak(_is_depthwise, _fp32_backward_forward, "depthwise backward in fp32", frozenset({"bf16"}),
                             frozenset({False, True})),
     "nchw_odd_batchnorm": Tweak(_is_odd_batchnorm, _nchw_forward, "NCHW BatchNorm at widths not ÷16",

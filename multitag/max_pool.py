@@ -1,10 +1,12 @@
-"""The ResNet stem's 3x3/2 max-pool by multitag's kernel in bf16 channels_last training (kernels/max_pool.cpp).
+"""The ResNet stem's 3x3/2 max-pool by multitag's kernel in bf16 or fp32 channels_last training
+(kernels/max_pool.cpp).
 
-ATen's channels_last bf16 max-pool backward scatters every output's gradient onto its argmax; on the stem's
-map (B, 64, H/2, W/2) forward + backward took as long as two stages' BatchNorms (RESULTS run S). The kernel
-stores the winning tap per output value (one byte) and gathers the backward per input position — the same
-values (PyTorch's winner: first strictly larger in (kh, kw) order, NaN winning), the gradient summed in fp32
-and rounded once where two windows chose the same input.
+ATen's channels_last max-pool backward scatters every output's gradient onto its argmax; on the stem's map
+(B, 64, H/2, W/2) forward + backward took as long as two stages' BatchNorms in bf16 (RESULTS run S), and
+~31 ms of a ~620 ms fp32 step on the Intel machine without bf16 (run U). The kernel stores the winning tap
+per output value (one byte) and gathers the backward per input position — the same values (PyTorch's
+winner: first strictly larger in (kh, kw) order, NaN winning), the gradient summed in fp32 (rounded once
+in bf16) where two windows chose the same input, in ATen's order.
 
 The layer tweak ``max_pool_kernel`` (layer_tweaks.py): plain ``nn.MaxPool2d(3, 2, 1)`` layers only; eval mode,
 no autograd, other dtypes, layouts or devices and torch.compile tracing run nn.MaxPool2d's own forward.
@@ -18,7 +20,7 @@ from multitag.cpu_kernels import kernels, takes
 
 
 class _MaxPool3x3s2(torch.autograd.Function):
-    """(B, C, H, W) bf16 channels_last → (B, C, ⌊(H-1)/2⌋+1, ⌊(W-1)/2⌋+1)."""
+    """(B, C, H, W) bf16 or fp32 channels_last → (B, C, ⌊(H-1)/2⌋+1, ⌊(W-1)/2⌋+1), same dtype."""
 
     @staticmethod
     def forward(ctx, x):
@@ -46,7 +48,7 @@ def selects(m: nn.Module) -> bool:
 
 
 def _forward(self: nn.MaxPool2d, x: torch.Tensor) -> torch.Tensor:
-    if torch.is_grad_enabled() and x.requires_grad and takes(x, (torch.bfloat16,)) and min(x.shape[2:]) >= 2:
+    if torch.is_grad_enabled() and x.requires_grad and takes(x, (torch.bfloat16, torch.float32)) and min(x.shape[2:]) >= 2:
         return _MaxPool3x3s2.apply(x)
     return nn.MaxPool2d.forward(self, x)
 

@@ -46,6 +46,21 @@ def test_values_and_gradient(shape):
     assert ((ours.grad.double() - ref).abs() <= 2.0 ** -8 * ref.abs()).all()      # one rounding of the exact sum
 
 
+@pytest.mark.parametrize("shape", [(2, 16, 9, 7), (2, 64, 16, 15)])
+def test_fp32_values_and_gradient_are_atens(shape):
+    """fp32 channels_last (the runtime's fp32 candidates): ATen's values and, since the kernel sums the
+    windows in ATen's order from zero, ATen's gradient bitwise."""
+    x = tricky_map(shape).float().contiguous(memory_format=CL)
+    x[0, 1, 2, 3] = 0.1                                            # values bf16 cannot hold
+    mine, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y, want = _MaxPool3x3s2.apply(mine), F.max_pool2d(theirs, 3, 2, 1)
+    assert y.dtype == torch.float32 and y.is_contiguous(memory_format=CL)
+    assert torch.equal(y.nan_to_num(7.0), want.nan_to_num(7.0))
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).contiguous(memory_format=CL)
+    y.backward(dy), want.backward(dy)
+    assert mine.grad.dtype == torch.float32 and torch.equal(mine.grad, theirs.grad)
+
+
 def test_selects_only_the_stem_pool():
     assert selects(nn.MaxPool2d(3, 2, 1)) and selects(nn.MaxPool2d((3, 3), (2, 2), (1, 1)))
     for other in [nn.MaxPool2d(2), nn.MaxPool2d(3, 2, 1, ceil_mode=True), nn.MaxPool2d(3, 2, 1, return_indices=True),
@@ -71,5 +86,5 @@ def test_tweaked_resnet_stem_pools_exactly_and_falls_back_outside_training():
     plain.eval(), kept.eval()
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
         assert torch.equal(plain(x), kept(x))
-    fp32 = torch.randn(2, 8, 6, 6, requires_grad=True)
-    assert torch.equal(kept.maxpool(fp32), F.max_pool2d(fp32, 3, 2, 1))
+    nchw = torch.randn(2, 8, 6, 6, requires_grad=True)                 # not channels_last: ATen's own
+    assert torch.equal(kept.maxpool(nchw), F.max_pool2d(nchw, 3, 2, 1))

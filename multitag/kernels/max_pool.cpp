@@ -1,11 +1,12 @@
-// The ResNet stem's max-pool (3x3, stride 2, padding 1) on channels_last bf16 maps, forward and backward.
+// The ResNet stem's max-pool (3x3, stride 2, padding 1) on channels_last bf16 or fp32 maps, forward and backward.
 //
-// Why: ATen's channels_last bf16 max-pool backward scatters each output's gradient onto its argmax one
+// Why: ATen's channels_last max-pool backward (bf16 and fp32) scatters each output's gradient onto its argmax one
 // element at a time; on the stem's full-resolution map it took ~18 ms of a 128 px ResNet-18 step
 // (multitag/max_pool.py, RESULTS run S). Here the forward keeps, per output value, which of the 9 taps
 // won (one byte), and the backward gathers: each input position sums the gradients of the (at most 2x2)
 // windows that chose it, in fp32, rounded once — every row written by one thread, no scatter, no zeroing
-// pass. The winner is PyTorch's: the first strictly larger value in (kh, kw) order, NaN winning.
+// pass (in fp32 the sum is ATen's own: the windows in the same order, from 0). The winner is PyTorch's: the
+// first strictly larger value in (kh, kw) order, NaN winning.
 #include "kernels.h"
 
 #include <ATen/Parallel.h>
@@ -19,19 +20,11 @@ constexpr int64_t kSize = 3, kStride = 2, kPad = 1;
 
 int64_t pooled(int64_t n) { return (n + 2 * kPad - kSize) / kStride + 1; }
 
-}  // namespace
-
-// x: (N, C, H, W) channels_last bf16. Returns {y: (N, C, OH, OW) channels_last bf16, argmax: uint8 of
-// the same layout, the winning tap kh * 3 + kw of each output value}.
-std::vector<at::Tensor> max_pool_forward(const at::Tensor& x) {
-  check_map(x, "x");
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  TORCH_CHECK(H >= 2 && W >= 2, "max_pool_forward needs maps of at least 2x2");
-  const int64_t OH = pooled(H), OW = pooled(W);
-  at::Tensor y = at::empty({N, C, OH, OW}, x.options(), at::MemoryFormat::ChannelsLast);
-  at::Tensor argmax = at::empty({N, C, OH, OW}, x.options().dtype(at::kByte), at::MemoryFormat::ChannelsLast);
-  const bf16_t* X = bits(x);
-  bf16_t* Y = bits_mut(y);
+template <typename T>
+void pool_forward(const at::Tensor& x, at::Tensor& y, at::Tensor& argmax) {
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), OH = y.size(2), OW = y.size(3);
+  const T* X = data_of<T>(x);
+  T* Y = data_of_mut<T>(y);
   uint8_t* A = argmax.data_ptr<uint8_t>();
   at::parallel_for(0, N * OH, 1, [&](int64_t first, int64_t last) {
     std::vector<float> best(C);
@@ -47,7 +40,7 @@ std::vector<at::Tensor> max_pool_forward(const at::Tensor& x) {
           for (int64_t kw = 0; kw < kSize; ++kw) {
             const int64_t w = ow * kStride - kPad + kw;
             if (w < 0 || w >= W) continue;
-            const bf16_t* __restrict v = X + ((n * H + h) * W + w) * C;
+            const T* __restrict v = X + ((n * H + h) * W + w) * C;
             const uint8_t tap = uint8_t(kh * kSize + kw);
             if (first_tap) {                       // PyTorch starts from -inf at the first valid tap
 #pragma omp simd
@@ -67,27 +60,20 @@ std::vector<at::Tensor> max_pool_forward(const at::Tensor& x) {
             }
           }
         }
-        bf16_t* __restrict out = Y + ((n * OH + oh) * OW + ow) * C;
+        T* __restrict out = Y + ((n * OH + oh) * OW + ow) * C;
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) out[c] = to_bf16(m[c]);     // exact: m holds a bf16 value
+        for (int64_t c = 0; c < C; ++c) out[c] = from_float<T>(m[c]);     // exact: m holds a T value
       }
     }
   });
-  return {y, argmax};
 }
 
-// dy: (N, C, OH, OW) channels_last bf16, argmax from the forward. Returns dx: (N, C, height, width).
-at::Tensor max_pool_backward(const at::Tensor& dy, const at::Tensor& argmax, int64_t height, int64_t width) {
-  check_map(dy, "dy");
-  const int64_t N = dy.size(0), C = dy.size(1), OH = dy.size(2), OW = dy.size(3), H = height, W = width;
-  TORCH_CHECK(argmax.sizes() == dy.sizes() && argmax.scalar_type() == at::kByte &&
-                  argmax.is_contiguous(at::MemoryFormat::ChannelsLast),
-              "argmax must be the forward's (uint8, dy's shape, channels_last)");
-  TORCH_CHECK(pooled(H) == OH && pooled(W) == OW, "height and width must be the forward input's");
-  at::Tensor dx = at::empty({N, C, H, W}, dy.options(), at::MemoryFormat::ChannelsLast);
-  const bf16_t* G = bits(dy);
+template <typename T>
+void pool_backward(const at::Tensor& dy, const at::Tensor& argmax, at::Tensor& dx) {
+  const int64_t N = dy.size(0), C = dy.size(1), OH = dy.size(2), OW = dy.size(3), H = dx.size(2), W = dx.size(3);
+  const T* G = data_of<T>(dy);
   const uint8_t* A = argmax.data_ptr<uint8_t>();
-  bf16_t* DX = bits_mut(dx);
+  T* DX = data_of_mut<T>(dx);
   at::parallel_for(0, N * H, 1, [&](int64_t first, int64_t last) {
     std::vector<float> sum(C);
     for (int64_t row = first; row < last; ++row) {
@@ -104,17 +90,45 @@ at::Tensor max_pool_backward(const at::Tensor& dy, const at::Tensor& argmax, int
           for (int64_t ow = ow_lo; ow <= ow_hi; ++ow) {
             const uint8_t tap = uint8_t((h - oh * kStride + kPad) * kSize + (w - ow * kStride + kPad));
             const int64_t at = ((n * OH + oh) * OW + ow) * C;
-            const bf16_t* __restrict g = G + at;
+            const T* __restrict g = G + at;
             const uint8_t* __restrict a = A + at;
 #pragma omp simd
             for (int64_t c = 0; c < C; ++c) s[c] += a[c] == tap ? to_float(g[c]) : 0.f;
           }
         }
-        bf16_t* __restrict out = DX + ((n * H + h) * W + w) * C;
+        T* __restrict out = DX + ((n * H + h) * W + w) * C;
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) out[c] = to_bf16(s[c]);
+        for (int64_t c = 0; c < C; ++c) out[c] = from_float<T>(s[c]);
       }
     }
   });
+}
+
+}  // namespace
+
+// x: (N, C, H, W) channels_last bf16 or fp32. Returns {y: (N, C, OH, OW) channels_last, x's dtype, argmax:
+// uint8 of the same layout, the winning tap kh * 3 + kw of each output value}.
+std::vector<at::Tensor> max_pool_forward(const at::Tensor& x) {
+  check_map(x, "x", /*fp32_too=*/true);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  TORCH_CHECK(H >= 2 && W >= 2, "max_pool_forward needs maps of at least 2x2");
+  at::Tensor y = at::empty({N, C, pooled(H), pooled(W)}, x.options(), at::MemoryFormat::ChannelsLast);
+  at::Tensor argmax = at::empty(y.sizes(), x.options().dtype(at::kByte), at::MemoryFormat::ChannelsLast);
+  if (x.scalar_type() == at::kFloat) pool_forward<float>(x, y, argmax);
+  else pool_forward<bf16_t>(x, y, argmax);
+  return {y, argmax};
+}
+
+// dy: (N, C, OH, OW) channels_last bf16 or fp32, argmax from the forward. Returns dx: (N, C, height, width).
+at::Tensor max_pool_backward(const at::Tensor& dy, const at::Tensor& argmax, int64_t height, int64_t width) {
+  check_map(dy, "dy", /*fp32_too=*/true);
+  TORCH_CHECK(argmax.sizes() == dy.sizes() && argmax.scalar_type() == at::kByte &&
+                  argmax.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "argmax must be the forward's (uint8, dy's shape, channels_last)");
+  TORCH_CHECK(pooled(height) == dy.size(2) && pooled(width) == dy.size(3),
+              "height and width must be the forward input's");
+  at::Tensor dx = at::empty({dy.size(0), dy.size(1), height, width}, dy.options(), at::MemoryFormat::ChannelsLast);
+  if (dy.scalar_type() == at::kFloat) pool_backward<float>(dy, argmax, dx);
+  else pool_backward<bf16_t>(dy, argmax, dx);
   return dx;
 }
