@@ -34,9 +34,9 @@ model with and without these:
 All swap the layer's class for a subclass with another forward, so parameters, buffers and
 state-dict keys are unchanged (checkpoints, EMA copies, exports are unaffected). They act only where
 a backward follows (training); ``fp32_depthwise`` does nothing outside autocast, ``matmul_weight_grad``
-nothing outside bf16 autocast or fp32, ``nchw_odd_batchnorm`` nothing to NCHW inputs, ``fused_batchnorm`` and ``max_pool_kernel`` nothing in eval
-mode or off channels_last CPU tensors of their dtypes, so scoring and the fp32 predictor compute exactly what they
-computed before.
+nothing outside bf16 autocast or fp32, ``nchw_odd_batchnorm`` nothing to NCHW inputs, ``fused_batchnorm``
+and ``max_pool_kernel`` nothing in eval mode or off channels_last CPU tensors of their dtypes, so scoring
+and the fp32 predictor compute exactly what they computed before.
 """
 from __future__ import annotations
 

@@ -48,7 +48,8 @@ def selects(m: nn.Module) -> bool:
 
 
 def _forward(self: nn.MaxPool2d, x: torch.Tensor) -> torch.Tensor:
-    if torch.is_grad_enabled() and x.requires_grad and takes(x, (torch.bfloat16, torch.float32)) and min(x.shape[2:]) >= 2:
+    if (torch.is_grad_enabled() and x.requires_grad and takes(x, (torch.bfloat16, torch.float32))
+            and min(x.shape[2:]) >= 2):
         return _MaxPool3x3s2.apply(x)
     return nn.MaxPool2d.forward(self, x)
 

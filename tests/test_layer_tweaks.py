@@ -187,14 +187,13 @@ def test_fp32_small_map_convs_take_their_gradients_from_matmuls_to_fp32_rounding
         assert ys[1].dtype == torch.float32 and torch.equal(ys[1], ys[0])
         for y in ys:
             y.backward(g)
-        got, plain_grads = [(xs[1].grad, nets[1].weight.grad)], [(xs[0].grad, nets[0].weight.grad)]
-        for (a, b), (c, d) in zip(got, plain_grads):
-            assert a.dtype == b.dtype == torch.float32 and a.shape == x.shape and b.shape == plain.weight.shape
-            if by_matmul:
-                for mine, want in [(a, x_ref.grad), (b, ref.weight.grad)]:
-                    torch.testing.assert_close(mine.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
-            else:
-                assert torch.equal(a, c) and torch.equal(b, d)
+        gx, gw = xs[1].grad, nets[1].weight.grad
+        assert gx.dtype == gw.dtype == torch.float32 and gx.shape == x.shape and gw.shape == plain.weight.shape
+        if by_matmul:
+            for mine, want in [(gx, x_ref.grad), (gw, ref.weight.grad)]:
+                torch.testing.assert_close(mine.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+        else:
+            assert torch.equal(gx, xs[0].grad) and torch.equal(gw, nets[0].weight.grad)
         if bias:
             torch.testing.assert_close(nets[1].bias.grad.double(), ref.bias.grad, rtol=1e-5, atol=1e-4)
     assert runs == [1, 1]

@@ -292,9 +292,9 @@ std::vector<at::Tensor> batchnorm_act_forward(const at::Tensor& x, const at::Ten
     TORCH_CHECK(residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type(),
                 "residual must have x's shape and dtype");
   }
-  return x.scalar_type() == at::kFloat
-             ? forward_as<float>(x, weight, bias, running_mean, running_var, momentum, eps, residual, act)
-             : forward_as<bf16_t>(x, weight, bias, running_mean, running_var, momentum, eps, residual, act);
+  return with_element_type(x, [&](auto v) {
+    return forward_as<decltype(v)>(x, weight, bias, running_mean, running_var, momentum, eps, residual, act);
+  });
 }
 
 // dy, x, y: (N, C, H, W) channels_last, x's dtype (y: the forward's output, read only with a residual,
@@ -310,7 +310,7 @@ std::vector<at::Tensor> batchnorm_act_backward(const at::Tensor& dy, const at::T
   TORCH_CHECK(dy.sizes() == x.sizes() && y.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type() &&
                   y.scalar_type() == x.scalar_type(),
               "dy and y must have x's shape and dtype");
-  return x.scalar_type() == at::kFloat
-             ? backward_as<float>(dy, x, y, weight, mean, invstd, scale, shift, has_residual, act)
-             : backward_as<bf16_t>(dy, x, y, weight, mean, invstd, scale, shift, has_residual, act);
+  return with_element_type(x, [&](auto v) {
+    return backward_as<decltype(v)>(dy, x, y, weight, mean, invstd, scale, shift, has_residual, act);
+  });
 }

@@ -2,9 +2,9 @@
 // (bound to Python in module.cpp; multitag/cpu_kernels.py builds them into one extension).
 #pragma once
 
-// ATen's tensor core and the three ops used, not <torch/extension.h> (autograd, pybind11, the C++ API): the
-// kernels compiled ~3x faster so (max_pool.cpp 32 -> 9.5 s); only module.cpp's bindings need the full header.
-#include <ATen/Parallel.h>
+// ATen's tensor core and the two ops the kernels call (each .cpp includes ATen/Parallel.h itself), not
+// <torch/extension.h> (autograd, pybind11, the C++ API): the kernels compiled ~3x faster so (max_pool.cpp
+// 32 -> 9.5 s); module.cpp's bindings include torch's pybind casters themselves.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -44,6 +44,11 @@ inline void check_map(const at::Tensor& t, const char* name, bool fp32_too = fal
   TORCH_CHECK(t.device().is_cpu() && dtype_ok && t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast),
               name, fp32_too ? " must be a bf16 or fp32" : " must be a bf16",
               " channels_last CPU tensor of 4 dimensions");
+}
+
+// f(T{}) with T the element type of a map check_map(..., fp32_too) passed: float for fp32, bf16_t for bf16.
+template <typename F> decltype(auto) with_element_type(const at::Tensor& t, F&& f) {
+  return t.scalar_type() == at::kFloat ? f(float{}) : f(bf16_t{});
 }
 
 // A map's elements as T (bf16_t for bf16 maps, float for fp32 ones).

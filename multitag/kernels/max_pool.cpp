@@ -114,8 +114,7 @@ std::vector<at::Tensor> max_pool_forward(const at::Tensor& x) {
   TORCH_CHECK(H >= 2 && W >= 2, "max_pool_forward needs maps of at least 2x2");
   at::Tensor y = at::empty({N, C, pooled(H), pooled(W)}, x.options(), at::MemoryFormat::ChannelsLast);
   at::Tensor argmax = at::empty(y.sizes(), x.options().dtype(at::kByte), at::MemoryFormat::ChannelsLast);
-  if (x.scalar_type() == at::kFloat) pool_forward<float>(x, y, argmax);
-  else pool_forward<bf16_t>(x, y, argmax);
+  with_element_type(x, [&](auto v) { pool_forward<decltype(v)>(x, y, argmax); });
   return {y, argmax};
 }
 
@@ -128,7 +127,6 @@ at::Tensor max_pool_backward(const at::Tensor& dy, const at::Tensor& argmax, int
   TORCH_CHECK(pooled(height) == dy.size(2) && pooled(width) == dy.size(3),
               "height and width must be the forward input's");
   at::Tensor dx = at::empty({dy.size(0), dy.size(1), height, width}, dy.options(), at::MemoryFormat::ChannelsLast);
-  if (dy.scalar_type() == at::kFloat) pool_backward<float>(dy, argmax, dx);
-  else pool_backward<bf16_t>(dy, argmax, dx);
+  with_element_type(dy, [&](auto v) { pool_backward<decltype(v)>(dy, argmax, dx); });
   return dx;
 }
