@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import tempfile
@@ -108,3 +109,32 @@ def is_disk_full(e: BaseException) -> bool:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def read_json_object(path: str | Path) -> dict:
+    """The JSON object in ``path``, or {} when there is none yet or it is not one (e.g. a file from a version
+    that wrote without atomic_write, cut short by a kill): such files hold measurements, which are simply
+    taken again."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def update_json_object(path: str | Path, key: str, value) -> dict:
+    """Set ``key`` in the JSON object file ``path`` and return the whole object as written.
+
+    Several processes may measure at once (two runs started together, the ranks of a distributed run planning
+    their conv gradients), each adding its own keys: the file is read afresh and rewritten under an exclusive
+    lock on ``path``.lock, so none of them drops another's entries, and atomically, so a reader never sees
+    half a file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)        # released when the file closes, also when the process is killed
+        data = read_json_object(path)
+        data[key] = value
+        atomic_write_text(path, json.dumps(data, indent=1))
+    return data

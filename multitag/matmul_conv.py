@@ -21,7 +21,6 @@ per machine (a rerun computes what the last run computed, and pays no measuremen
 from __future__ import annotations
 
 import json
-import os
 from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 
 from multitag.ceiling import best_seconds
 from multitag.config import cache_root
+from multitag.fileio import read_json_object, update_json_object
 
 # Only output maps of at most this many positions, and weights of at least this many elements, are
 # measured: beyond them the GEMMs lost on every shape and machine measured (the examples above).
@@ -102,10 +102,7 @@ def _plans_path() -> Path:
 @lru_cache(maxsize=None)
 def _known(path: Path) -> dict[str, list[bool]]:
     """The plans measured before, per cache file (tests and users may switch $MULTITAG_CACHE)."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):          # none yet, or cut short while written by a killed run: measure again
-        return {}
+    return read_json_object(path)
 
 
 def measure_plan(grad, x, w, stride, padding, dilation) -> Plan:
@@ -127,11 +124,8 @@ def plan_for(grad, x, w, stride, padding, dilation) -> Plan:
     path, key = _plans_path(), _plan_key(grad, x, w, stride, padding, dilation)
     known = _known(path)
     if key not in known:
-        known[key] = list(measure_plan(grad, x, w, stride, padding, dilation))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        part = path.with_name(f"{path.name}.{os.getpid()}")      # whole or not at all, even if killed mid-write
-        part.write_text(json.dumps(known, indent=1))
-        part.replace(path)
+        # (the file as written also holds what other processes measured meanwhile: keep that too)
+        known.update(update_json_object(path, key, list(measure_plan(grad, x, w, stride, padding, dilation))))
     return Plan(*known[key])
 
 

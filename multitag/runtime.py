@@ -23,6 +23,7 @@ from torch import nn
 from multitag import allocator, openmp
 from multitag.config import cache_root
 from multitag.errors import UserError, did_you_mean
+from multitag.fileio import read_json_object, update_json_object
 from multitag.losses import training_loss
 from multitag.layer_tweaks import apply_tweaks, available_tweaks, label, tweaks_for
 
@@ -261,8 +262,7 @@ def choose_runtime(model, loss_fn, example, targets, *, device: str = "auto", pr
                                      n_params, list(example.shape), key_extra, allocator.state,
                                      openmp.wait_setting()]
                                     + ([list(tweaks)] if tweaks else [])).encode()).hexdigest()[:16]
-    cache = _cache_path()
-    known = json.loads(cache.read_text()) if cache.exists() else {}
+    known = read_json_object(_cache_path())
     # Entries written before the thread count was measured have no "threads": measure those again.
     saved = (*known[key]["choice"], known[key]["threads"], tuple(known[key].get("layer_tweaks", ()))) \
         if key in known and "threads" in known[key] else None
@@ -293,8 +293,7 @@ def choose_runtime(model, loss_fn, example, targets, *, device: str = "auto", pr
     rt = Runtime(dev, *choice)
     log(f"runtime: {rt.describe()} (measured img/s: {timings}" + (f"; other processes kept {load:.1f} cores busy)"
                                                                    if load is not None else ")"))
-    known[key] = {"choice": list(choice[:2]), "threads": choice[2], "layer_tweaks": list(choice[3]), "timings": timings,
-                  **({"other_load": round(load, 2)} if load is not None and dev.type == "cpu" else {})}
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(known, indent=1))
+    update_json_object(_cache_path(), key, {
+        "choice": list(choice[:2]), "threads": choice[2], "layer_tweaks": list(choice[3]), "timings": timings,
+        **({"other_load": round(load, 2)} if load is not None and dev.type == "cpu" else {})})
     return rt

@@ -166,3 +166,13 @@ def test_the_second_round_skips_candidates_far_behind(tmp_path, monkeypatch):
     assert (rt.precision, rt.channels_last) == ("bf16", True)
     assert calls.count(("fp32", False, ())) == 1 and calls.count(("fp32", True, ())) == 2
     assert calls.count(("bf16", True, ())) == calls.count(("bf16", True, ("fused_batchnorm",))) == 2   # with its tweak
+
+
+def test_a_cache_file_cut_short_is_measured_again_and_rewritten_whole(tmp_path, monkeypatch, steady_load):
+    """A version that wrote precision.json in place could leave half a file when killed: not a traceback."""
+    monkeypatch.setenv("MULTITAG_CACHE", str(tmp_path))
+    (tmp_path / "precision.json").write_text('{"0123456789abcdef": {"choice": ["bf')
+    monkeypatch.setattr(runtime, "time_train_step", lambda m, l, x, y, rt, **k: 0.2 if rt.channels_last else 0.3)
+    rt = runtime.choose_runtime(*setup(), log=lambda *a: None)
+    assert rt.channels_last
+    assert [v["choice"][1] for v in json.loads((tmp_path / "precision.json").read_text()).values()] == [True]
