@@ -568,7 +568,8 @@ def finish(job: Job, state: TrainState) -> Path:
     if len(job.val_loader.rows) == 0:      # no val split: nothing to calibrate on; thresholds stay 0.5
         job.log(f"last epoch {state.best_epoch} kept (no val split); run directory: {job.run}")
         return job.run
-    val = evaluate(job.model, job.val_loader, job.loss_fn, job.rt, job.data)
+    # fp32 scores, as predict applies the thresholds to (per-epoch val scoring uses the training runtime)
+    val = evaluate(job.model, job.val_loader, job.loss_fn, job.rt.for_scoring(), job.data)
     if not distributed.is_main():
         return job.run
     meta = read_json(job.run / MODEL_META)

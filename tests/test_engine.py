@@ -169,3 +169,16 @@ def test_eval_batch_size_defaults_to_the_training_batch():
     assert engine.resolved_config(load_config("demo", ["train.eval_batch_size=100"])).train.eval_batch_size == 100
     with pytest.raises(UserError, match="train.eval_batch_size must be 0"):
         engine.resolved_config(load_config("demo", ["train.eval_batch_size=-1"]))
+
+
+def test_bf16_training_fits_thresholds_on_the_fp32_scores_predict_uses(digits_csv, tmp_path):
+    """Train's thresholds are the ones `multitag calibrate` fits afterwards: both on fp32 val scores
+    (bf16 scores would put them a rounding step off the scores predict compares them with)."""
+    from multitag.evaluation import calibrate_run
+
+    run = train("demo", data=digits_csv, out=tmp_path / "run", log=lambda *a: None,
+                overrides=["train.epochs=1", "train.batch_size=32", "train.precision=bf16"])
+    fitted = json.loads((run / MODEL_META).read_text())
+    assert " bf16 " in fitted["runtime"]
+    refit = calibrate_run(run, log=lambda *a: None)
+    np.testing.assert_allclose(fitted["thresholds"], refit, atol=1e-6)
