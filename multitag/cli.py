@@ -196,7 +196,11 @@ def _train_argv(args) -> list[str]:
 
 def cmd_eval(args):
     from multitag.evaluation import score_run
+    from multitag.fileio import check_writable
+    from multitag.report import REPORT_DIR
 
+    if args.report:
+        check_writable(os.path.join(args.run_dir, REPORT_DIR), directory=True)   # before scoring, so --json output is not lost
     scored = score_run(args.run_dir, data=args.data, split=args.split, log=_log_for(args))
     result = scored.result
     if not args.json:
@@ -241,11 +245,13 @@ def _predict_format(args) -> str:
 
 
 def cmd_predict(args):
-    from multitag.fileio import atomic_write
+    from multitag.fileio import atomic_write, check_writable
     from multitag.predict import expand_images, load, write_predictions
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}.")
+    if args.out:
+        check_writable(args.out)         # now, not after every image was scored
     threshold = _parse_threshold(args.threshold)
     model = load(args.run_dir, device=args.device, backend=args.backend)
     paths = expand_images(args.images)
@@ -475,6 +481,14 @@ def main(argv: list[str] | None = None) -> int:
 
         hint = _resume_hint(args) if isinstance(e, DiskFullError) else ""
         print(f"multitag {args.command}{_rank_label()}: error: {e}{hint}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        from multitag.fileio import os_error
+
+        error = os_error(e)
+        if error is None:
+            raise
+        print(f"multitag {args.command}{_rank_label()}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if not _rank_label() or os.environ.get("RANK") == "0":    # one line for a job of several processes

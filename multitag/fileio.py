@@ -13,10 +13,16 @@ from multitag.errors import UserError
 
 # A full disk or an exhausted quota is the user's to fix, not a bug: say so in one line.
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+# So are a read-only filesystem, a missing permission and a directory (or a file) where the other belongs.
+_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.EEXIST)
 
 
 class DiskFullError(UserError):
     """A write failed for lack of disk space or quota; the file's previous content is intact."""
+
+
+class NotWritableError(UserError):
+    """A path could not be written for a reason the user fixes (permissions, read-only, a directory)."""
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
@@ -44,9 +50,10 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     except Exception as e:
-        if not is_disk_full(e):
+        error = write_error(path, e)
+        if error is None:
             raise
-        raise disk_full_error(path) from None
+        raise error from None
 
 
 def append_line(path: str | Path, line: str) -> None:
@@ -97,6 +104,49 @@ def disk_full_error(path: str | Path) -> DiskFullError:
     path = Path(path)
     return DiskFullError(f"cannot write {path}: the disk or your quota is full; free disk space there "
                          f"and try again (the previous {path.name}, if any, is unchanged)")
+
+
+def not_writable_error(path: str | Path, reason: str,
+                       fix: str = "choose a location you can write to or change its permissions") -> NotWritableError:
+    return NotWritableError(f"cannot write {path}: {reason}; {fix}")
+
+
+def write_error(path: str | Path, e: BaseException) -> UserError | None:
+    """The one-line error for a failed write to ``path`` that is the user's to fix, or None (a bug: re-raise)."""
+    if is_disk_full(e):
+        return disk_full_error(path)
+    if isinstance(e, OSError) and e.errno in _NOT_WRITABLE:
+        return not_writable_error(path, (e.strerror or str(e)).lower())
+    return None
+
+
+def os_error(e: OSError) -> UserError | None:
+    """A permission or read-only error from any file access (a write that bypasses atomic_write, a read of
+    a file the user may not open) as one line naming the file, or None when it is not one of those."""
+    if e.errno not in _NOT_WRITABLE or e.errno == errno.EEXIST or not e.filename:
+        return None
+    return UserError(f"{e.filename}: {(e.strerror or str(e)).lower()}; check its permissions, "
+                     "or choose another location")
+
+
+def check_writable(path: str | Path, directory: bool = False) -> None:
+    """Raise NotWritableError now, before work whose result would be lost at the write, when ``path``
+    (a file, or with ``directory`` a folder to write files in) cannot be written: a directory where a
+    file is asked for, or a folder (the nearest one that exists) where a trial file cannot be made."""
+    path = Path(path)
+    if not directory and path.is_dir():
+        raise not_writable_error(path, "it is a directory", "name a file in it instead")
+    folder = path if directory else path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise not_writable_error(path, f"{folder} is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        reason = (e.strerror or str(e)).lower()
+        raise not_writable_error(path, reason if folder == path else f"{folder}: {reason}") from None
 
 
 def is_disk_full(e: BaseException) -> bool:

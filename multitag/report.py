@@ -24,7 +24,7 @@ from multitag.data.decode import decode_image
 from multitag.data.prepare import PreparedData
 from multitag.evaluation import Scored, prepare_for, score_run
 from multitag.explain import explain_images
-from multitag.fileio import read_jsonl
+from multitag.fileio import check_writable, read_jsonl
 from multitag.metrics import binarize, counts, rank_by_class
 from multitag.predict import Model, load
 from multitag.summary import SET_METRICS, TOP3_METRICS
@@ -427,6 +427,7 @@ def write_report(run_dir, data: str | None = None, split: str = "test", log=prin
     Returns the path of index.html.
     """
     start = time.perf_counter()
+    check_writable(Path(run_dir) / REPORT_DIR, directory=True)      # before the scoring, not after it
     if scored is None:
         model = load(run_dir)
         prepared = prepare_for(model, data, log)

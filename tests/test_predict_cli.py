@@ -73,3 +73,14 @@ def test_nothing_readable_is_an_error(trained, folder, capsys):
     rc, out, err = predict(capsys, trained, folder / "notes.txt", "--format", "csv")
     assert rc == 2 and "none of the 1 file could be read" in err
     assert "notes.txt" in out                                        # the reason is still written
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_predicting(trained, folder, tmp_path, capsys, monkeypatch):
+    from multitag import predict as predict_module
+
+    monkeypatch.setattr(predict_module.Model, "predict_each", lambda *a, **k: pytest.fail("scored first"))
+    rc, out, err = predict(capsys, trained, folder / "a.png", "--out", tmp_path)          # a directory
+    assert rc == 2 and err.strip() == f"multitag predict: error: cannot write {tmp_path}: it is a directory; name a file in it instead"
+    (tmp_path / "plain").write_text("")
+    rc, out, err = predict(capsys, trained, folder / "a.png", "--out", tmp_path / "plain" / "p.csv")
+    assert rc == 2 and "plain is a file, not a directory" in err and "Traceback" not in err
