@@ -62,6 +62,8 @@ def export_onnx(run_dir: str | Path, int8: bool = False, log=print, data: str | 
 
     model = load(run_dir, device="cpu", backend="torch")
     prepared = prepare_for(model, data, log)
+    if int8:
+        int8_check_rows(prepared)       # refused now, not after model.onnx was written without its record
     digest = weights_digest(model.run_dir)
     onnx_path = model.run_dir / ONNX_MODEL
     checked = check_images(model, prepared, "val", PARITY_IMAGES)
@@ -71,10 +73,11 @@ def export_onnx(run_dir: str | Path, int8: bool = False, log=print, data: str | 
     # An earlier int8 export of these same weights stays valid; records of other weights are dropped.
     export = {k: v for k, v in model.meta.get("export", {}).items() if v.get("weights_sha256") == digest}
     export["onnx"] = record
+    write_json(model.run_dir / MODEL_META, {**model.meta, "export": export})   # model.onnx is usable even if int8 fails
     if int8:
         int8_record = write_int8(model, onnx_path, model.run_dir / ONNX_INT8_MODEL, prepared, int8_method, log)
         export["int8"] = {**int8_record, "weights_sha256": digest}
-    write_json(model.run_dir / MODEL_META, {**model.meta, "export": export})
+        write_json(model.run_dir / MODEL_META, {**model.meta, "export": export})
     return {"onnx": str(onnx_path), **{k: v for k, v in record.items() if k != "file"},
             **({"int8": export["int8"]} if int8 else {})}
 
@@ -208,15 +211,21 @@ def quantised_convs(onnx_path: Path, int8_path: Path) -> dict:
     return {"convs": int(convs), "convs_quantised": int(sum(ops[k] for k in _QUANTISED_CONVS))}
 
 
+def int8_check_rows(prepared) -> np.ndarray:
+    """The val rows the int8 model's accuracy is measured on; asked before anything is written."""
+    rows = prepared.rows("val")
+    if len(rows) == 0:
+        raise UserError("the run's data has no validation images to measure the int8 model on; "
+                        "pass --data with a val split, or export without --int8.")
+    return rows
+
+
 def int8_accuracy(model: Model, onnx_path: Path, int8_path: Path, prepared) -> dict:
     """Validation metric (mAP or accuracy) of the fp32 and int8 ONNX models on the same images."""
     from multitag.inference import scores_from_logits
     from multitag.metrics import accuracy, mean_average_precision
 
-    rows = prepared.rows("val")
-    if len(rows) == 0:
-        raise UserError("the run's data has no validation images to measure the int8 model on; "
-                        "pass --data with a val split.")
+    rows = int8_check_rows(prepared)
     t = prepared.table
     outputs = {}
     for name, path in (("fp32", onnx_path), ("int8", int8_path)):

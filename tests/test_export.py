@@ -113,3 +113,26 @@ def test_parity_failure_is_loud_and_leaves_no_file(trained, tmp_path, monkeypatc
         export_onnx(run, log=lambda *a: None)
     assert not (run / ONNX_MODEL).exists()
     assert "export" not in json.loads((run / "model.json").read_text())
+
+
+def test_int8_without_val_images_is_refused_before_anything_is_written(trained, tmp_path):
+    run = copy_run(trained, tmp_path / "run")
+    split = run / "split.csv"
+    split.write_text(split.read_text().replace(",val\n", ",train\n"))     # as a run trained without val
+    with pytest.raises(UserError, match="no validation images .* or export without --int8"):
+        export_onnx(run, int8=True, log=lambda *a: None)
+    assert not (run / ONNX_MODEL).exists() and "export" not in json.loads((run / "model.json").read_text())
+
+
+def test_a_failed_int8_step_keeps_the_fp32_export_usable(trained, tmp_path, monkeypatch):
+    import multitag.export
+
+    run = copy_run(trained, tmp_path / "run")
+
+    def broken(*a, **k):
+        raise UserError("int8 failed")
+
+    monkeypatch.setattr(multitag.export, "write_int8", broken)
+    with pytest.raises(UserError, match="int8 failed"):
+        export_onnx(run, int8=True, log=lambda *a: None)
+    assert load(run, backend="onnx").backend == "onnx"          # model.onnx has its record
