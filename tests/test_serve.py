@@ -100,7 +100,9 @@ def truncated_png() -> bytes:
     pytest.param({"files": {"file": ("big.png", png_bytes((100, 100)), "image/png")}}, 413, "10,000 pixels",
                  id="huge-image"),
     pytest.param({"files": {"file": ("anim.gif", png_bytes((32, 32), frames=6, fmt="GIF"), "image/gif")}}, 413,
-                 "6,144 pixels", id="gif-frames-count"),
+                 "6,144 pixels in 6 frames; the limit is 4,096; send a still image", id="gif-frames-count"),
+    pytest.param({"content": png_bytes(), "headers": {"content-type": "image/png"}}, 400,
+                 "(the body was sent as image/png, not multipart/form-data)", id="raw-image-body"),
     pytest.param({"files": {"image": ("a.png", png_bytes(), "image/png")}}, 400, "got field: image",
                  id="wrong-field"),
     pytest.param({"files": [("files", (f"{i}.png", png_bytes(), "image/png")) for i in range(MAX_BATCH + 1)]}, 413,
@@ -117,6 +119,45 @@ def test_bad_input_is_a_4xx_with_a_json_error(client, request_kwargs, status, fr
     r = client.post("/predict", **request_kwargs)
     assert r.status_code == status, r.text
     assert fragment in r.json()["error"]
+
+
+def test_raw_bytes_posted_as_a_form_are_not_echoed_back(client):
+    """curl --data-binary sends form-urlencoded: its bytes parse as field names, which are not repeated."""
+    body = png_bytes((60, 60))
+    r = client.post("/predict", content=body, headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 400 and len(r.text) < 300
+    assert "sent as application/x-www-form-urlencoded, not multipart/form-data" in r.json()["error"]
+
+
+def test_every_part_of_a_repeated_file_field_is_predicted(client, tiny_model, image_paths):
+    parts = [("file", (p.name, p.read_bytes(), "image/png")) for p in image_paths[:2]]
+    r = client.post("/predict", files=parts)
+    assert r.status_code == 200, r.text
+    preds = r.json()["predictions"]
+    assert [p["filename"] for p in preds] == [p.name for p in image_paths[:2]]
+
+
+def test_images_are_shrunk_to_the_input_before_inference_with_the_same_result(tiny_model, image_paths):
+    """A request holds each decoded image only until it is resized (memory), and the labels do not change."""
+    seen = []
+
+    class Recorder:
+        def __getattr__(self, name):
+            return getattr(tiny_model, name)
+
+        def predict(self, images, **kw):
+            seen.extend(tuple(im.shape) for im in images)
+            return tiny_model.predict(images, **kw)
+
+    big = Image.open(image_paths[0]).resize((60, 44))
+    buf = io.BytesIO()
+    big.save(buf, "PNG")
+    with TestClient(create_app(Recorder(), max_pixels=MAX_PIXELS)) as c:
+        r = c.post("/predict", files={"file": ("big.png", buf.getvalue(), "image/png")})
+    assert r.status_code == 200, r.text
+    size = tiny_model.input_size
+    assert seen == [(3, size, size)]
+    assert_matches(r.json()["predictions"][0], tiny_model.predict([big])[0], "big.png")
 
 
 class ConcurrencyProbe:

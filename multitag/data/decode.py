@@ -124,12 +124,13 @@ class ImageTooLargeError(BadImageError):
 
     fix = "downscale it (or raise multitag.data.decode.MAX_PIXELS)"
 
-    def __init__(self, path: str, reason: str, pixels: int | None = None, limit: int | None = None) -> None:
+    def __init__(self, path: str, reason: str, pixels: int | None = None, limit: int | None = None,
+                 frames: int = 1) -> None:
         super().__init__(path, reason)
-        self.pixels, self.limit = pixels, limit
+        self.pixels, self.limit, self.frames = pixels, limit, frames    # pixels counts every frame of a GIF
 
     def __reduce__(self):
-        return (type(self), (self.path, self.reason, self.pixels, self.limit))
+        return (type(self), (self.path, self.reason, self.pixels, self.limit, self.frames))
 
 
 def _one_line(text: str) -> str:
@@ -189,7 +190,7 @@ def check_pixels(data: bytes, name: str = "<bytes>", max_pixels: int | None = No
         times_frames = f" x {frames} frames" if frames > 1 else ""
         pixels = width * height * frames
         raise ImageTooLargeError(name, f"its header declares {width} x {height}{times_frames} = {pixels:,} pixels, "
-                                       f"over the limit of {limit:,}", pixels, limit)
+                                       f"over the limit of {limit:,}", pixels, limit, frames)
 
 
 def _header_size(data: bytes, name: str) -> tuple[int, int, int]:
