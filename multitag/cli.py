@@ -222,15 +222,6 @@ def cmd_calibrate(args):
     return {"thresholds": thresholds}
 
 
-def _parse_threshold(text: str):
-    if text == "calibrated":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise UserError(f'--threshold must be "calibrated" or a number, got "{text}".') from None
-
-
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
@@ -246,14 +237,18 @@ def _predict_format(args) -> str:
 
 def cmd_predict(args):
     from multitag.fileio import atomic_write, check_writable
-    from multitag.predict import expand_images, load, write_predictions
+    from multitag.predict import check_top_k, expand_images, load, parse_threshold, write_predictions
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}.")
     if args.out:
         check_writable(args.out)         # now, not after every image was scored
-    threshold = _parse_threshold(args.threshold)
+    threshold = parse_threshold(args.threshold, "--threshold")
     model = load(args.run_dir, device=args.device, backend=args.backend)
+    check_top_k(args.top_k, len(model.class_names), "--top-k")
+    if not model.multi_label and threshold != "calibrated" and args.top_k is None:
+        print("multitag predict: --threshold applies to multi-label models; this single-label one predicts "
+              "its top class (use --top-k K for more)", file=sys.stderr)
     paths = expand_images(args.images)
     print(f"predicting {_count(len(paths), 'file')} on the {model.backend} backend ({model.runtime.device})",
           file=sys.stderr)

@@ -58,6 +58,39 @@ class Prediction:
         return {"image": self.source, "labels": self.labels, "scores": self.scores, "error": self.error}
 
 
+def parse_threshold(value, name: str = "threshold") -> str | float:
+    """'calibrated' (the run's per-class thresholds) or one float in [0, 1] for every class."""
+    if isinstance(value, str) and value.strip().lower() == "calibrated":
+        return "calibrated"
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        t = float("nan")
+    if not 0.0 <= t <= 1.0:  # also false for NaN
+        raise UserError(f"{name}={value!r} is invalid; use 'calibrated' or a number in [0, 1]")
+    return t
+
+
+def check_top_k(top_k, num_classes: int, name: str = "top_k") -> None:
+    """None (decide by thresholds) or a whole number of classes from 1 to ``num_classes``."""
+    if top_k is None:
+        return
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= num_classes:
+        raise UserError(f"{name}={top_k!r} is invalid; use a whole number from 1 to {num_classes} (the classes)")
+
+
+def as_image_list(images) -> list:
+    """``images`` as a list, refusing one image passed alone: a path string would be read character by
+    character, an (H, W, 3) array row by row."""
+    from PIL import Image
+
+    if isinstance(images, (str, Path, bytes, bytearray, Image.Image)) or (
+            isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim <= 3):
+        raise UserError(f"predict takes a list of images, got one {type(images).__name__}; "
+                        "pass [image] (the result is then a list of one Prediction)")
+    return list(images)
+
+
 def weights_digest(run_dir: str | Path) -> str:
     """sha256 of the run's model.safetensors: ties an exported ONNX file to the weights it came from."""
     h = hashlib.sha256()
@@ -327,7 +360,7 @@ class Model:
 
     def predict_scores(self, images: Sequence, batch_size: int = SCORING_BATCH) -> np.ndarray:
         """(N, C) class scores of the images. Raises BadImageError on the first unreadable one."""
-        images = list(images)
+        images = as_image_list(images)
         if not images:
             return np.zeros((0, len(self.class_names)), np.float32)
         return np.concatenate([self.scores(self.preprocess(images[i:i + batch_size]))
@@ -336,7 +369,8 @@ class Model:
     def predict(self, images: Sequence, threshold: float | str = "calibrated", top_k: int | None = None,
                 batch_size: int = SCORING_BATCH) -> list[Prediction]:
         """Label sets: scores ≥ the calibrated per-class thresholds (or a given float), or the top-k."""
-        images = list(images)
+        images = as_image_list(images)
+        threshold = self.check_choice(threshold, top_k)       # before any image is scored
         scores = self.predict_scores(images, batch_size)
         return [self.decide(s, threshold, top_k, _name_of(im)) for s, im in zip(scores, images)]
 
@@ -344,7 +378,8 @@ class Model:
                      batch_size: int = 32, progress: bool = False) -> Iterator[Prediction]:
         """Like ``predict``, lazily and batch by batch, in input order; an image that cannot be read
         yields a Prediction with ``error`` set (and no scores) instead of failing its batch."""
-        images = list(images)
+        images = as_image_list(images)
+        threshold = self.check_choice(threshold, top_k)
         chunks = (images[i:i + batch_size] for i in range(0, len(images), batch_size))
         if progress:
             chunks = track(chunks, -(-len(images) // batch_size), "predicting")
@@ -362,9 +397,16 @@ class Model:
         return [Prediction([], {}, _name_of(im), errors[i]) if i in errors
                 else self.decide(next(scores), threshold, top_k, _name_of(im)) for i, im in enumerate(chunk)]
 
+    def check_choice(self, threshold, top_k) -> str | float:
+        """The threshold, parsed ('calibrated' or a float in [0, 1]), once top_k is checked too: a UserError
+        for a value that would silently pick no class or every class."""
+        check_top_k(top_k, len(self.class_names))
+        return parse_threshold(threshold)
+
     def decide(self, s: np.ndarray, threshold: float | str = "calibrated", top_k: int | None = None,
                source: str = "") -> Prediction:
         """One image's scores (C,) → its Prediction (labels sorted by score)."""
+        threshold = self.check_choice(threshold, top_k)
         if top_k is not None or not self.multi_label:
             chosen = np.argsort(-s, kind="stable")[: (top_k or 1)]
         else:

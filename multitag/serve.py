@@ -49,6 +49,7 @@ from starlette.exceptions import HTTPException
 # header_pixels is re-exported for callers of multitag.serve; its one implementation is in decode.py.
 from multitag.data.decode import BadImageError, ImageTooLargeError, NotAnImageError, decode_image, header_pixels
 from multitag.errors import UserError
+from multitag.predict import parse_threshold     # re-exported: the service and the CLI parse it alike
 
 MB = 1 << 20
 DEFAULT_MAX_BYTES = 20 * MB
@@ -102,19 +103,6 @@ def decode_upload(data: bytes, name: str, limits: Limits = Limits()) -> np.ndarr
 def _bytes(n: int) -> str:
     """A byte count for people: '20.0 MB', or exact bytes below 1 MB."""
     return f"{n / MB:.1f} MB" if n >= MB else f"{n:,} bytes"
-
-
-def parse_threshold(value: str | float) -> str | float:
-    """'calibrated' (the run's per-class thresholds) or one float in [0, 1] for every class."""
-    if isinstance(value, str) and value.strip().lower() == "calibrated":
-        return "calibrated"
-    try:
-        t = float(value)
-    except (TypeError, ValueError):
-        t = float("nan")
-    if not 0.0 <= t <= 1.0:  # also false for NaN
-        raise RejectedInput(f"threshold={value!r} is invalid; use 'calibrated' or a number in [0, 1]", 400)
-    return t
 
 
 def _load_model(run_dir_or_model):

@@ -84,3 +84,44 @@ def test_an_out_that_cannot_be_written_is_refused_before_predicting(trained, fol
     (tmp_path / "plain").write_text("")
     rc, out, err = predict(capsys, trained, folder / "a.png", "--out", tmp_path / "plain" / "p.csv")
     assert rc == 2 and "plain is a file, not a directory" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--top-k", "0"], "--top-k=0 is invalid; use a whole number from 1 to 10"),
+    (["--top-k", "-1"], "--top-k=-1 is invalid"),
+    (["--threshold", "2"], "--threshold='2' is invalid; use 'calibrated' or a number in [0, 1]"),
+    (["--threshold", "nan"], "--threshold='nan' is invalid"),
+    (["--threshold", "high"], "--threshold='high' is invalid"),
+])
+def test_a_threshold_or_top_k_that_picks_nothing_or_everything_is_refused(trained, folder, capsys, argv, fragment):
+    rc, out, err = predict(capsys, trained, folder / "a.png", *argv)
+    assert rc == 2 and fragment in err and out == ""
+
+
+def test_the_python_api_checks_its_choices_and_wants_a_list(tiny_model, folder):
+    from multitag.errors import UserError
+
+    image = str(folder / "a.png")
+    for kwargs in ({"top_k": 0}, {"top_k": 11}, {"top_k": 1.5}, {"threshold": -0.1}, {"threshold": "abc"}):
+        with pytest.raises(UserError, match="is invalid"):
+            tiny_model.predict([image], **kwargs)
+        with pytest.raises(UserError, match="is invalid"):
+            next(tiny_model.predict_each([image], **kwargs))
+    from PIL import Image
+    import numpy as np
+
+    for single in (image, Image.open(image), np.zeros((32, 32, 3), np.uint8)):
+        with pytest.raises(UserError, match=r"takes a list of images, got one .*; pass \[image\]"):
+            tiny_model.predict(single)
+    assert len(tiny_model.predict([image], top_k=10)[0].labels) == 10
+    assert tiny_model.predict([image], threshold="0")[0].labels                 # a number as a string, as the CLI
+
+
+def test_a_threshold_given_to_a_single_label_model_is_said_to_be_unused(trained, folder, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    meta = json.loads((run / "model.json").read_text())
+    (run / "model.json").write_text(json.dumps({**meta, "multi_label": False, "thresholds": None}))
+    rc, out, err = predict(capsys, run, folder / "a.png", "--threshold", "0.9", "--format", "json")
+    assert rc == 0 and "--threshold applies to multi-label models" in err
+    assert len(json.loads(out)[0]["labels"]) == 1
