@@ -457,7 +457,7 @@ def run_bench(opts: BenchOptions, log=print) -> dict:
                         "--steps, --rounds, --batch-size and --image-size at least 1.")
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    device = choose_device(opts.device)
+    device = choose_device(opts.device, "--device")
     info = machine(device)
     log(f"bench on {info['device']}, CPU {info['cpu']}, load {info['load_average_start']}")
     path, fmt = bench_dataset(opts, log)

@@ -5,9 +5,11 @@ User errors (multitag.errors.UserError) print as one line on stderr with exit st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import warnings
 
 from multitag import allocator, openmp
 from multitag.config import PRUNE_AFTER_DAYS
@@ -90,14 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="HTTP prediction service (FastAPI): POST /predict, GET /labels, GET /health")
     p.add_argument("run_dir")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port_number, default=8000)
     p.add_argument("--max-mb", type=float, default=20, help="largest request body in MB (default 20)")
     p.add_argument("--max-megapixels", type=float, default=40, help="largest image in megapixels (default 40)")
     p.add_argument("--max-batch", type=int, default=32, help="most images per request (default 32)")
 
     p = sub.add_parser("app", help="Streamlit web app: upload images, see labels, scores and Grad-CAM")
     p.add_argument("run_dir")
-    p.add_argument("--port", type=int, default=8501)
+    p.add_argument("--port", type=port_number, default=8501)
 
     p = sub.add_parser("ablate", help="train variants of a recipe (same seed and budget) and tabulate their metrics")
     p.add_argument("config", nargs="?", help="recipe name (see `multitag recipes`) or a YAML config file")
@@ -461,6 +463,37 @@ def _rank_label() -> str:
     return f" (rank {os.environ.get('RANK', '0')} of {size})" if size > 1 else ""
 
 
+def port_number(text: str) -> int:
+    """--port: a TCP port, 0 (any free one) to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port; use a number from 1 to 65535")
+    return port
+
+
+@contextlib.contextmanager
+def _warnings_as_lines(command: str):
+    """multitag's own warnings (e.g. a stale model.onnx, so the torch backend is used) as one line like its
+    errors, not Python's file:line: UserWarning + source line; other libraries' keep Python's format."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if os.path.abspath(filename).startswith(package):
+            print(f"multitag {command}: warning: {message}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = default
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -470,7 +503,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         openmp.choose_wait_policy(args.command)   # before torch loads: libgomp reads it then
         allocator.keep_freed_memory()     # before any tensor: large blocks are then reused, not mmapped anew
-        result = HANDLERS[args.command](args)
+        with _warnings_as_lines(args.command):
+            result = HANDLERS[args.command](args)
     except UserError as e:
         from multitag.fileio import DiskFullError
 

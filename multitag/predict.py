@@ -259,7 +259,7 @@ class Model:
         self.mean, self.std = m["mean"], m["std"]
         # fp32 (bf16 would move scores past the calibrated thresholds) in channels_last: never slower
         # here, 1.0-2x faster (benchmarks/RESULTS.md, "Performance (issue 9)"); the input follows it.
-        self.runtime = Runtime(choose_device(device), "fp32", True)
+        self.runtime = Runtime(choose_device(device, "device"), "fp32", True)
         self._network: torch.nn.Module | None = None
         self.backend = self._resolve_backend(backend)
         if self.backend == "torch":

@@ -75,13 +75,14 @@ class Runtime:
             torch.set_num_threads(before)
 
 
-def choose_device(name: str) -> torch.device:
+def choose_device(name: str, setting: str = "train.device") -> torch.device:
+    """``name`` (auto, cpu, cuda, cuda:N) as a device; ``setting`` is what the user set it with, for errors."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
         raise UserError(f'unknown device "{name}"{did_you_mean(name, ["auto", "cpu", "cuda"])}.')
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("train.device=cuda was asked for but no CUDA GPU is visible; use train.device=auto or cpu.")
+        raise UserError(f"{setting}={name} was asked for but no CUDA GPU is visible; use {setting}=auto or cpu.")
     return torch.device(name)
 
 

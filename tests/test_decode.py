@@ -142,7 +142,7 @@ def test_bad_files_raise_bad_image_error(tmp_path):
     for path in _corrupt_files(tmp_path):
         with pytest.raises(BadImageError) as info:
             decode_image(path)
-        assert str(path) in str(info.value) and "on_bad_image=skip" in str(info.value)
+        assert str(path) in str(info.value) and "on_bad_image" not in str(info.value)   # a dataset's hint only
         assert isinstance(info.value, UserError) and info.value.reason
         again = pickle.loads(pickle.dumps(info.value))  # crosses process boundaries intact
         assert (again.path, again.reason) == (info.value.path, info.value.reason)

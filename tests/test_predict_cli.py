@@ -125,3 +125,30 @@ def test_a_threshold_given_to_a_single_label_model_is_said_to_be_unused(trained,
     rc, out, err = predict(capsys, run, folder / "a.png", "--threshold", "0.9", "--format", "json")
     assert rc == 0 and "--threshold applies to multi-label models" in err
     assert len(json.loads(out)[0]["labels"]) == 1
+
+
+def test_a_stale_onnx_warning_is_one_line_and_cuda_asked_on_a_cpu_names_the_option(trained, folder, tmp_path,
+                                                                                     capsys, monkeypatch):
+    import torch
+
+    from multitag.export import export_onnx
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    export_onnx(run, log=lambda *a: None)
+    meta = json.loads((run / "model.json").read_text())
+    meta["export"]["onnx"]["weights_sha256"] = "0" * 64           # as if retrained after the export
+    (run / "model.json").write_text(json.dumps(meta))
+    rc, out, err = predict(capsys, run, folder / "a.png")
+    assert rc == 0 and "multitag predict: warning: " in err and "UserWarning" not in err and "predict.py" not in err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rc, out, err = predict(capsys, run, folder / "a.png", "--device", "cuda")
+    assert rc == 2 and "device=cuda was asked for but no CUDA GPU is visible; use device=auto or cpu" in err
+    assert "train.device" not in err
+
+
+@pytest.mark.parametrize("port", ["99999", "-1", "http"])
+def test_serve_refuses_a_port_out_of_range_in_one_line(trained, capsys, port):
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", str(trained), "--port", port])
+    assert exit_.value.code == 2 and f"argument --port: '{port}' is not a port" in capsys.readouterr().err

@@ -43,7 +43,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from multitag.data.decode import PREPROCESS_VERSION, BadImageError, load_and_resize
+from multitag.data.decode import PREPROCESS_VERSION, BadImageError, DatasetImageError, load_and_resize
 from multitag.config import PRUNE_AFTER_DAYS, cache_root
 from multitag.errors import UserError, did_you_mean
 from multitag.fileio import DiskFullError, atomic_write_text, is_disk_full
@@ -138,7 +138,7 @@ def build_cache(
     if on_bad_image == "error":
         for p, st in zip(paths, stats):
             if st is None:  # fail before spending minutes decoding
-                raise BadImageError(p, "file not found or not a regular file")
+                raise DatasetImageError(p, "file not found or not a regular file")
 
     key = cache_key(paths, size, stats)
     cache_dir = Path(cache_dir).expanduser()
@@ -279,7 +279,7 @@ def _decode_into(tmp_data: Path, paths: list[str], size: int, on_bad_image: str,
             for i, reason in enumerate(pool.map(fill, range(n))):  # in order: "first" bad is by index
                 if reason is not None:
                     if on_bad_image == "error":
-                        raise BadImageError(paths[i], reason)
+                        raise DatasetImageError(paths[i], reason)
                     bad.append((i, paths[i], reason))
                 advance()
         except BaseException:
@@ -383,7 +383,7 @@ def _report_bad(cache: ImageCache, n: int, on_bad_image: str) -> None:
         return
     if on_bad_image == "error":  # a cache built earlier in skip mode, used now in error mode
         i, path, reason = cache.bad[0]
-        raise BadImageError(path, reason)
+        raise DatasetImageError(path, reason)
     if len(cache.bad) == n:
         raise UserError(f"none of the {n} images could be read (first: {cache.bad[0][1]}: {cache.bad[0][2]}); "
                         f"check the data path")

@@ -98,18 +98,23 @@ class BadImageError(UserError):
     """An image file that is missing, unreadable, corrupt or truncated."""
 
     fix = "re-export or remove it"
+    also = ""       # another way out, where there is one (a dataset's images: data.on_bad_image=skip)
 
     def __init__(self, path: str, reason: str) -> None:
         self.path = str(path)
         self.reason = reason
-        super().__init__(
-            f"cannot read image {_one_line(self.path)}: {_one_line(reason)}; {self.fix}, "
-            f"or set data.on_bad_image=skip to leave unreadable images out"
-        )
+        super().__init__(f"cannot read image {_one_line(self.path)}: {_one_line(reason)}; {self.fix}{self.also}")
 
     def __reduce__(self):
         # Exceptions pickle as cls(*self.args); ours takes (path, reason), not the message.
         return (type(self), (self.path, self.reason))
+
+
+class DatasetImageError(BadImageError):
+    """An unreadable image of a dataset (training, eval, the image cache), which data.on_bad_image=skip can
+    leave out; predict, explain and the service take single images, where that setting does not apply."""
+
+    also = ", or set data.on_bad_image=skip to leave unreadable images out"
 
 
 class NotAnImageError(BadImageError):
