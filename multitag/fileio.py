@@ -111,12 +111,17 @@ def not_writable_error(path: str | Path, reason: str,
     return NotWritableError(f"cannot write {path}: {reason}; {fix}")
 
 
+def _reason(e: OSError) -> str:
+    """The OS's reason for ``e`` in a sentence: 'read-only file system', 'permission denied'."""
+    return (e.strerror or str(e)).lower()
+
+
 def write_error(path: str | Path, e: BaseException) -> UserError | None:
     """The one-line error for a failed write to ``path`` that is the user's to fix, or None (a bug: re-raise)."""
     if is_disk_full(e):
         return disk_full_error(path)
     if isinstance(e, OSError) and e.errno in _NOT_WRITABLE:
-        return not_writable_error(path, (e.strerror or str(e)).lower())
+        return not_writable_error(path, _reason(e))
     return None
 
 
@@ -125,7 +130,7 @@ def os_error(e: OSError) -> UserError | None:
     a file the user may not open) as one line naming the file, or None when it is not one of those."""
     if e.errno not in _NOT_WRITABLE or e.errno == errno.EEXIST or not e.filename:
         return None
-    return UserError(f"{e.filename}: {(e.strerror or str(e)).lower()}; check its permissions, "
+    return UserError(f"{e.filename}: {_reason(e)}; check its permissions, "
                      "or choose another location")
 
 
@@ -145,7 +150,7 @@ def check_writable(path: str | Path, directory: bool = False) -> None:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
-        reason = (e.strerror or str(e)).lower()
+        reason = _reason(e)
         raise not_writable_error(path, reason if folder == path else f"{folder}: {reason}") from None
 
 
