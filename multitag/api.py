@@ -13,15 +13,19 @@ def default_run_dir(cfg: Config) -> Path:
 
 
 def train(config: str | Config | None = None, data: str | None = None, out: str | Path | None = None,
-          overrides: list[str] | tuple = (), resume: str | Path | None = None, log=print) -> Path:
+          overrides: list[str] | tuple = (), resume: str | Path | None = None, overwrite: bool = False,
+          log=print) -> Path:
     """Train from a recipe name, YAML path or Config; returns the run directory.
 
     ``resume=RUN_DIR`` continues a killed run from its last checkpoint with its own config.
+    ``out`` that already holds a run is refused unless ``overwrite=True``, which deletes that run first.
     """
     from multitag import distributed
     from multitag.engine import fit, load_run_config
 
     if resume is not None:
+        if overwrite:
+            raise UserError("--resume continues a run and --overwrite deletes it; pass only one of them.")
         if config is not None or data is not None or overrides:
             raise UserError("--resume continues a run with its own config; drop the recipe, --data and --set.")
         cfg, run = load_run_config(Path(resume)), Path(resume)
@@ -37,7 +41,7 @@ def train(config: str | Config | None = None, data: str | None = None, out: str 
             log = _quiet
         # Named first, so a user who stops a run (Ctrl-C, kill) knows what `--resume` needs.
         log(f"run directory: {run}")
-        fit(cfg, run, resume=resume is not None, log=log)
+        fit(cfg, run, resume=resume is not None, overwrite=overwrite, log=log)
     if cfg.train.report and distributed.is_main():
         from multitag.report import write_report
 
@@ -68,13 +72,14 @@ def demo_data_dir() -> Path:
 
 
 def demo(out: str | Path = "runs/demo", overrides: list[str] | tuple = (), log=print) -> dict:
-    """Build the digit-mosaic dataset, train the demo recipe, then evaluate on its held-out test split."""
+    """Build the digit-mosaic dataset, train the demo recipe (replacing an earlier demo run in ``out``),
+    then evaluate on its held-out test split."""
     from multitag.demo_data import make_digit_mosaics
     from multitag.predict import load
 
     csv_path = make_digit_mosaics(demo_data_dir())
     log(f"demo data: {csv_path} (scikit-learn digits tiled 2-4 per image; labels = digits present)")
-    run = train("demo", data=str(csv_path), out=out, overrides=overrides, log=log)
+    run = train("demo", data=str(csv_path), out=out, overrides=overrides, overwrite=True, log=log)   # its own dir
     result = evaluate(run, split="test", log=log)
     model = load(run)
     from multitag.data.formats import read_table

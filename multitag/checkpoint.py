@@ -7,7 +7,6 @@ A run directory holds
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from multitag.errors import UserError
-from multitag.fileio import atomic_write, atomic_write_text
+from multitag.fileio import atomic_write, atomic_write_text, json_safe
 
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_META = "model.json"
@@ -24,23 +23,8 @@ TRAIN_STATE = "checkpoint.safetensors"
 TRAIN_META = "checkpoint.json"
 
 
-def _json_safe(value: Any) -> Any:
-    """Plain JSON types; non-finite floats become the strings "nan"/"inf" so files stay standard JSON."""
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, torch.Tensor):
-        return _json_safe(value.tolist())
-    if hasattr(value, "item") and callable(value.item):   # numpy scalars
-        return _json_safe(value.item())
-    return value
-
-
 def write_json(path: Path, data: dict) -> None:
-    atomic_write_text(path, json.dumps(_json_safe(data), indent=2))
+    atomic_write_text(path, json.dumps(json_safe(data), indent=2))
 
 
 def read_json(path: Path) -> dict:
@@ -61,7 +45,7 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict | None
     two are replaced together by one rename (see read_embedded_meta)."""
     # safetensors wants contiguous, non-shared CPU tensors.
     flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    header = {EMBEDDED_META: json.dumps(_json_safe(meta))} if meta is not None else None
+    header = {EMBEDDED_META: json.dumps(json_safe(meta))} if meta is not None else None
     atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=header))
 
 

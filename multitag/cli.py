@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value, e.g. --set train.epochs=5 (repeatable)")
     p.add_argument("--out", help="run directory (default runs/<recipe>-<time>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the run already in --out and train afresh (without it such an --out is refused)")
     p.add_argument("--nproc", type=int, metavar="N",
                    help="train with N processes on this machine (starts torchrun; train.batch_size stays the "
                         "global batch); for several machines run torchrun yourself, see README")
@@ -181,7 +183,7 @@ def cmd_train(args):
         launch_local(args.nproc, _train_argv(args))      # rank 0 prints the --json result
         return None
     run = api.train(args.config, data=args.data, out=args.out, overrides=args.overrides, resume=args.resume,
-                    log=_log_for(args))
+                    overwrite=args.overwrite, log=_log_for(args))
     from multitag.distributed import is_main
 
     return {"run_dir": str(run)} if is_main() else None
@@ -193,7 +195,7 @@ def _train_argv(args) -> list[str]:
     for flag, value in (("--data", args.data), ("--out", args.out), ("--resume", args.resume)):
         argv += [flag, value] if value is not None else []
     argv += [item for setting in args.overrides for item in ("--set", setting)]
-    return argv + (["--json"] if args.json else [])
+    return argv + (["--overwrite"] if args.overwrite else []) + (["--json"] if args.json else [])
 
 
 def cmd_eval(args):
@@ -524,7 +526,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"multitag {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
         return 130
     if getattr(args, "json", False) and result is not None:
-        print(json.dumps(result, indent=2, default=str))
+        from multitag.fileio import json_safe
+
+        print(json.dumps(json_safe(result), indent=2, default=str, allow_nan=False))
     return 0
 
 

@@ -23,6 +23,12 @@ RECIPE_DIR = Path(__file__).parent / "configs"
 
 PRUNE_AFTER_DAYS = 30      # `multitag cache prune`'s default: image caches unused this many days go
 
+# The choices of the enumerated fields below (config_checks.py checks them before any work).
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("onecycle", "triangle", "cosine", "plateau", "none")
+DEVICES = ("auto", "cpu", "cuda")           # and cuda:N
+PRECISIONS = ("auto", "fp32", "bf16")
+
 
 def cache_root() -> Path:
     """Where multitag keeps derived files (image caches, precision choices, demo data):

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,8 @@ from multitag.calibration import fit_thresholds
 from multitag.checkpoint import (MODEL_META, MODEL_WEIGHTS, TRAIN_META, TRAIN_STATE, load_model_state,
                                  load_tensors, model_state, optimizer_tensors, read_checkpoint_meta, read_json,
                                  restore_optimizer, save_tensors, write_json)
-from multitag.config import Config, StageConfig, config_from_dict
+from multitag.config import OPTIMIZERS, SCHEDULES, Config, StageConfig, config_from_dict
+from multitag.config_checks import check_config
 from multitag.data.loader import BatchLoader, describe_oversampling, label_counts, repeat_factors, shard_bounds
 from multitag.data.prepare import PreparedData, prepare
 from multitag.data.transforms import BatchAugment, normalize
@@ -90,7 +92,7 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, stage: StageConfig) -> 
         return torch.optim.AdamW(groups, lr=stage.lr, betas=o.betas, **_fused(groups))
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=stage.lr, momentum=o.momentum, nesterov=True)
-    raise UserError(f'unknown optimizer "{o.name}"{did_you_mean(o.name, ["adam", "adamw", "sgd"])}.')
+    raise UserError(f'unknown optimizer "{o.name}"{did_you_mean(o.name, OPTIMIZERS)}.')
 
 
 def _fused(groups: list[dict]) -> dict:
@@ -100,9 +102,6 @@ def _fused(groups: list[dict]) -> dict:
     params = [p for g in groups for p in g["params"]]
     fusable = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     return {"fused": True} if fusable else {}
-
-
-SCHEDULES = ["onecycle", "triangle", "cosine", "plateau", "none"]
 
 
 def build_scheduler(cfg: Config, optimizer, stage: StageConfig, steps_per_epoch: int):
@@ -117,7 +116,7 @@ def build_scheduler(cfg: Config, optimizer, stage: StageConfig, steps_per_epoch:
         return None, False
     if stage.sched == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peak, total_steps=max(total, 1),
-                                                   pct_start=s.pct_start), True
+                                                   pct_start=onecycle_pct_start(s.pct_start, total)), True
     if stage.sched == "triangle":
         # Smith's linear one-cycle as airbench runs it: start_factor → 1 at pct_start → end_factor, the
         # momentum left as configured (torch's OneCycleLR also cycles it 0.95 → 0.85 → 0.95).
@@ -145,6 +144,16 @@ def build_scheduler(cfg: Config, optimizer, stage: StageConfig, steps_per_epoch:
                     f'{did_you_mean(stage.sched, SCHEDULES)}.')
 
 
+def onecycle_pct_start(pct_start: float, total: int) -> float:
+    """pct_start for torch's OneCycleLR over ``total`` steps. Its warm-up phase ends at step
+    pct_start·total - 1 and it divides by that phase's length, so a warm-up of exactly one step
+    (e.g. 0.25 of 4 steps) raises ZeroDivisionError: such a run warms up over two steps instead,
+    or not at all when it has only two."""
+    if pct_start * total != 1:
+        return pct_start
+    return 2 / total if total > 2 else 0.0
+
+
 def make_loaders(cfg: Config, data: PreparedData, log=print) -> tuple[BatchLoader, BatchLoader]:
     """Train loader (oversampled when data.oversample_to > 0, augmented) and val loader; logs both choices."""
     t, mean, std = data.table, cfg.data.mean, cfg.data.std
@@ -168,8 +177,6 @@ def make_loaders(cfg: Config, data: PreparedData, log=print) -> tuple[BatchLoade
 def micro_batch_size(cfg: Config) -> int:
     """Images per forward pass of one process: the global batch / (processes × accumulation steps)."""
     n, steps, batch = distributed.world().size, cfg.train.accumulate, cfg.train.batch_size
-    if steps < 1:
-        raise UserError(f"train.accumulate must be at least 1 (micro-batches per optimizer step), got {steps}.")
     if batch % (n * steps) or 0 < cfg.train.eval_batch_size < n:      # 0: the training batch (resolved_config)
         raise UserError(f"train.batch_size={batch} is the global batch and must split evenly into {n} process(es) × "
                         f"{steps} accumulation step(s); use a multiple of {n * steps}, such as "
@@ -304,19 +311,23 @@ def test_score(job: Job, model, monitor: str) -> dict:
 
 # --- the recipe ---------------------------------------------------------------------------------
 
-def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, log=print) -> Path:
+def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False, log=print) -> Path:
     """Train per the config into ``out_dir``; with resume=True continue from its last checkpoint.
+    A directory that already holds a run is refused unless ``overwrite`` (which deletes it first).
 
     Under torchrun every process calls this; rank 0 alone reads and writes ``out_dir`` (distributed.py).
     """
+    check_config(cfg)
     t = cfg.train
     with distributed.session(t.device, t.dist_timeout_s, t.dist_setup_timeout_s):
-        return _fit(cfg, Path(out_dir), resume, log)
+        return _fit(cfg, Path(out_dir), resume, overwrite, log)
 
 
-def _fit(cfg: Config, run: Path, resume: bool, log) -> Path:
+def _fit(cfg: Config, run: Path, resume: bool, overwrite: bool, log) -> Path:
     main = distributed.is_main()
     if main:
+        if not resume:
+            check_new_run(run, overwrite)
         run.mkdir(parents=True, exist_ok=True)
     cfg = resolved_config(cfg)
     if main:
@@ -340,6 +351,20 @@ def _fit(cfg: Config, run: Path, resume: bool, log) -> Path:
     return finish(job, state)
 
 
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, MODEL_WEIGHTS, TRAIN_STATE)
+
+
+def check_new_run(run: Path, overwrite: bool) -> None:
+    """A new run never lands on an old one: its weights, config and metrics would mix with the new
+    run's (metrics.jsonl appended to, the old best weights kept when no new epoch beat them)."""
+    if not any((run / name).exists() for name in RUN_FILES):
+        return
+    if not overwrite:
+        raise UserError(f"{run} already holds a training run; continue it with `multitag train --resume {run}`, "
+                        "replace it with --overwrite, or choose another --out.")
+    shutil.rmtree(run)
+
+
 def resolved_config(cfg: Config) -> Config:
     """A copy with an absolute data path and an unset data.mean/std filled with the model's own
     (e.g. [-1, 1] scaling for EfficientNet-Lite weights), so training, model.json and inference
@@ -349,8 +374,6 @@ def resolved_config(cfg: Config) -> Config:
     cfg.data.path = str(Path(cfg.data.path).resolve()) if cfg.data.path else ""   # eval/report work from any cwd
     cfg.data.mean = tuple(cfg.data.mean) or spec.mean
     cfg.data.std = tuple(cfg.data.std) or spec.std
-    if cfg.train.eval_batch_size < 0:
-        raise UserError(f"train.eval_batch_size must be 0 (= train.batch_size) or more, got {cfg.train.eval_batch_size}.")
     cfg.train.eval_batch_size = cfg.train.eval_batch_size or cfg.train.batch_size
     return cfg
 

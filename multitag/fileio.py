@@ -4,10 +4,11 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from multitag.errors import UserError
 
@@ -193,3 +194,18 @@ def update_json_object(path: str | Path, key: str, value) -> dict:
         data[key] = value
         atomic_write_text(path, json.dumps(data, indent=1))
     return data
+
+
+def json_safe(value: Any) -> Any:
+    """Plain JSON types; non-finite floats become the strings "nan"/"inf" so files and --json output
+    stay standard JSON (json.dumps writes NaN, which JSON parsers reject). Tensors and numpy values
+    become lists and numbers."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if hasattr(value, "tolist") and callable(value.tolist):     # torch tensors, numpy arrays and scalars
+        return json_safe(value.tolist())
+    return value

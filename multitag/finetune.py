@@ -20,10 +20,7 @@ BACKBONE = "backbone"
 
 def resolve_stages(cfg: Config) -> list[StageConfig]:
     """The configured stages, or one stage equivalent to the flat train/optim/sched settings."""
-    if cfg.stages:
-        for i, s in enumerate(cfg.stages):
-            if s.epochs < 1:
-                raise UserError(f"stages.{i}.epochs must be at least 1, got {s.epochs}.")
+    if cfg.stages:       # their epochs and schedules are checked before training (config_checks.py)
         return [s if s.name else StageConfig(**{**vars(s), "name": f"stage{i + 1}"}) for i, s in enumerate(cfg.stages)]
     return [StageConfig(name="train", epochs=cfg.train.epochs, lr=cfg.optim.lr, sched=cfg.sched.name)]
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from multitag import allocator, openmp
-from multitag.config import cache_root
+from multitag.config import DEVICES, PRECISIONS, cache_root
 from multitag.errors import UserError, did_you_mean
 from multitag.fileio import read_json_object, update_json_object
 from multitag.losses import training_loss
@@ -80,7 +80,7 @@ def choose_device(name: str, setting: str = "train.device") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise UserError(f'unknown device "{name}"{did_you_mean(name, ["auto", "cpu", "cuda"])}.')
+        raise UserError(f'unknown device "{name}"{did_you_mean(name, DEVICES)}.')
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"{setting}={name} was asked for but no CUDA GPU is visible; use {setting}=auto or cpu.")
     return torch.device(name)
@@ -135,7 +135,8 @@ def _cache_path() -> Path:
     return cache_root() / "precision.json"
 
 
-def _parse_bool(value: str, key: str) -> bool | None:
+def parse_switch(value: str, key: str) -> bool | None:
+    """An auto/true/false setting (also 1/0, yes/no; YAML's true reads as "True"): None for auto."""
     low = str(value).lower()
     if low == "auto":
         return None
@@ -249,9 +250,9 @@ def choose_runtime(model, loss_fn, example, targets, *, device: str = "auto", pr
     """Pick device, precision, memory format and (CPU, ``threads`` 0) the thread count; measure
     when set to auto, and cache the result."""
     dev = choose_device(device)
-    if precision not in ("auto", "fp32", "bf16"):
-        raise UserError(f'unknown precision "{precision}"{did_you_mean(precision, ["auto", "fp32", "bf16"])}.')
-    cl = _parse_bool(channels_last, "train.channels_last")
+    if precision not in PRECISIONS:
+        raise UserError(f'unknown precision "{precision}"{did_you_mean(precision, PRECISIONS)}.')
+    cl = parse_switch(channels_last, "train.channels_last")
     tweaks = available_tweaks(model)
     cands = [cand for cand in candidates(dev, threads, tweaks, model)
              if (precision == "auto" or cand[0] == precision) and (cl is None or cand[1] == cl)]

@@ -87,3 +87,20 @@ def test_python_api_round_trip(trained, digits_csv):
     assert by_path.scores == by_pil.scores == by_array.scores
     result = multitag.evaluate(trained, split="val")
     assert result["split"] == "val" and result["num_images"] == 40
+
+
+def test_eval_json_stays_valid_json_when_a_class_has_no_positives(tiny_run, digits_csv, tmp_path, capsys):
+    """A class absent from the split has an undefined AP (NaN); --json writes it as "nan", because a
+    bare NaN is not JSON (strict parsers, jq and JavaScript's JSON.parse reject it)."""
+    import csv
+
+    rows = [r for r in csv.DictReader(open(digits_csv)) if r["split"] == "test"]
+    with open(tmp_path / "no_d0.csv", "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["image", "labels", "split"])
+        for r in rows:
+            out.writerow([digits_csv.parent / r["image"], " ".join(x for x in r["labels"].split() if x != "d0"), "test"])
+    assert main(["eval", str(tiny_run), "--data", str(tmp_path / "no_d0.csv"), "--no-report", "--json"]) == 0
+    text = capsys.readouterr().out
+    result = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert "nan" in json.dumps(result)

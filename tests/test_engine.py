@@ -167,8 +167,6 @@ def test_eval_batch_size_defaults_to_the_training_batch():
 
     assert engine.resolved_config(load_config("demo", ["train.batch_size=24"])).train.eval_batch_size == 24
     assert engine.resolved_config(load_config("demo", ["train.eval_batch_size=100"])).train.eval_batch_size == 100
-    with pytest.raises(UserError, match="train.eval_batch_size must be 0"):
-        engine.resolved_config(load_config("demo", ["train.eval_batch_size=-1"]))
 
 
 def test_bf16_training_fits_thresholds_on_the_fp32_scores_predict_uses(digits_csv, tmp_path):

@@ -44,7 +44,7 @@ def assign_split(table: LabelTable, fractions: tuple[float, float, float] = (0.7
     log: receives one-line notes (val carved from train, stratification fallback). Without it,
     fallbacks are reported with ``warnings.warn`` and routine notes are dropped.
     """
-    f_train, f_val, f_test = _check_fractions(fractions)
+    f_train, f_val, f_test = check_fractions(fractions)
     rng = np.random.RandomState(seed)
     if table.split is not None:
         return _complete_given_split(table, f_val / (f_train + f_val), rng, log)
@@ -64,16 +64,16 @@ def assign_split(table: LabelTable, fractions: tuple[float, float, float] = (0.7
     return split.tolist()
 
 
-def _check_fractions(fractions) -> tuple[float, float, float]:
+def check_fractions(fractions) -> tuple[float, float, float]:
     """(train, val, test) fractions that are ≥ 0, sum to 1, with train > 0 (val 0: no val split, see engine)."""
     try:
         f_train, f_val, f_test = (float(f) for f in fractions)
     except (TypeError, ValueError):
-        raise UserError(f"split fractions must be three numbers (train, val, test), got {fractions!r}") from None
+        raise UserError(f"data.split_fractions must be three numbers (train, val, test), got {fractions!r}") from None
     if f_train <= 0 or min(f_val, f_test) < 0 or abs(f_train + f_val + f_test - 1) > 1e-6:
         raise UserError(
-            f"split fractions {fractions!r} must be train > 0, val >= 0, test >= 0 and sum to 1; "
-            "e.g. 0.7, 0.15, 0.15"
+            f"data.split_fractions {list(fractions)} must be train > 0, val >= 0, test >= 0 and sum to 1; "
+            "e.g. --set data.split_fractions=[0.7,0.15,0.15]."
         )
     return f_train, f_val, f_test
 

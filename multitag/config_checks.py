@@ -1,0 +1,163 @@
+"""Checks of a run's settings before any work: every choice a known name, every number in its range.
+
+``check_config`` runs first in training, before the run directory, the image cache or the runtime
+measurement, so a typo (``sched.name=cosin``) or an impossible value (``train.batch_size=0``) is
+one sentence naming the key, what it must be and how to set it, instead of a traceback minutes in,
+and nothing is written that a fixed ``--resume`` would have to undo.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+from multitag.config import DEVICES, OPTIMIZERS, PRECISIONS, SCHEDULES, AUG_PRESETS, Config
+from multitag.errors import UserError, did_you_mean
+
+
+def check_config(cfg: Config) -> None:
+    """Raise a UserError for the first setting that is not a valid choice or is out of range."""
+    from multitag.data.cache import ON_BAD_IMAGE
+    from multitag.data.formats import FORMATS
+    from multitag.data.split import check_fractions
+    from multitag.losses import CLASS_WEIGHTS, LOSSES
+    from multitag.models.registry import get_spec
+    from multitag.runtime import parse_switch
+
+    get_spec(cfg.model.name)
+    choices = {
+        "data.format": ("auto", *FORMATS), "data.on_bad_image": ON_BAD_IMAGE, "optim.name": OPTIMIZERS,
+        "sched.name": SCHEDULES, "train.loss": LOSSES, "train.class_weights": CLASS_WEIGHTS,
+        "train.precision": PRECISIONS, "aug.preset": tuple(AUG_PRESETS),
+    }
+    for key, valid in choices.items():
+        value = _get(cfg, key)
+        if value not in valid:
+            raise UserError(f'{key} "{value}" is not a choice{did_you_mean(str(value), valid)}; '
+                            f"set one of {', '.join(valid)}.")
+    device = cfg.train.device
+    if device not in DEVICES and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise UserError(f'train.device "{device}" is not a choice{did_you_mean(device, DEVICES)}; '
+                        "set auto, cpu, cuda or cuda:N.")
+    for key, test, must in RANGES:
+        value = _get(cfg, key)
+        if not _holds(test, value):
+            raise _out_of_range(key, value, must)
+    for key, size in (("data.mean", 3), ("data.std", 3), ("optim.betas", 2)):
+        _check_tuple(key, _get(cfg, key), size, allow_empty=key.startswith("data."))
+    if any(v <= 0 for v in cfg.data.std):
+        raise _out_of_range("data.std", list(cfg.data.std), "positive per channel (pixels are divided by it)")
+    if any(not 0 <= b < 1 for b in cfg.optim.betas):
+        raise _out_of_range("optim.betas", list(cfg.optim.betas), "two numbers in [0, 1)")
+    _check_ranges_of_aug(cfg)
+    check_fractions(cfg.data.split_fractions)
+    parse_switch(cfg.train.channels_last, "train.channels_last")
+    if not cfg.stages and cfg.train.epochs < 1:
+        raise _out_of_range("train.epochs", cfg.train.epochs, "at least 1")
+    for i, stage in enumerate(cfg.stages):
+        if stage.sched not in SCHEDULES:
+            raise UserError(f'stages.{i}.sched "{stage.sched}" is not a choice{did_you_mean(stage.sched, SCHEDULES)}; '
+                            f"set one of {', '.join(SCHEDULES)}.")
+        for field, test, must in STAGE_RANGES:
+            if not _holds(test, getattr(stage, field)):
+                raise _out_of_range(f"stages.{i}.{field}", getattr(stage, field), must)
+
+
+def _nonneg(v) -> bool:
+    return v >= 0
+
+
+def _positive(v) -> bool:
+    return v > 0
+
+
+def _fraction(v) -> bool:          # [0, 1)
+    return 0 <= v < 1
+
+
+# (key, test, what the value must be). Every float must also be finite (NaN fails every test).
+RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("data.image_size", _positive, "at least 1 (pixels per side)"),
+    ("data.oversample_to", _nonneg, "0 (off) or more"),
+    ("data.oversample_max_repeat", _nonneg, "0 (no cap) or more"),
+    ("optim.lr", _nonneg, "0 or more"),
+    ("optim.weight_decay", _nonneg, "0 or more"),
+    ("optim.momentum", _fraction, "in [0, 1)"),
+    ("sched.warmup_epochs", _nonneg, "0 or more"),
+    ("sched.pct_start", _fraction, "in [0, 1) (the fraction of steps spent warming up)"),
+    ("sched.start_factor", _nonneg, "0 or more"),
+    ("sched.end_factor", _nonneg, "0 or more"),
+    ("sched.factor", lambda v: 0 < v < 1, "in (0, 1)"),
+    ("sched.patience", _nonneg, "0 or more"),
+    ("sched.min_lr", _nonneg, "0 or more"),
+    ("train.batch_size", _positive, "at least 1"),
+    ("train.eval_batch_size", _nonneg, "0 (= train.batch_size) or more"),
+    ("train.label_smoothing", _fraction, "in [0, 1)"),
+    ("train.focal_gamma", _nonneg, "0 or more"),
+    ("train.focal_alpha", lambda v: v is None or 0 <= v <= 1, "in [0, 1], or null for no weighting"),
+    ("train.asl_gamma_neg", _nonneg, "0 or more"),
+    ("train.asl_gamma_pos", _nonneg, "0 or more"),
+    ("train.asl_clip", _fraction, "in [0, 1)"),
+    ("train.grad_clip", _nonneg, "0 (off) or more"),
+    ("train.early_stop_patience", _nonneg, "0 (off) or more"),
+    ("train.threads", _nonneg, "0 (torch's default) or more"),
+    ("train.ema", _fraction, "0 (off) or a decay in (0, 1), e.g. 0.999"),
+    ("train.lookahead", _fraction, "0 (off) or a base in (0, 1), e.g. 0.95"),
+    ("train.lookahead_every", _positive, "at least 1"),
+    ("train.lookahead_from_epoch", _nonneg, "0 or more"),
+    ("train.accumulate", _positive, "at least 1 (micro-batches per optimizer step)"),
+    ("train.dist_timeout_s", _positive, "positive"),
+    ("train.dist_setup_timeout_s", _positive, "positive"),
+)
+STAGE_RANGES = (
+    ("epochs", _positive, "at least 1"),
+    ("lr", _nonneg, "0 or more"),
+    ("backbone_lr_mult", _nonneg, "0 or more"),
+)
+
+
+def _check_ranges_of_aug(cfg: Config) -> None:
+    """The augmentation fields that are set (None = the preset's value, which is valid)."""
+    aug = cfg.aug
+    for key, test, must in (("rotate", _nonneg, "0 or more degrees"), ("translate", _fraction, "in [0, 1)"),
+                            ("color_jitter", _nonneg, "0 or more"), ("erasing", lambda v: 0 <= v <= 1, "in [0, 1]")):
+        value = getattr(aug, key)
+        if value is not None and not _holds(test, value):
+            raise _out_of_range(f"aug.{key}", value, must)
+    for key, lo_ok in (("scale", lambda lo: 0 < lo), ("ratio", lambda lo: lo > 0)):
+        value = getattr(aug, key)
+        if value is None:
+            continue
+        _check_tuple(f"aug.{key}", value, 2)
+        lo, hi = value
+        if not (lo_ok(lo) and lo <= hi and (key != "scale" or hi <= 1)):
+            raise _out_of_range(f"aug.{key}", list(value), "[low, high] with 0 < low ≤ high"
+                                + (" ≤ 1 (a fraction of the image area)" if key == "scale" else ""))
+
+
+def _check_tuple(key: str, value: tuple, size: int, allow_empty: bool = False) -> None:
+    if allow_empty and len(value) == 0:
+        return
+    if len(value) != size or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                     for v in value):
+        raise _out_of_range(key, list(value), f"{size} numbers" + (" (one per RGB channel), or [] for the model's own"
+                                                                   if allow_empty else ""))
+
+
+def _holds(test: Callable[[Any], bool], value) -> bool:
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    try:
+        return bool(test(value))
+    except TypeError:          # e.g. a string where a number belongs (a Python-built Config)
+        return False
+
+
+def _out_of_range(key: str, value, must: str) -> UserError:
+    return UserError(f"{key} must be {must}, got {value}; fix it in the recipe or with --set {key}=...")
+
+
+def _get(cfg: Config, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node

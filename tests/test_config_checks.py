@@ -1,0 +1,113 @@
+"""Settings are checked before any work (config_checks.py); a run directory is never trained into twice;
+OneCycle works at every step count."""
+import json
+
+import pytest
+import torch
+
+from multitag.api import train
+from multitag.cli import main
+from multitag.config import StageConfig, list_recipes, load_config
+from multitag.config_checks import check_config
+from multitag.engine import CONFIG_FILE, build_scheduler, onecycle_pct_start
+from multitag.errors import UserError
+
+FAST = ["train.epochs=1", "train.batch_size=32", "train.precision=fp32", "train.channels_last=false",
+        "train.report=false"]
+
+
+@pytest.mark.parametrize("name", sorted(list_recipes()))
+def test_every_bundled_recipe_passes(name):
+    check_config(load_config(name))
+
+
+@pytest.mark.parametrize("setting, named, must", [
+    ("train.batch_size=0", "train.batch_size", "at least 1"),
+    ("train.epochs=0", "train.epochs", "at least 1"),
+    ("data.mean=[0.5,0.5]", "data.mean", "3 numbers"),
+    ("data.std=[0,0,0]", "data.std", "positive"),
+    ("optim.lr=-0.1", "optim.lr", "0 or more"),
+    ("optim.lr=.nan", "optim.lr", "0 or more"),
+    ("sched.pct_start=1.5", "sched.pct_start", "[0, 1)"),
+    ("train.threads=-1", "train.threads", "0 (torch's default) or more"),
+    ("data.oversample_to=-1", "data.oversample_to", "0 (off) or more"),
+    ("train.early_stop_patience=-1", "train.early_stop_patience", "0 (off) or more"),
+    ("train.eval_batch_size=-1", "train.eval_batch_size", "0 (= train.batch_size) or more"),
+    ("train.accumulate=0", "train.accumulate", "at least 1"),
+    ("aug.scale=[0.5,2]", "aug.scale", "≤ 1"),
+    ("optim.betas=[0.9]", "optim.betas", "2 numbers"),
+    ("data.split_fractions=[0.9,0.2,0]", "data.split_fractions", "sum to 1"),
+    ("stages=[{epochs: 0}]", "stages.0.epochs", "at least 1"),
+])
+def test_out_of_range_values_are_one_sentence(setting, named, must):
+    with pytest.raises(UserError) as err:
+        check_config(load_config("demo", [setting]))
+    message = str(err.value)
+    assert named in message and must in message and "\n" not in message
+
+
+@pytest.mark.parametrize("setting, closest", [
+    ("sched.name=cosin", "cosine"), ("optim.name=adamm", "adam"), ("train.loss=focall", "focal"),
+    ("train.precision=bf61", "bf16"), ("train.device=cpuu", "cpu"), ("train.class_weights=balance", "balanced"),
+    ("data.on_bad_image=skipp", "skip"), ("data.format=cvs", "csv"), ("aug.preset=strog", "strong"),
+    ("stages=[{sched: cosin}]", "cosine"),
+])
+def test_choice_typos_name_the_closest(setting, closest):
+    with pytest.raises(UserError, match=f'did you mean "{closest}"'):
+        check_config(load_config("demo", [setting]))
+
+
+def test_valid_spellings_pass():
+    for setting in ("train.channels_last=yes", "train.channels_last=true", "train.device=cuda:1",
+                    "train.focal_alpha=null", "data.mean=[]", "stages=[{epochs: 2}]"):
+        check_config(load_config("demo", [setting]))
+
+
+def test_a_bad_setting_stops_training_before_anything_is_written(digits_csv, tmp_path, isolated_cache):
+    """Before the cache is built or config.yaml written, so --resume is never left with a broken config."""
+    cached = set(isolated_cache.rglob("*"))
+    with pytest.raises(UserError, match="sched.name"):
+        train("demo", data=digits_csv, out=tmp_path / "run", overrides=FAST + ["sched.name=cosin"], log=lambda *a: None)
+    assert not (tmp_path / "run").exists()
+    assert set(isolated_cache.rglob("*")) == cached
+
+
+def test_an_existing_run_is_refused_and_overwrite_replaces_it(digits_csv, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "demo", "--data", str(digits_csv), "--out", str(out)] + [a for s in FAST for a in ("--set", s)]
+    assert main(args) == 0
+    weights = (out / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(args + ["--set", "train.seed=1"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "already holds a training run" in err and "--resume" in err and "--overwrite" in err
+    assert len(err.splitlines()) == 1
+    assert (out / "model.safetensors").read_bytes() == weights          # untouched
+    assert main(args + ["--set", "train.seed=1", "--overwrite"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1]                            # not appended to the old run's
+    assert "seed: 1" in (out / CONFIG_FILE).read_text()
+    with pytest.raises(UserError, match="only one"):
+        train(resume=out, overwrite=True)
+
+
+def _steps_through(total: int, pct_start: float) -> int:
+    """Runs OneCycle (built as training builds it) over ``total`` steps; returns the steps taken."""
+    cfg = load_config("demo", [f"sched.pct_start={pct_start}"])
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1, momentum=0.9)
+    scheduler, per_batch = build_scheduler(cfg, opt, StageConfig(epochs=1, lr=0.1, sched="onecycle"), total)
+    assert per_batch
+    for _ in range(total - 1):
+        opt.step()
+        scheduler.step()
+    return total
+
+
+@pytest.mark.parametrize("total, pct_start", [(4, 0.25), (2, 0.5), (5, 0.2), (10, 0.1), (3, 1 / 3), (40, 0.25)])
+def test_onecycle_runs_when_the_warm_up_is_one_step(total, pct_start):
+    assert _steps_through(total, pct_start) == total        # torch alone: ZeroDivisionError at 4 × 0.25
+
+
+def test_onecycle_keeps_pct_start_unless_it_is_one_step():
+    assert onecycle_pct_start(0.25, 40) == 0.25
+    assert onecycle_pct_start(0.25, 4) == 0.5 and onecycle_pct_start(0.5, 2) == 0.0
