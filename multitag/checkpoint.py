@@ -145,3 +145,16 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch
             if isinstance(v, str) and v in ("nan", "inf", "-inf"):
                 group[k] = float(v)
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+    _match_parameter_layouts(optimizer)
+
+
+def _match_parameter_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give each per-parameter state tensor (Adam's moments, SGD's momentum) its parameter's memory
+    layout. The file stores them contiguous (NCHW) while a channels_last model's conv weights are
+    NHWC, and torch's fused AdamW (engine._fused) walks the two buffers in memory order without
+    checking their strides: a resumed channels_last run then paired each weight with another weight's
+    moments (seen as a resume that left the unbroken run from its first step on)."""
+    for param, slots in optimizer.state.items():
+        for name, value in slots.items():
+            if isinstance(value, torch.Tensor) and value.shape == param.shape and value.stride() != param.stride():
+                slots[name] = torch.empty_like(param, dtype=value.dtype).copy_(value)

@@ -33,12 +33,15 @@ def test_fit_keeps_best_epoch_and_writes_run_dir(digits_csv, tmp_path):
     assert meta["metrics"]["val"]["mAP"] == pytest.approx(best["val_mAP"], abs=1e-6)
 
 
-def test_resume_after_kill_reproduces_uninterrupted_run(digits_csv, tmp_path, stop_after_checkpoint):
-    full = train("demo", data=digits_csv, out=tmp_path / "full", overrides=FAST, log=lambda *a: None)
+@pytest.mark.parametrize("layout", [[], ["train.channels_last=true", "train.precision=bf16"]],
+                         ids=["nchw-fp32", "channels_last-bf16"])
+def test_resume_after_kill_reproduces_uninterrupted_run(digits_csv, tmp_path, stop_after_checkpoint, layout):
+    over = FAST + layout          # channels_last: Adam's moments must come back in the weights' layout
+    full = train("demo", data=digits_csv, out=tmp_path / "full", overrides=over, log=lambda *a: None)
 
     undo = stop_after_checkpoint(2)      # the second run dies right after epoch 2's checkpoint
     with pytest.raises(KeyboardInterrupt):
-        train("demo", data=digits_csv, out=tmp_path / "killed", overrides=FAST, log=lambda *a: None)
+        train("demo", data=digits_csv, out=tmp_path / "killed", overrides=over, log=lambda *a: None)
     assert json.loads((tmp_path / "killed" / TRAIN_META).read_text())["state"]["epoch"] == 2
     undo()
 
@@ -51,6 +54,31 @@ def test_resume_after_kill_reproduces_uninterrupted_run(digits_csv, tmp_path, st
     lb = [json.loads(x) for x in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lb] == [1, 2, 3]
     assert np.allclose([r["val_mAP"] for r in la], [r["val_mAP"] for r in lb], atol=1e-6)
+
+
+def test_restored_optimizer_state_takes_the_parameters_layout():
+    """Fused AdamW pairs a weight with its moments by memory order: moments read back from the file
+    (NCHW) for a channels_last weight must be laid out like it, or the next step updates garbage."""
+    from multitag.checkpoint import optimizer_tensors, restore_optimizer
+
+    def adamw(p):
+        return torch.optim.AdamW([p], lr=0.1, fused=True)
+
+    torch.manual_seed(0)
+    start, grads = torch.randn(4, 3, 5, 5), [torch.randn(4, 3, 5, 5) for _ in range(2)]
+    unbroken, resumed = (torch.nn.Parameter(start.clone().contiguous(memory_format=torch.channels_last))
+                         for _ in range(2))
+    opt_a, opt_b = adamw(unbroken), adamw(resumed)
+    for p, opt in ((unbroken, opt_a), (resumed, opt_b)):
+        p.grad = grads[0].contiguous(memory_format=torch.channels_last)
+        opt.step()
+    tensors, meta = optimizer_tensors(opt_b)
+    opt_b = adamw(resumed)
+    restore_optimizer(opt_b, {k: v.contiguous() for k, v in tensors.items()}, json.loads(json.dumps(meta)))
+    for p, opt in ((unbroken, opt_a), (resumed, opt_b)):
+        p.grad = grads[1].contiguous(memory_format=torch.channels_last)
+        opt.step()
+    assert torch.equal(unbroken, resumed)
 
 
 def test_nan_loss_stops_with_clear_message_and_keeps_checkpoint(digits_csv, tmp_path, monkeypatch):
