@@ -30,6 +30,7 @@ import yaml
 
 from multitag.checkpoint import MODEL_META, TRAIN_META, read_json
 from multitag.config import Config, apply_overrides, load_config, resolve_aug
+from multitag.config_checks import check_config
 from multitag.errors import UserError
 from multitag.fileio import atomic_write_text
 
@@ -149,6 +150,11 @@ def ablate(config: str | Config | None, data: str | None, vary: dict[str, list],
     base = config if isinstance(config, Config) else load_config(config)
     grid = expand_variants(vary, variants)
     configs = [variant_config(base, data, overrides, v) for v in grid]
+    for variant, cfg in zip(grid, configs):     # every variant's settings before the first one trains
+        try:
+            check_config(cfg)
+        except UserError as e:
+            raise UserError(f"variant {variant.name}: {e}") from None
     out = Path(out) if out else Path("runs") / f"ablate-{base.recipe or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)
     log(f"ablation: {len(grid)} variants of {base.recipe or 'the config'} into {out}")

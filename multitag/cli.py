@@ -231,12 +231,16 @@ def _count(n: int, noun: str) -> str:
 
 
 def _predict_format(args) -> str:
-    """--json, else --format, else from the --out suffix (.json → json, anything else csv), else text."""
-    if args.json or args.format:
-        return "json" if args.json else args.format
-    if args.out:
-        return "json" if args.out.lower().endswith(".json") else "csv"
-    return "text"
+    """--json, else --format, else from the --out suffix (.json → json, anything else csv), else text.
+    --json with another --format is refused; a --format unlike the --out suffix is said, then obeyed."""
+    if args.json and args.format not in (None, "json"):
+        raise UserError(f"--json means --format json, but --format {args.format} was given too; pass one of them.")
+    fmt = "json" if args.json else args.format
+    by_suffix = None if not args.out else "json" if args.out.lower().endswith(".json") else "csv"
+    if fmt and by_suffix and (fmt == "json") != (by_suffix == "json"):
+        print(f"multitag predict: writing {fmt} to {args.out}, as --format says (its suffix suggests {by_suffix})",
+              file=sys.stderr)
+    return fmt or by_suffix or "text"
 
 
 def cmd_predict(args):
@@ -245,6 +249,7 @@ def cmd_predict(args):
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}.")
+    fmt = _predict_format(args)          # conflicts are said before any image is scored
     if args.out:
         check_writable(args.out)         # now, not after every image was scored
     threshold = parse_threshold(args.threshold, "--threshold")
@@ -258,7 +263,6 @@ def cmd_predict(args):
           file=sys.stderr)
     preds = list(model.predict_each(paths, threshold=threshold, top_k=args.top_k, batch_size=args.batch_size,
                                     progress=True))
-    fmt = _predict_format(args)
     if args.out:
         def write(tmp):
             with open(tmp, "w", newline="") as f:      # newline="": the csv module writes its own

@@ -14,7 +14,7 @@ from multitag.calibration import fit_thresholds
 from multitag.checkpoint import MODEL_META, write_json
 from multitag.config import DataConfig, data_config_from_dict
 from multitag.data.loader import BatchLoader
-from multitag.data.prepare import PreparedData, prepare
+from multitag.data.prepare import SPLIT_FILE, PreparedData, check_split_name, prepare
 from multitag.errors import UserError
 from multitag.predict import SCORING_BATCH, Model, load
 from multitag.summary import evaluate_scores
@@ -33,17 +33,27 @@ def prepare_for(model: Model, data: str | None, log=print) -> PreparedData:
     return prepare(data_config_for(model, data), model.run_dir, classes=model.class_names, reuse_split=True, log=log)
 
 
-def score_split(model: Model, prepared: PreparedData, split: str,
-                batch_size: int = SCORING_BATCH) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, scores (N, C)) of the model on one split of the prepared data, on the model's backend."""
+def score_split(model: Model, prepared: PreparedData, split: str, batch_size: int = SCORING_BATCH,
+                fix: str = "use --split all, or data with a split column") -> tuple[np.ndarray, np.ndarray]:
+    """(rows, scores (N, C)) of the model on one split of the prepared data, on the model's backend.
+    ``fix`` is the way out offered when the split has no images (the command's own options)."""
     rows = prepared.rows(split)
     if len(rows) == 0:
-        raise UserError(f'the data has no usable "{split}" images; use --split all, or data with a split column.')
+        raise UserError(f'the data has no usable "{split}" images{_why_no_rows(model, prepared)}; {fix}.')
     t = prepared.table
     loader = BatchLoader(prepared.cache, rows, t.targets, t.ignore, batch_size=batch_size,
                          mean=model.mean, std=model.std)
     scores = [model.scores(b.images) for b in loader.iterate()]
     return rows, np.concatenate(scores)
+
+
+def _why_no_rows(model: Model, prepared: PreparedData) -> str:
+    """The likely cause of an empty split, where one can be named."""
+    split_file = model.run_dir / SPLIT_FILE
+    if not split_file.exists() and not any(prepared.table.split or []):
+        return (f" ({split_file}, which records the training split, is missing and the data has no split "
+                "column of its own)")
+    return ""
 
 
 @dataclass
@@ -60,6 +70,7 @@ class Scored:
 def score_run(run_dir: str | Path | Model, data: str | None = None, split: str = "test", log=print,
               prepared: PreparedData | None = None) -> Scored:
     """Score a trained run on a split: metrics at 0.5, at the calibrated thresholds and top-3."""
+    check_split_name(split)                    # before the data is read and cached
     model = run_dir if isinstance(run_dir, Model) else load(run_dir)
     prepared = prepared or prepare_for(model, data, log)
     rows, scores = score_split(model, prepared, split)
@@ -81,7 +92,8 @@ def calibrate_run(run_dir: str | Path, data: str | None = None, log=print) -> li
     if not model.multi_label:
         raise UserError("calibration applies to multi-label models; single-label models predict the top class.")
     prepared = prepare_for(model, data, log)
-    rows, scores = score_split(model, prepared, "val")
+    rows, scores = score_split(model, prepared, "val", fix="calibrate fits on the val split; pass --data with "
+                                                          "val rows (a split column)")
     t = prepared.table
     thresholds = fit_thresholds(scores, t.targets[rows], t.ignore[rows]).tolist()
     model.meta["thresholds"] = thresholds

@@ -42,6 +42,13 @@ def test_unknown_key_fails_before_training(digits_csv, tmp_path):
     assert not (tmp_path / "abl").exists()
 
 
+def test_a_bad_value_in_any_variant_fails_before_the_first_trains(digits_csv, tmp_path):
+    with pytest.raises(UserError, match='variant .*sched.name "cosin".*did you mean "cosine"'):
+        ablate("demo", str(digits_csv), {"sched.name": ["onecycle", "cosin"]}, FAST, tmp_path / "abl",
+               log=lambda *a: None)
+    assert not (tmp_path / "abl").exists()
+
+
 def test_ablation_table_then_skip_then_resume(digits_csv, tmp_path, monkeypatch):
     out = tmp_path / "abl"
     args = ["ablate", "demo", "--data", str(digits_csv), "--vary", "loss=bce,asl", "--out", str(out)]

@@ -104,3 +104,42 @@ def test_eval_json_stays_valid_json_when_a_class_has_no_positives(tiny_run, digi
     text = capsys.readouterr().out
     result = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
     assert "nan" in json.dumps(result)
+
+
+def test_split_names_and_empty_splits_are_explained(tiny_run, digits_csv, tmp_path, capsys):
+    import csv
+    import shutil
+
+    assert main(["eval", str(tiny_run), "--split", "tst"]) != 0
+    assert 'did you mean "test"' in capsys.readouterr().err
+    run = tmp_path / "run"                          # a copy whose split.csv was lost, on data without a split
+    shutil.copytree(tiny_run, run)
+    (run / "split.csv").unlink()
+    with open(tmp_path / "nosplit.csv", "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["image", "labels"])
+        for r in csv.DictReader(open(digits_csv)):
+            out.writerow([digits_csv.parent / r["image"], r["labels"]])
+    assert main(["eval", str(run), "--data", str(tmp_path / "nosplit.csv"), "--no-report"]) != 0
+    err = capsys.readouterr().err
+    assert "split.csv" in err and "is missing" in err and "--split all" in err
+    assert main(["calibrate", str(run), "--data", str(tmp_path / "nosplit.csv")]) != 0
+    err = capsys.readouterr().err
+    assert "calibrate fits on the val split" in err and "--split" not in err
+
+
+def test_labels_that_differ_only_in_case_are_noted(digits_csv, tmp_path):
+    import csv
+
+    from multitag.config import DataConfig
+    from multitag.data.prepare import prepare
+
+    with open(tmp_path / "cased.csv", "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["image", "labels"])
+        for i, r in enumerate(csv.DictReader(open(digits_csv))):
+            labels = r["labels"].replace("d1", "D1") if i % 2 else r["labels"]
+            out.writerow([digits_csv.parent / r["image"], labels])
+    logs = []
+    prepare(DataConfig(path=str(tmp_path / "cased.csv"), image_size=32), log=logs.append)
+    assert any("differ only in case" in line and "D1 / d1" in line for line in logs)

@@ -69,6 +69,15 @@ def test_out_file_format_from_suffix(trained, folder, tmp_path, capsys):
     assert row["labels"] and len(row["labels"]) == 10               # threshold 0 keeps every class
 
 
+def test_conflicting_output_formats_are_said(trained, folder, tmp_path, capsys):
+    rc, out, err = predict(capsys, trained, folder / "a.png", "--json", "--format", "csv")
+    assert rc != 0 and "--json means --format json" in err and len(err.strip().splitlines()) == 1
+    target = tmp_path / "preds.json"
+    rc, out, err = predict(capsys, trained, folder / "a.png", "--out", target, "--format", "csv")
+    assert rc == 0 and "writing csv to" in err and "suggests json" in err
+    assert target.read_text().startswith("image,")                  # what --format asked for
+
+
 def test_nothing_readable_is_an_error(trained, folder, capsys):
     rc, out, err = predict(capsys, trained, folder / "notes.txt", "--format", "csv")
     assert rc == 2 and "none of the 1 file could be read" in err

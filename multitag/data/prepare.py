@@ -16,7 +16,7 @@ from multitag.data.cache import build_cache, default_cache_dir
 from multitag.data.formats import read_table
 from multitag.data.split import assign_split, read_split_csv, write_split_csv
 from multitag.data.table import SPLITS, LabelTable
-from multitag.errors import UserError
+from multitag.errors import UserError, did_you_mean
 
 SPLIT_FILE = "split.csv"
 
@@ -33,8 +33,7 @@ class PreparedData:
         usable = np.asarray(self.cache.valid, dtype=bool)
         if name == "all":
             return np.flatnonzero(usable)
-        if name not in SPLITS:
-            raise UserError(f'unknown split "{name}"; use one of train, val, test or all.')
+        check_split_name(name)
         return np.flatnonzero(usable & (self.split == name))
 
     @property
@@ -50,6 +49,27 @@ def table_hash(table: LabelTable) -> str:
     h.update(np.ascontiguousarray(table.targets).tobytes())
     h.update(np.ascontiguousarray(table.ignore).tobytes())
     return h.hexdigest()[:16]
+
+
+SPLIT_NAMES = (*SPLITS, "all")
+
+
+def check_split_name(name: str) -> None:
+    """``name`` is train, val, test or all (every usable row), else one sentence with the closest."""
+    if name not in SPLIT_NAMES:
+        raise UserError(f'unknown split "{name}"{did_you_mean(name, SPLIT_NAMES)}; use one of train, val, test or all.')
+
+
+def note_case_twins(class_names: list[str], log=print) -> None:
+    """Says when labels differ only in case ("Dog", "dog"): they are separate classes, as written,
+    which is seldom meant, but a silent merge could be wrong too (e.g. gene or product codes)."""
+    groups: dict[str, list[str]] = {}
+    for name in class_names:
+        groups.setdefault(name.casefold(), []).append(name)
+    twins = [" / ".join(g) for g in groups.values() if len(g) > 1]
+    if twins:
+        log(f"note: labels that differ only in case are separate classes: {'; '.join(twins)}; "
+            "write them alike in the annotations to merge them")
 
 
 def load_table(cfg: DataConfig, classes: list[str] | None = None) -> LabelTable:
@@ -81,6 +101,8 @@ def prepare(cfg: DataConfig, run_dir: Path | None = None, *, classes: list[str] 
             reuse_split: bool = False, split: list[str] | None = None, log=print) -> PreparedData:
     """``split`` given (the other ranks of a distributed run, from rank 0): used as is, no split.csv."""
     table = load_table(cfg, classes)
+    if classes is None:
+        note_case_twins(table.class_names, log)
     if split is not None and len(split) != len(table):
         raise UserError(f"{cfg.path} lists {len(table)} images on this machine but {len(split)} on rank 0; "
                         "every machine must see the same data (same files, same paths).")
