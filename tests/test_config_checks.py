@@ -111,3 +111,8 @@ def test_onecycle_runs_when_the_warm_up_is_one_step(total, pct_start):
 def test_onecycle_keeps_pct_start_unless_it_is_one_step():
     assert onecycle_pct_start(0.25, 40) == 0.25
     assert onecycle_pct_start(0.25, 4) == 0.5 and onecycle_pct_start(0.5, 2) == 0.0
+
+
+def test_training_at_a_size_the_model_cannot_take_is_one_sentence(digits_csv, tmp_path):
+    with pytest.raises(UserError, match="data.image_size=8 or more"):
+        train("demo", data=digits_csv, out=tmp_path / "run", overrides=FAST + ["data.image_size=4"], log=lambda *a: None)

@@ -67,3 +67,14 @@ def test_efficientnet_lite_relu6_runs_out_of_place():
     model = build_model("efficientnet_lite0", 3, pretrained=False)
     relu6 = [m for m in model.modules() if isinstance(m, nn.ReLU6)]
     assert len(relu6) > 10 and not any(m.inplace for m in relu6)
+
+
+def test_an_image_size_too_small_for_the_model_names_the_smallest_that_works():
+    from multitag.errors import UserError
+    from multitag.models.registry import build_model, check_input_size
+
+    model = build_model("simple_cnn", 3).train()
+    check_input_size(model, "simple_cnn", 8)
+    with pytest.raises(UserError, match=r"simple_cnn cannot take 4×4 images.*data.image_size=8 or more"):
+        check_input_size(model, "simple_cnn", 4)
+    assert model.training                               # the probe leaves the mode as it was

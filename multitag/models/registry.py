@@ -65,6 +65,37 @@ def build_model(name: str, num_classes: int, *, pretrained: bool = True, **args)
         raise UserError(f'model "{name}" does not accept these model.args ({e}); check the spelling.') from None
 
 
+def check_input_size(model: nn.Module, name: str, size: int) -> None:
+    """A UserError, with the smallest size that works, when ``model`` cannot take size×size images
+    (its strides and pools leave less than a pixel: torch says "Output size is too small" from deep
+    inside the first training step). Probes one image in eval mode, without gradients."""
+    import torch
+
+    def runs(side: int) -> bool:
+        try:
+            model(torch.zeros(1, 3, side, side))
+            return True
+        except (RuntimeError, ValueError):      # torch's shape errors; a model's own size check
+            return False
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if runs(size):
+                return
+            low, high = size, max(size, get_spec(name).default_size)
+            if not runs(high):
+                model(torch.zeros(1, 3, size, size))     # not a size problem: torch's own error
+            while high - low > 1:                       # the smallest side that runs, in [size, default]
+                mid = (low + high) // 2
+                low, high = (low, mid) if runs(mid) else (mid, high)
+    finally:
+        model.train(was_training)
+    raise UserError(f"{name} cannot take {size}×{size} images (its layers shrink them below one pixel); "
+                    f"set data.image_size={high} or more.")
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
