@@ -43,6 +43,8 @@ class DataConfig:
     path: str = ""                    # CSV / JSON / folder; see data/formats.py for the formats
     format: str = "auto"              # auto | csv | csv_onehot | folder | coco | voc | yolo
     image_size: int = 64              # working size: images are squashed to size×size once, in the cache
+    image_root: str = ""              # folder that relative image paths are relative to, tried before the
+                                      # annotation file's own folder (empty = only the format's own places)
     cache_dir: str = ""               # empty = <cache root>/images; root = $MULTITAG_CACHE or ~/.cache/multitag
     on_bad_image: str = "error"       # error | skip (skipped images are listed, never silent)
     oversample_to: int = 0            # repeat train images with rare labels until each label has ~this many (0 = off)

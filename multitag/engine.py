@@ -352,13 +352,15 @@ def _fit(cfg: Config, run: Path, resume: bool, overwrite: bool, log) -> Path:
     return finish(job, state)
 
 
-RUN_FILES = (CONFIG_FILE, METRICS_FILE, MODEL_WEIGHTS, TRAIN_STATE)
+TRAINED_FILES = (METRICS_FILE, MODEL_WEIGHTS, TRAIN_STATE)     # what a run has after its first epoch
 
 
 def check_new_run(run: Path, overwrite: bool) -> None:
     """A new run never lands on an old one: its weights, config and metrics would mix with the new
-    run's (metrics.jsonl appended to, the old best weights kept when no new epoch beat them)."""
-    if not any((run / name).exists() for name in RUN_FILES):
+    run's (metrics.jsonl appended to, the old best weights kept when no new epoch beat them). A run
+    that stopped before its first epoch (bad data, a wrong setting) holds nothing to keep: it is
+    trained over, so the fixed command works as typed."""
+    if not any((run / name).exists() for name in TRAINED_FILES):
         return
     if not overwrite:
         raise UserError(f"{run} already holds a training run; continue it with `multitag train --resume {run}`, "

@@ -116,3 +116,14 @@ def test_onecycle_keeps_pct_start_unless_it_is_one_step():
 def test_training_at_a_size_the_model_cannot_take_is_one_sentence(digits_csv, tmp_path):
     with pytest.raises(UserError, match="data.image_size=8 or more"):
         train("demo", data=digits_csv, out=tmp_path / "run", overrides=FAST + ["data.image_size=4"], log=lambda *a: None)
+
+
+def test_a_run_that_failed_before_its_first_epoch_can_be_trained_over(digits_csv, tmp_path):
+    """Bad data stops a run after config.yaml is written; the fixed command must then work as typed."""
+    bad = tmp_path / "bad.csv"
+    header, *rows = digits_csv.read_text().splitlines()
+    bad.write_text("\n".join([header] + [f"{digits_csv.parent}/{r}" for r in rows] + ["missing.png,d1,train"]) + "\n")
+    with pytest.raises(UserError, match="missing.png"):
+        train("demo", data=bad, out=tmp_path / "run", overrides=FAST, log=lambda *a: None)
+    assert (tmp_path / "run" / CONFIG_FILE).exists()
+    train("demo", data=digits_csv, out=tmp_path / "run", overrides=FAST, log=lambda *a: None)

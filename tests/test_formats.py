@@ -344,6 +344,17 @@ def test_missing_image_error_and_skip(tmp_path):
     assert table.class_names == ["x"]
 
 
+def test_paths_relative_to_another_folder_need_image_root_and_windows_paths_resolve(tmp_path):
+    (tmp_path / "pics" / "sub").mkdir(parents=True)
+    touch(tmp_path / "pics" / "a.jpg")
+    touch(tmp_path / "pics" / "sub" / "b.jpg")
+    csv = write(tmp_path / "ann" / "l.csv", "image,labels\na.jpg,x\nsub\\b.jpg,y\n")
+    message = user_error("image file a.jpg not found", read_table, csv)
+    assert "data.image_root" in message and "skip" not in message     # skipping would drop every row
+    table = read_table(csv, image_root=str(tmp_path / "pics"))
+    assert table.paths == [str(tmp_path / "pics" / "a.jpg"), str(tmp_path / "pics" / "sub" / "b.jpg")]
+
+
 def test_bad_split_value(tmp_path):
     touch(tmp_path / "a.jpg")
     csv = write(tmp_path / "l.csv", "image,labels,split\na.jpg,x,trian\n")

@@ -720,18 +720,24 @@ def _resolve_images(rows: list[_Row], bases: list[Path], on_missing: str
         row, tried = missing[0]
         others = len(missing) - 1
         more = f", and {others} more image{'s are' if others > 1 else ' is'} missing" if others else ""
-        raise UserError(
-            f"{row.where}: image file {row.image} not found (tried {', '.join(tried)}){more}; fix the "
-            'paths or move the images there, or drop such rows with on_missing="skip" '
-            "(--set data.on_bad_image=skip)"
-        )
+        if not paths:       # none found: skipping would drop every row; the paths are relative to elsewhere
+            way_out = ("relative paths are looked up beside the annotation file; set data.image_root=FOLDER "
+                       "(image_root= in read_table) to the folder they are relative to, or fix the paths")
+        else:
+            way_out = ("fix the paths or move the images there, or drop such rows with --set "
+                       'data.on_bad_image=skip (on_missing="skip" in read_table)')
+        raise UserError(f"{row.where}: image file {row.image} not found (tried {', '.join(tried)}){more}; {way_out}")
     return paths, kept, [(tried[0], "file not found") for _, tried in missing]
 
 
 def _resolve(image: str, bases: list[Path]) -> tuple[str | None, list[str]]:
-    """The first existing file among ``image`` joined to each base (or as is, when absolute)."""
+    """The first existing file among ``image`` joined to each base (or as is, when absolute); a path
+    written on Windows (images\\x.jpg) is also tried with / where / is the separator."""
     image = os.path.expanduser(image)
-    tried = [image] if os.path.isabs(image) or not bases else [os.path.join(b, image) for b in bases]
+    spellings = [image] + ([image.replace("\\", "/")] if "\\" in image and os.sep == "/" else [])
+    tried = []
+    for spelling in spellings:
+        tried += [spelling] if os.path.isabs(spelling) or not bases else [os.path.join(b, spelling) for b in bases]
     for candidate in tried:
         if os.path.isfile(candidate):
             return os.path.abspath(candidate), tried

@@ -75,7 +75,8 @@ def note_case_twins(class_names: list[str], log=print) -> None:
 def load_table(cfg: DataConfig, classes: list[str] | None = None) -> LabelTable:
     if not cfg.path:
         raise UserError("no data given; pass --data PATH (a CSV, COCO JSON, VOC/YOLO folder or a folder per class).")
-    return read_table(cfg.path, cfg.format, classes=classes, on_missing=cfg.on_bad_image)
+    return read_table(cfg.path, cfg.format, classes=classes, on_missing=cfg.on_bad_image,
+                      image_root=cfg.image_root or None)
 
 
 def resolve_split(table: LabelTable, run_dir: Path | None, seed: int, *, reuse: bool, log=print,
