@@ -355,6 +355,38 @@ def test_paths_relative_to_another_folder_need_image_root_and_windows_paths_reso
     assert table.paths == [str(tmp_path / "pics" / "a.jpg"), str(tmp_path / "pics" / "sub" / "b.jpg")]
 
 
+@pytest.mark.parametrize("sep", [";", "\t"])
+def test_semicolon_and_tab_separated_files_read(tmp_path, sep):
+    touch(tmp_path / "a.jpg")
+    touch(tmp_path / "b.jpg")
+    csv = write(tmp_path / "l.csv", f"image{sep}labels\na.jpg{sep}x y\nb.jpg{sep}y\n")
+    table = read_table(csv)
+    assert table.class_names == ["x", "y"] and table.labels_of(0) == ["x", "y"]
+
+
+@pytest.mark.parametrize("text, match", [
+    ("image,cat,cat\na.jpg,1,0\n", 'two columns named "cat"'),
+    ("image,labels,Labels\na.jpg,cat,dog\n", 'two columns named "Labels"'),
+    ("image,labels\na.jpg,\"car,dog\"\nb.jpg,car dog\n", 'row 3: "car dog" reads as one label'),
+    ("image,labels\na.jpg,\"['car', 'dog']\"\n", "looks like part of a list"),
+    ("image,car,dog,difficult\na.jpg,1,0,cat\n", 'row 2: difficult label "cat" is not a class'),
+    ("image,labels,is_valid\na.jpg,car,maybe\n", 'is_valid is "maybe"'),
+])
+def test_label_columns_read_another_way_than_written_are_refused(tmp_path, text, match):
+    touch(tmp_path / "a.jpg")
+    touch(tmp_path / "b.jpg")
+    message = user_error(match, read_table, write(tmp_path / "l.csv", text))
+    assert "\n" not in message
+
+
+def test_comma_separated_names_with_spaces_and_fastai_is_valid(tmp_path):
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        touch(tmp_path / name)
+    text = "image,labels,is_valid\na.jpg,\"traffic light,car\",False\nb.jpg,traffic light,True\nc.jpg,car,0\n"
+    table = read_table(write(tmp_path / "l.csv", text))
+    assert table.class_names == ["car", "traffic light"] and table.split == ["train", "val", "train"]
+
+
 def test_bad_split_value(tmp_path):
     touch(tmp_path / "a.jpg")
     csv = write(tmp_path / "l.csv", "image,labels,split\na.jpg,x,trian\n")

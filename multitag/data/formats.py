@@ -29,6 +29,12 @@ Label delimiter inside a CSV labels field, decided once per file: if any labels 
 difficult/ignore) field contains ``|``, ``;`` or ``,``, that character is the delimiter (so class
 names may contain spaces, e.g. ``dining table|person``); two different ones in the same file is an
 error; otherwise labels are separated by whitespace. Names are stripped of surrounding spaces.
+Label fields evidently written another way are refused rather than read as odd classes: Python
+lists (``['car', 'dog']``) and a space-separated row in a comma-separated file whose words are
+labels too. The fields themselves are comma-separated, or ``;``/tab when the header holds one of
+those and no comma (Excel in decimal-comma locales, TSV). A split column is ``split``/``subset``
+(train/val/test) or fastai's ``is_valid`` (True = val, False = train). Two columns of one name are
+refused.
 
 Image paths are resolved against, in order: ``image_root`` (when given), the annotation file's
 folder, and an ``images/`` folder beside it (plus format-specific places, see each reader); the
@@ -59,7 +65,7 @@ FORMATS = ("csv", "csv_onehot", "folder", "coco", "voc", "yolo")
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
 IMAGE_COLUMNS = ("image", "filename", "file", "path", "img")
 LABEL_COLUMNS = ("labels", "label", "tags")
-SPLIT_COLUMNS = ("split",)
+SPLIT_COLUMNS = ("split", "subset", "is_valid")    # is_valid: fastai's True/False column (True = val)
 IGNORE_COLUMNS = ("difficult", "ignore")
 LABEL_DELIMITERS = ("|", ";", ",")  # whitespace is the fallback when none of these appears
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -187,11 +193,12 @@ def read_csv(path: str | Path, *, image_root: str | None = None, classes: list[s
             image=f[cols.image],
             positives=split_labels(f[cols.label], delimiter),
             ignored=split_labels(f[cols.ignore], delimiter) if cols.ignore is not None else (),
-            split=_csv_split(f, cols, f"{path} row {n}"),
+            split=_csv_split(f, cols, f"{path} row {n}", header),
             where=f"{path} row {n}",
         )
         for n, f in rows
     ]
+    _check_label_names(table_rows, delimiter, path)
     single = header[cols.label].lower() == "label" and all(
         len(set(r.positives)) == 1 and not r.ignored for r in table_rows
     )
@@ -223,7 +230,7 @@ def read_csv_onehot(path: str | Path, *, image_root: str | None = None, classes:
             image=f[cols.image],
             positives=[header[j] for j in class_cols if _onehot_value(f[j], header[j], f"{path} row {n}")],
             ignored=split_labels(f[cols.ignore], delimiter) if cols.ignore is not None else (),
-            split=_csv_split(f, cols, f"{path} row {n}"),
+            split=_csv_split(f, cols, f"{path} row {n}", header),
             where=f"{path} row {n}",
         )
         for n, f in rows
@@ -260,7 +267,8 @@ def _csv_kind(path: Path) -> str:
     """``csv`` when the header has a labels column, else ``csv_onehot``."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            header = next(csv.reader(f), [])
+            first = f.readline()
+        header = next(csv.reader([first], delimiter=_field_delimiter(first)), [])
     except (OSError, UnicodeDecodeError, csv.Error):
         return "csv"  # let the reader raise the precise error
     lower = {h.strip().lower() for h in header}
@@ -271,10 +279,11 @@ def _read_csv_rows(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """The stripped header and (file line number, stripped fields) of each non-blank row."""
     text = _read_text(path, hint='it needs a header row such as "image,labels" and one row per image')
     # strict: an unclosed quote is an error instead of silently swallowing the following rows.
-    reader = csv.reader(io.StringIO(text), strict=True)
+    reader = csv.reader(io.StringIO(text), strict=True, delimiter=_field_delimiter(text))
     start = 1                      # file line where the current record starts (records may span lines)
     try:
         header = [h.strip() for h in next(reader)]
+        _check_distinct_columns(header, path)
         rows = []
         start = reader.line_num + 1
         for fields in reader:
@@ -292,6 +301,45 @@ def _read_csv_rows(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     if not rows:
         raise UserError(f"{path} has a header but no rows; add one row per image")
     return header, rows
+
+
+def _field_delimiter(text: str) -> str:
+    """"," unless the header is one cell holding ";" or a tab and no comma: the CSV that Excel saves
+    in locales with a decimal comma, or a TSV. (The label delimiter inside a field is another matter.)"""
+    first = text.lstrip("\n").split("\n", 1)[0]
+    if "," not in first:
+        for d in (";", "\t"):
+            if d in first:
+                return d
+    return ","
+
+
+def _check_distinct_columns(header: list[str], path: Path) -> None:
+    """Two columns of one name: one would be read and the other silently dropped (or, one-hot, both
+    written into one class)."""
+    seen: dict[str, str] = {}
+    for name in header:
+        if name.lower() in seen and name:
+            raise UserError(f'{path} has two columns named "{name}" (columns: {", ".join(header)}); '
+                            "rename or delete one of them")
+        seen[name.lower()] = name
+
+
+def _check_label_names(rows: list[_Row], delimiter: str | None, path: Path) -> None:
+    """Refuse label fields that were evidently written another way than the file's delimiter reads
+    them: a Python list ("['car', 'dog']"), or space-separated labels in a file whose other rows
+    separate them with ``delimiter`` (that row would become one class named "car dog")."""
+    names = {n for r in rows for n in (*r.positives, *r.ignored)}
+    for row in rows:
+        for name in (*row.positives, *row.ignored):
+            if name[:1] == "[" or name[-1:] == "]" or (len(name) > 1 and name[0] == name[-1] and name[0] in "'\""):
+                raise UserError(f'{row.where}: label "{name}" looks like part of a list ([...] or quotes); write '
+                                "the labels as plain names separated by spaces (or by one of , | ;)")
+            words = name.split()
+            if delimiter and len(words) > 1 and all(w in names for w in words):
+                raise UserError(f'{row.where}: "{name}" reads as one label, since this file separates labels with '
+                                f'"{delimiter}", but its words are labels too; separate the labels with '
+                                f'"{delimiter}" in every row')
 
 
 def _csv_columns(header: list[str], path: Path, *, need_labels: bool) -> _CsvColumns:
@@ -322,8 +370,16 @@ def _find_column(header: list[str], names: Sequence[str], path: Path, *, require
     )
 
 
-def _csv_split(fields: list[str], cols: _CsvColumns, where: str) -> str | None:
-    return None if cols.split is None else normalize_split(fields[cols.split], where)
+def _csv_split(fields: list[str], cols: _CsvColumns, where: str, header: list[str]) -> str | None:
+    if cols.split is None:
+        return None
+    value = fields[cols.split]
+    if header[cols.split].lower() == "is_valid":
+        flag = value.strip().lower()
+        if flag not in ("true", "false", "1", "0", "yes", "no"):
+            raise UserError(f'{where}: is_valid is "{value}"; write True (a val image) or False (a train image)')
+        return "val" if flag in ("true", "1", "yes") else "train"
+    return normalize_split(value, where)
 
 
 def _onehot_value(value: str, column: str, where: str) -> bool:
@@ -685,7 +741,7 @@ def _build_table(rows: list[_Row], *, fmt: str, path: Path, bases: list[Path], c
     if not rows:
         raise UserError(
             f"{path}: none of its {len(skipped)} images exist (first tried: {skipped[0][0]}); "
-            "fix the image paths or move the images there"
+            "fix the image paths, or set data.image_root=FOLDER to the folder they are relative to"
         )
     _check_unique(paths, rows)
     names = _class_names(rows, classes, class_order, path)
@@ -778,6 +834,11 @@ def _class_names(rows: list[_Row], classes: list[str] | None, class_order: list[
                     )
         return classes
     if class_order is not None:
+        for row in rows:
+            for name in row.ignored:
+                if name not in class_order:
+                    raise UserError(f'{row.where}: difficult label "{name}" is not a class'
+                                    f'{did_you_mean(name, class_order)}; fix it or add a "{name}" class')
         return list(class_order)
     names = sorted({n for row in rows for n in (*row.positives, *row.ignored)})
     if not names:
