@@ -170,10 +170,31 @@ def test_folder_class_named_train_is_a_class(tmp_path):
     assert table.class_names == ["boat", "train"] and table.split is None
 
 
-def test_folder_classes_must_match_across_splits(tmp_path):
+def test_folder_classes_are_those_of_all_splits(tmp_path):
+    """A rare class missing from test is common: the classes are the union, and the gap is noted."""
     touch(tmp_path / "train" / "cat" / "1.jpg"), touch(tmp_path / "train" / "dog" / "2.jpg")
     touch(tmp_path / "test" / "cat" / "3.jpg")
-    user_error("lacks class folders dog", read_table, tmp_path)
+    (tmp_path / "test" / "dog").mkdir()                       # empty: dog has images in train
+    table = read_table(tmp_path)
+    assert table.class_names == ["cat", "dog"] and table.split == ["train", "train", "test"]
+    assert table.extra["notes"] == ["test/ has no images of dog"]
+    (tmp_path / "val" / "bird").mkdir(parents=True)           # a class no split has images of
+    user_error("val/bird contains no images", read_table, tmp_path)
+
+
+def test_folder_of_one_class_is_refused_with_the_folder_that_holds_the_classes(tmp_path):
+    touch(tmp_path / "animals" / "cat" / "1.jpg"), touch(tmp_path / "animals" / "dog" / "2.jpg")
+    message = user_error("one class folder (animals)", read_table, tmp_path)
+    assert f"pass --data {tmp_path / 'animals'}" in message
+
+
+def test_symlinked_folders_inside_a_class_are_followed_once(tmp_path):
+    touch(tmp_path / "data" / "cat" / "1.jpg"), touch(tmp_path / "data" / "dog" / "2.jpg")
+    touch(tmp_path / "extra" / "3.jpg")
+    (tmp_path / "data" / "dog" / "more").symlink_to(tmp_path / "extra")
+    (tmp_path / "extra" / "loop").symlink_to(tmp_path / "data" / "dog")     # a cycle must not hang
+    table = read_table(tmp_path / "data")
+    assert sorted(Path(p).name for p in table.paths) == ["1.jpg", "2.jpg", "3.jpg"]
 
 
 # --- COCO --------------------------------------------------------------------------------------

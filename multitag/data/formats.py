@@ -419,27 +419,48 @@ def read_folder(path: str | Path, *, image_root: str | None = None, classes: lis
 
     Split folders (train, val/valid/validation, test) are recognised when they hold class
     folders rather than images, so a class that happens to be named "train" still works.
-    Every split must have the same class folders. Hidden files and folders are skipped.
+    The classes are those of all splits together (a split may lack one: noted in
+    ``table.extra["notes"]``); at least two are needed. Hidden files and folders are skipped;
+    symlinked folders are followed.
     """
     root = _data_dir(path, "folder")
     rows: list[_Row] = []
-    class_sets: dict[Path, set[str]] = {}
+    have: dict[Path, set[str]] = {}          # split folder → the classes it has images of
+    empty: list[Path] = []
     for split, top in _folder_layout(root):
         class_dirs = _subdirs(top)
         if not class_dirs:
             raise UserError(f"{top} has no class sub-folders; put each class's images in {top}/<class>/")
-        class_sets[top] = {d.name for d in class_dirs}
+        have[top] = set()
         for class_dir in class_dirs:
             images = _list_images(class_dir)
-            if not images:
-                raise UserError(
-                    f"{class_dir} contains no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
-                    "add images or remove the folder"
-                )
             rows += [_Row(img, (class_dir.name,), (), split, img) for img in images]
-    _check_same_classes(class_sets)
-    return _build_table(rows, fmt="folder", path=root, bases=[], classes=classes,
-                        on_missing=on_missing, multi_label=False)
+            if images:
+                have[top].add(class_dir.name)
+            else:
+                empty.append(class_dir)
+    found = set().union(*have.values())
+    for class_dir in empty:       # a class absent from one split (a rare class not in test) is fine
+        if class_dir.name not in found:
+            raise UserError(f"{class_dir} contains no images ({', '.join(sorted(IMAGE_EXTENSIONS))}), and no "
+                            "other split has that class; add images or remove the folder")
+    if len(found) == 1 and classes is None:
+        _one_class_error(root, next(iter(found)))
+    table = _build_table(rows, fmt="folder", path=root, bases=[], classes=classes,
+                         on_missing=on_missing, multi_label=False)
+    if len(have) > 1:              # split folders: say which lack a class, so empty per-class metrics are no surprise
+        table.extra["notes"] = [f"{top.name}/ has no images of {', '.join(sorted(found - names))}"
+                                for top, names in have.items() if found - names]
+    return table
+
+
+def _one_class_error(root: Path, name: str) -> None:
+    """A single-label dataset of one class trains to a constant (loss 0, accuracy 1): refused, with the
+    likely cause (--data one folder level too high) named."""
+    inner = root / name
+    nested = f"; if {inner} holds one folder per class, pass --data {inner}" if _subdirs(inner) else ""
+    raise UserError(f"{root} has one class folder ({inner.name}), and a single-label model needs at least two "
+                    f"classes{nested}")
 
 
 def _folder_layout(root: Path) -> list[tuple[str | None, Path]]:
@@ -454,17 +475,6 @@ def _folder_layout(root: Path) -> list[tuple[str | None, Path]]:
             f"folders ({', '.join(others)}); move every class folder under a split folder"
         )
     return list(splits.items())
-
-
-def _check_same_classes(class_sets: dict[Path, set[str]]) -> None:
-    """Raise when the split folders do not all hold the same class folders."""
-    union = set().union(*class_sets.values())
-    for top, names in class_sets.items():
-        if names != union:
-            raise UserError(
-                f"{top} lacks class folders {', '.join(sorted(union - names))} that other "
-                "splits have; use the same class folders in every split"
-            )
 
 
 def _looks_like_folder_dataset(root: Path) -> bool:
@@ -491,7 +501,13 @@ def read_coco(path: str | Path, *, image_root: str | None = None, classes: list[
     data = _load_json(path)
     images, annotations, categories = (_get(data, k, str(path), list) for k in ("images", "annotations", "categories"))
     cats = sorted(categories, key=lambda c: _get(c, "id", f"{path} categories", int))
-    category_name = {c["id"]: _get(c, "name", f"{path} category id {c['id']}", str) for c in cats}
+    category_name = {}
+    for c in cats:       # a repeated id would silently relabel every annotation of the first category
+        name = _get(c, "name", f"{path} category id {c['id']}", str)
+        if c["id"] in category_name:
+            raise UserError(f'{path} has two categories with id {c["id"]} ("{category_name[c["id"]]}" and "{name}"); '
+                            "give every category its own id")
+        category_name[c["id"]] = name
     if len(set(category_name.values())) != len(category_name):
         raise UserError(f"{path} has two categories with the same name; give every category its own name")
     present: dict[int, set[str]] = defaultdict(set)
@@ -513,8 +529,12 @@ def read_coco(path: str | Path, *, image_root: str | None = None, classes: list[
         seen.add(image_id)
         rows.append(_Row(_get(img, "file_name", where, str), sorted(present.pop(image_id, ())), (), None, where))
     if present:
+        orphan = next(iter(present))
+        twin = next((i for i in seen if str(i) == str(orphan)), None)
+        kind = (f" ({type(orphan).__name__} {orphan!r} there, but {type(twin).__name__} {twin!r} in images: write "
+                "both as numbers)") if twin is not None else ""
         raise UserError(
-            f"{path} has annotations for image id {next(iter(present))}, which is not in images; "
+            f"{path} has annotations for image id {orphan!r}, which is not in images{kind}; "
             "fix the image_id or add the image"
         )
     stem = path.stem[len("instances_"):] if path.stem.startswith("instances_") else None
@@ -951,8 +971,15 @@ def _has_direct_image(folder: Path) -> bool:
 
 def _list_images(folder: Path) -> list[str]:
     """Absolute paths of the image files under ``folder`` (recursive, sorted, hidden skipped)."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
+    found, walked = [], set()
+    # Symlinked sub-folders are followed (as torchvision's ImageFolder does); each real folder once,
+    # so a link back up the tree cannot loop.
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in walked:
+            dirnames[:] = []
+            continue
+        walked.add(real)
         dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))  # prune hidden, fix order
         found += [os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f)]
     return found

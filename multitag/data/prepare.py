@@ -104,6 +104,8 @@ def prepare(cfg: DataConfig, run_dir: Path | None = None, *, classes: list[str] 
     table = load_table(cfg, classes)
     if classes is None:
         note_case_twins(table.class_names, log)
+        for note in table.extra.get("notes", []):      # what the reader noticed, e.g. a split lacking a class
+            log(f"note: {note}")
     if split is not None and len(split) != len(table):
         raise UserError(f"{cfg.path} lists {len(table)} images on this machine but {len(split)} on rank 0; "
                         "every machine must see the same data (same files, same paths).")
