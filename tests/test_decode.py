@@ -94,13 +94,15 @@ def test_16bit_png_scaled_to_8bit(tmp_path):
     assert out[:, 0].tolist() == [[0, 1, 255, 128]] * 3
 
 
-def test_exif_orientation_applied(tmp_path):
+@pytest.mark.parametrize("suffix", ["jpg", "webp", "png"])
+def test_exif_orientation_applied(tmp_path, suffix):
+    """Every format that carries EXIF: torchvision reads JPEG's tag only, so a WEBP goes to PIL."""
     a = np.zeros((20, 40, 3), np.uint8)
     a[:6, :6] = (255, 0, 0)  # red top-left as stored
     im = Image.fromarray(a)
     exif = im.getexif()
     exif[0x0112] = 6  # "rotate 90 CW to display"
-    path = tmp_path / "exif6.jpg"
+    path = tmp_path / f"exif6.{suffix}"
     im.save(path, exif=exif.tobytes(), quality=95)
     out = decode_image(path)
     assert out.shape == (3, 40, 20)  # H and W swapped

@@ -6,7 +6,8 @@ Every image, whether it is cached for training or passed to ``predict``, goes th
     file/bytes/PIL/numpy/tensor --> (3, H, W) uint8 RGB --> (3, size, size) uint8
 
 Decisions (change ``PREPROCESS_VERSION`` when any of them changes, so caches rebuild):
-- EXIF orientation is applied, so a phone photo is upright whichever way it was stored.
+- EXIF orientation is applied, so a phone photo is upright whichever way it was stored (JPEG by
+  torchvision; PNG, TIFF and a WEBP with EXIF by PIL, since torchvision reads JPEG's tag only).
 - Colour: everything becomes 8-bit RGB. Grayscale is repeated to 3 channels, palette
   images are expanded, CMYK is converted, 16-bit samples are rounded to 8 bits
   (v -> round(v / 257); 16-bit colour PNGs: see "PNG" below). Alpha is DROPPED (the stored colour under a transparent pixel
@@ -67,7 +68,8 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
 
 # Bump when decoding or resizing changes what comes out; part of the cache key.
 # 2: PNG decoded by PIL (16-bit colour PNGs: v >> 8 instead of round(v / 257)).
-PREPROCESS_VERSION = 2
+# 3: WEBP with an EXIF orientation is turned upright (torchvision applies EXIF to JPEG only).
+PREPROCESS_VERSION = 3
 
 # Most pixels one image may declare (all frames of a GIF), checked from the header before
 # decoding. 100 MP is 300 MB as RGB uint8, more than any camera photo; a 20000 x 20000 header
@@ -210,8 +212,13 @@ def _header_size(data: bytes, name: str) -> tuple[int, int, int]:
 
 
 def _torchvision_can_decode(data: bytes) -> bool:
-    """True for JPEG, PNG, GIF and WEBP, judged by magic bytes, not the file extension."""
-    return data.startswith(_TORCHVISION_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+    """True for JPEG, PNG, GIF and WEBP, judged by magic bytes, not the file extension; False for a
+    WEBP with EXIF, whose orientation torchvision ignores (its apply_exif_orientation reads JPEG's
+    only): PIL decodes that one and turns it upright."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        # extended WEBP: a VP8X chunk first, whose flags byte has 0x08 set when an EXIF chunk follows
+        return not (data[12:16] == b"VP8X" and len(data) > 20 and data[20] & 0x08)
+    return data.startswith(_TORCHVISION_MAGIC)
 
 
 def _decode_torchvision(data: bytes) -> torch.Tensor:
