@@ -23,19 +23,19 @@ import numpy as np
 from .metrics import rank_by_class
 
 
-def fit_thresholds_with_f1(scores, targets, ignore=None, *, default: float = 0.5,
+def fit_thresholds_with_f1(scores, targets, ignore=None, *, default: float | np.ndarray = 0.5,
                            min_positives: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Per-class F1-maximising thresholds and the F1 each reaches on this data.
 
     scores (N, C) float, targets (N, C) {0, 1}, ignore (N, C) bool or None.
     Returns ``(thresholds, best_f1)``, both (C,) float64; ``best_f1`` is NaN where the
-    class fell back to ``default``.
+    class fell back to ``default`` (a number, or (C,) values such as the thresholds fitted before).
     """
     if min_positives < 1:
         raise ValueError(f"min_positives must be >= 1, got {min_positives}")
     r = rank_by_class(scores, targets, ignore)
     num_classes, n = r.scores.shape
-    thresholds = np.full(num_classes, float(default))
+    thresholds = np.broadcast_to(np.asarray(default, dtype=np.float64), (num_classes,)).copy()
     best_f1 = np.full(num_classes, np.nan)
     fitted = r.num_pos >= min_positives                              # (C,)
     if n == 0 or not fitted.any():
@@ -61,7 +61,7 @@ def fit_thresholds_with_f1(scores, targets, ignore=None, *, default: float = 0.5
     return thresholds, best_f1
 
 
-def fit_thresholds(scores, targets, ignore=None, *, default: float = 0.5,
+def fit_thresholds(scores, targets, ignore=None, *, default: float | np.ndarray = 0.5,
                    min_positives: int = 1) -> np.ndarray:
     """(C,) float64 per-class thresholds maximising F1 on validation data (see the module docstring)."""
     return fit_thresholds_with_f1(scores, targets, ignore, default=default,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from multitag.calibration import fit_thresholds
+from multitag.calibration import fit_thresholds_with_f1
 from multitag.checkpoint import MODEL_META, write_json
 from multitag.config import DataConfig, data_config_from_dict
 from multitag.data.loader import BatchLoader
@@ -95,7 +95,13 @@ def calibrate_run(run_dir: str | Path, data: str | None = None, log=print) -> li
     rows, scores = score_split(model, prepared, "val", fix="calibrate fits on the val split; pass --data with "
                                                           "val rows (a split column)")
     t = prepared.table
-    thresholds = fit_thresholds(scores, t.targets[rows], t.ignore[rows]).tolist()
+    before = np.asarray(model.meta.get("thresholds") or [0.5] * len(t.class_names), dtype=np.float64)
+    thresholds, f1 = fit_thresholds_with_f1(scores, t.targets[rows], t.ignore[rows], default=before)
+    kept = [name for name, value in zip(t.class_names, f1) if np.isnan(value)]
+    if kept:      # no positives to fit on: a 0.5 would silently replace what an earlier fit found
+        log(f"kept the earlier thresholds of {', '.join(kept)}: the val split has no positives of "
+            f"{'it' if len(kept) == 1 else 'them'}")
+    thresholds = thresholds.tolist()
     model.meta["thresholds"] = thresholds
     write_json(model.run_dir / MODEL_META, model.meta)
     return thresholds

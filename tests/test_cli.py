@@ -143,3 +143,24 @@ def test_labels_that_differ_only_in_case_are_noted(digits_csv, tmp_path):
     logs = []
     prepare(DataConfig(path=str(tmp_path / "cased.csv"), image_size=32), log=logs.append)
     assert any("differ only in case" in line and "D1 / d1" in line for line in logs)
+
+
+def test_calibrate_keeps_the_thresholds_of_classes_without_val_positives(tiny_run, digits_csv, tmp_path):
+    import csv
+    import shutil
+
+    from multitag.api import calibrate
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    before = json.loads((run / "model.json").read_text())["thresholds"]
+    with open(tmp_path / "no_d9.csv", "w", newline="") as f:     # val images without a d9 on them
+        out = csv.writer(f)
+        out.writerow(["image", "labels", "split"])
+        for r in csv.DictReader(open(digits_csv)):
+            if "d9" not in r["labels"].split():
+                out.writerow([digits_csv.parent / r["image"], r["labels"], "val"])
+    logs = []
+    after = calibrate(run, data=str(tmp_path / "no_d9.csv"), log=logs.append)
+    assert after[9] == before[9] and after[:9] != before[:9]
+    assert any("kept the earlier thresholds of d9" in line for line in logs)
