@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image")
     p.add_argument("--class", dest="class_name", help="class to explain (default: the top-scoring class)")
     p.add_argument("--method", default="gradcam", help="gradcam (default) or gradcam++")
-    p.add_argument("--out", help="output PNG (default: <image name>.<class>.cam.png in the current folder)")
+    p.add_argument("--out", help="output .png file, or a folder for the default name (default: "
+                   "<image name>.<class>.cam.png in the current folder)")
     _add_json(p)
 
     p = sub.add_parser("export", help="export a run to ONNX (with a parity check against PyTorch)")

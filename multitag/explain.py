@@ -12,6 +12,7 @@ in one resampling (no offset, no stretching, nothing to un-letterbox).
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,16 +165,34 @@ def gradcam(model: Model, image, class_name: str | None = None, method: str = "g
     return explain_images(model, [image], classes, top_k=1, method=method)[0][0]
 
 
-def _default_png(image, class_name: str) -> Path:
-    """<image name>.<class>.cam.png in the current folder, with the class made file-name safe."""
+def _default_png(image, class_name: str, folder: Path | None = None) -> Path:
+    """<image name>.<class>.cam.png in ``folder`` (default: the current one), the class made file-name safe."""
     stem = Path(image).stem if isinstance(image, (str, Path)) else "image"
-    return Path.cwd() / f"{stem}.{re.sub(r'[^A-Za-z0-9_.-]+', '_', class_name)}.cam.png"
+    return (folder or Path.cwd()) / f"{stem}.{re.sub(r'[^A-Za-z0-9_.-]+', '_', class_name)}.cam.png"
+
+
+def _out_folder(out) -> Path | None:
+    """The folder ``out`` names (an existing directory, or a path ending in /), else None for a file.
+    A file must be .png (or have no suffix, which becomes .png): the overlay is written as PNG."""
+    if out is None:
+        return None
+    if Path(out).is_dir() or str(out).endswith(("/", os.sep)):
+        return Path(out)
+    suffix = Path(out).suffix.lower()
+    if suffix not in ("", ".png"):
+        raise UserError(f"--out {out}: the overlay is written as PNG; name a .png file or a folder.")
+    return None
 
 
 def explain_to_png(run_dir, image, class_name: str | None = None, method: str = "gradcam", out=None) -> Path:
-    """Write the heat-map overlay of a class on an image as a PNG of the original size; returns its path."""
+    """Write the heat-map overlay of a class on an image as a PNG of the original size; returns its path.
+    ``out``: a .png file (no suffix: .png is added), or a folder for the default file name."""
+    folder = _out_folder(out)                  # checked before the model runs
     result = gradcam(load(run_dir), image, class_name, method)
-    path = Path(out) if out else _default_png(image, result.class_name)
+    if out is None or folder is not None:
+        path = _default_png(image, result.class_name, folder)
+    else:
+        path = Path(out) if Path(out).suffix else Path(f"{out}.png")
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(result.overlay).save(path)
+    Image.fromarray(result.overlay).save(path, format="PNG")
     return path

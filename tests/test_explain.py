@@ -167,6 +167,12 @@ def test_inputs_png_and_errors(squares_run, tmp_path):
     out = explain_to_png(squares_run, str(path), "red", out=tmp_path / "cam.png")
     with Image.open(out) as im:
         assert im.size == (80, 50) and im.mode == "RGB"           # PIL size is (W, H): the original's
+    (tmp_path / "maps").mkdir()
+    assert explain_to_png(squares_run, str(path), "red", out=tmp_path / "maps") == tmp_path / "maps" / f"{path.stem}.red.cam.png"
+    assert explain_to_png(squares_run, str(path), "red", out=f"{tmp_path}/new/") == tmp_path / "new" / f"{path.stem}.red.cam.png"
+    assert explain_to_png(squares_run, str(path), "red", out=tmp_path / "heat") == tmp_path / "heat.png"
+    with pytest.raises(UserError, match="written as PNG"):
+        explain_to_png(squares_run, str(path), "red", out=tmp_path / "cam.jpg")
 
     with pytest.raises(UserError, match='did you mean "green"'):
         gradcam(model, image, "gren")
