@@ -352,7 +352,19 @@ class Model:
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised (B, 3, S, S) → logits (B, C) float32 on the CPU, on this model's backend."""
+        self._check_batch(x)
         return self._engine(x)
+
+    def _check_batch(self, x) -> None:
+        """The same one sentence on every backend for what is not a batch ``preprocess`` made (raw uint8
+        pixels would be scored without normalisation; a wrong size fails deep in torch or ONNX Runtime)."""
+        size = self.input_size
+        if not (isinstance(x, torch.Tensor) and x.is_floating_point() and x.ndim == 4
+                and tuple(x.shape[1:]) == (3, size, size)):
+            got = (f"a {x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor)
+                   else f"a {type(x).__name__}")
+            raise UserError(f"scores/logits take a normalised float (B, 3, {size}, {size}) batch as preprocess() "
+                            f"makes it, got {got}; pass images to predict() or predict_scores() instead.")
 
     def scores(self, x: torch.Tensor) -> np.ndarray:
         """Normalised (B, 3, S, S) → (B, C) scores: sigmoid per class (multi-label) or softmax."""
@@ -393,6 +405,8 @@ class Model:
                 pixels.append(self.pixels(image))
             except BadImageError as e:
                 errors[i] = e.reason
+            except UserError as e:                 # not an image at all (a float array, None, ...)
+                errors[i] = str(e)
         scores = iter(self.scores(normalize(torch.stack(pixels), self.mean, self.std)) if pixels else [])
         return [Prediction([], {}, _name_of(im), errors[i]) if i in errors
                 else self.decide(next(scores), threshold, top_k, _name_of(im)) for i, im in enumerate(chunk)]

@@ -7,6 +7,7 @@ import shutil
 import pytest
 
 from multitag.cli import main
+from multitag.errors import UserError
 
 CLASSES = [f"d{i}" for i in range(10)]
 
@@ -124,6 +125,24 @@ def test_the_python_api_checks_its_choices_and_wants_a_list(tiny_model, folder):
             tiny_model.predict(single)
     assert len(tiny_model.predict([image], top_k=10)[0].labels) == 10
     assert tiny_model.predict([image], threshold="0")[0].labels                 # a number as a string, as the CLI
+
+
+def test_an_object_that_is_no_image_fails_alone_and_scores_want_a_prepared_batch(tiny_model, folder):
+    import io
+
+    import numpy as np
+    import torch
+
+    good = str(folder / "a.png")
+    out = list(tiny_model.predict_each([good, np.zeros((8, 8, 3)), None, good]))
+    assert [p.error is None for p in out] == [True, False, False, True]
+    assert "dtype float64" in out[1].error and "NoneType" in out[2].error
+    (from_file,) = tiny_model.predict([io.BytesIO((folder / "a.png").read_bytes())])   # an upload's file object
+    assert from_file.scores == pytest.approx(out[0].scores, abs=1e-5)     # batch of 1 vs 2: float noise
+    size = tiny_model.input_size
+    for batch in (torch.zeros(1, 3, size, size, dtype=torch.uint8), torch.zeros(1, 3, size + 1, size + 1), [1]):
+        with pytest.raises(UserError, match="normalised float"):
+            tiny_model.scores(batch)
 
 
 def test_a_threshold_given_to_a_single_label_model_is_said_to_be_unused(trained, folder, tmp_path, capsys):

@@ -280,13 +280,20 @@ def _u16_to_u8(img: torch.Tensor) -> torch.Tensor:
 def to_uint8_array(image: ImageLike) -> torch.Tensor:
     """Whatever a user hands to inference -> (3, H, W) uint8 RGB tensor.
 
-    Accepts a path or encoded bytes (decoded by ``decode_image``), a PIL image (EXIF
+    Accepts a path, encoded bytes or a binary file object (decoded by ``decode_image``), a PIL image (EXIF
     orientation applied, like files), a numpy uint8 array (H, W), (H, W, 3) or (H, W, 4),
     or a torch uint8 tensor (3, H, W), (1, H, W), (4, H, W) or (H, W). Alpha is dropped.
     The result may share memory with the input and need not be CHW-contiguous.
     """
     if isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview)):
         return decode_image(image)
+    if callable(getattr(image, "read", None)):     # an open binary file or BytesIO (an upload), read once
+        data = image.read()
+        if not isinstance(data, (bytes, bytearray)):
+            raise UserError(f"the {type(image).__name__} gave {type(data).__name__}, not bytes; "
+                            "open the file in binary mode ('rb').")
+        name = getattr(image, "name", None)
+        return decode_image(data, name=name if isinstance(name, str) else None)
     if isinstance(image, Image.Image):
         return _pil_to_tensor(image)
     if isinstance(image, np.ndarray):
@@ -294,7 +301,7 @@ def to_uint8_array(image: ImageLike) -> torch.Tensor:
     if isinstance(image, torch.Tensor):
         return _tensor_to_rgb(_check_uint8(image.detach().cpu(), "tensor"))
     raise UserError(
-        f"cannot use a {type(image).__name__} as an image; pass a file path, bytes, "
+        f"cannot use a {type(image).__name__} as an image; pass a file path, bytes, a binary file, "
         f"a PIL image, a numpy uint8 array (H, W, 3) or a torch uint8 tensor (3, H, W)"
     )
 
