@@ -474,7 +474,8 @@ def per_class_accuracy(scores, labels) -> np.ndarray:
 def singlelabel_report(scores, labels, class_names=None) -> dict:
     """Single-label metrics in one flat, JSON-ready dict.
 
-    Keys: ``accuracy``, ``top5`` (k clipped to C), ``macro_f1`` (over all C classes),
+    Keys: ``accuracy``, ``top5`` (None for 5 classes or fewer, where it is 1 by construction),
+    ``macro_f1`` (over the classes that occur or are predicted, sklearn's default),
     ``num_samples``, ``num_classes``, ``per_class`` (``name accuracy precision f1 support``;
     accuracy is NaN for a class without samples) and ``confusion_matrix`` (nested lists,
     rows = true, columns = predicted).
@@ -485,12 +486,16 @@ def singlelabel_report(scores, labels, class_names=None) -> dict:
     cm, cnt = _argmax_counts(s, labels)
     acc, precision, f1 = _class_accuracy(cnt), _precision(cnt), _f1(cnt)
     n_true = cnt.tp + cnt.fn
+    seen = (n_true + cnt.fp) > 0                   # (C,) classes that occur or are predicted
     return {
         "num_samples": int(n),
         "num_classes": int(c),
         "accuracy": float(cnt.tp.sum() / n) if n else float("nan"),
-        f"top{TOP_K_SINGLELABEL}": top_k_accuracy(s, labels, TOP_K_SINGLELABEL),
-        "macro_f1": float(f1.mean()),
+        # top-5 of 5 classes or fewer is 1 by construction: not a measurement (None, shown as a dash)
+        f"top{TOP_K_SINGLELABEL}": top_k_accuracy(s, labels, TOP_K_SINGLELABEL) if c > TOP_K_SINGLELABEL else None,
+        # over the classes that occur or are predicted, as sklearn's default labels: a class absent
+        # from the data (a subset evaluated) and never predicted has no F1, not an F1 of 0
+        "macro_f1": float(f1[seen].mean()) if seen.any() else float("nan"),
         "per_class": [
             {"name": names[i], "accuracy": float(acc[i]), "precision": float(precision[i]),
              "f1": float(f1[i]), "support": int(n_true[i])}

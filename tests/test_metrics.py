@@ -332,9 +332,15 @@ def test_singlelabel_report():
     rep = M.singlelabel_report(scores, labels, class_names=names)
     json.loads(json.dumps(rep))
     assert rep["accuracy"] == pytest.approx(skm.accuracy_score(labels, pred))
-    assert rep["top5"] == 1.0  # k clipped to C = 5
-    assert rep["macro_f1"] == pytest.approx(
-        skm.f1_score(labels, pred, average="macro", labels=range(c), zero_division=0))
+    assert rep["top5"] is None  # 5 classes: top-5 is 1 by construction, not reported
+    assert rep["macro_f1"] == pytest.approx(skm.f1_score(labels, pred, average="macro", zero_division=0))
+    never = scores.copy()
+    never[:, 4] = -np.inf                      # class 4 neither occurs nor is predicted: not averaged in
+    assert 4 not in never.argmax(1)
+    assert M.singlelabel_report(never, labels)["macro_f1"] == pytest.approx(
+        skm.f1_score(labels, never.argmax(1), average="macro", zero_division=0))
+    assert M.singlelabel_report(np.c_[scores, np.zeros((len(labels), 1))], labels)["top5"] == pytest.approx(
+        skm.top_k_accuracy_score(labels, np.c_[scores, np.zeros((len(labels), 1))], k=5, labels=range(6)))
     assert rep["confusion_matrix"] == skm.confusion_matrix(labels, pred, labels=range(c)).tolist()
     precision = skm.precision_score(labels, pred, average=None, labels=range(c), zero_division=0)
     for k, row in enumerate(rep["per_class"]):
