@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--data", help="dataset to evaluate on (default: the training data)")
     p.add_argument("--split", default="test", help="train, val, test or all (default test)")
-    p.add_argument("--no-report", dest="report", action="store_false", help="do not write RUN_DIR/report/")
+    p.add_argument("--no-report", dest="report", action="store_false", help="do not write RUN_DIR/report/ (report-<name>/ for --data)")
     _add_json(p)
 
     p = sub.add_parser("calibrate", help="fit per-class thresholds on the validation split")
@@ -202,10 +202,10 @@ def _train_argv(args) -> list[str]:
 def cmd_eval(args):
     from multitag.evaluation import score_run
     from multitag.fileio import check_writable
-    from multitag.report import REPORT_DIR
+    from multitag.report import report_folder
 
-    if args.report:
-        check_writable(os.path.join(args.run_dir, REPORT_DIR), directory=True)   # before scoring, so --json output is not lost
+    if args.report:      # before scoring, so --json output is not lost
+        check_writable(report_folder(args.run_dir, args.data), directory=True)
     scored = score_run(args.run_dir, data=args.data, split=args.split, log=_log_for(args))
     result = scored.result
     if not args.json:
@@ -213,7 +213,7 @@ def cmd_eval(args):
     if args.report:
         from multitag.report import write_report
 
-        index = write_report(args.run_dir, log=_log_for(args), scored=scored)
+        index = write_report(args.run_dir, data=args.data, log=_log_for(args), scored=scored)
         result["report"] = str(index)
     return result
 

@@ -11,6 +11,7 @@ positives and negatives, Grad-CAM overlays.
 from __future__ import annotations
 
 import html
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,8 @@ from typing import Callable
 import numpy as np
 
 from multitag import plots
-from multitag.checkpoint import write_json
+from multitag.checkpoint import MODEL_META, read_json, write_json
+from multitag.errors import UserError
 from multitag.data.decode import decode_image
 from multitag.data.prepare import PreparedData
 from multitag.evaluation import Scored, prepare_for, score_run
@@ -409,9 +411,24 @@ def render_page(d: ReportData, sections: list[tuple[str, str, str]]) -> str:
 
 # ----------------------------------------------------------------------------- entry point
 
-def _report_folder(run_dir: Path) -> Path:
-    """RUN_DIR/report, emptied of figures of an earlier report."""
-    out = Path(run_dir) / REPORT_DIR
+def report_folder(run_dir, data: str | None = None) -> Path:
+    """RUN_DIR/report for the run's own data; RUN_DIR/report-<name> for other data (--data), so a
+    report on another dataset never replaces the one on the data the run was trained on."""
+    run_dir = Path(run_dir)
+    if not data:
+        return run_dir / REPORT_DIR
+    try:
+        own = read_json(run_dir / MODEL_META)["recipe"]["data"]["path"]
+    except (UserError, KeyError, TypeError):
+        own = ""
+    if own and Path(data).resolve() == Path(own).resolve():
+        return run_dir / REPORT_DIR
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(data).resolve().name) or "data"
+    return run_dir / f"{REPORT_DIR}-{name}"
+
+
+def _report_folder(out: Path) -> Path:
+    """``out`` created, emptied of figures of an earlier report."""
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.png"):
         old.unlink()
@@ -420,14 +437,16 @@ def _report_folder(run_dir: Path) -> Path:
 
 def write_report(run_dir, data: str | None = None, split: str = "test", log=print,
                  scored: Scored | None = None) -> Path:
-    """Score the run on a split (test, or val when the data has none) and write report/index.html.
+    """Score the run on a split (test, or val when the data has none) and write its index.html.
 
-    ``scored`` reuses scores already computed (by `multitag eval`) instead of scoring again.
-    Also writes report/metrics.json (the metrics, per-class counts, notes and figure names).
+    ``scored`` reuses scores already computed (by `multitag eval`, of ``data``) instead of scoring again.
+    The page goes to ``report_folder(run_dir, data)``: report/, or report-<name>/ for other data.
+    Also writes metrics.json beside it (the metrics, per-class counts, notes and figure names).
     Returns the path of index.html.
     """
     start = time.perf_counter()
-    check_writable(Path(run_dir) / REPORT_DIR, directory=True)      # before the scoring, not after it
+    folder = report_folder(run_dir, data)
+    check_writable(folder, directory=True)      # before the scoring, not after it
     if scored is None:
         model = load(run_dir)
         prepared = prepare_for(model, data, log)
@@ -437,7 +456,7 @@ def write_report(run_dir, data: str | None = None, split: str = "test", log=prin
         _, notes = choose_split(scored.prepared, scored.split, scored.model.meta.get("thresholds") is not None)
     model, prepared, split, rows, scores, result = (scored.model, scored.prepared, scored.split, scored.rows,
                                                     scored.scores, scored.result)
-    d = ReportData(model, prepared, split, rows, scores, result, _report_folder(model.run_dir), notes)
+    d = ReportData(model, prepared, split, rows, scores, result, _report_folder(folder), notes)
 
     sections = [(a, title, body) for a, title, build in SECTIONS if (body := build(d)) is not None]
     index = d.out / "index.html"

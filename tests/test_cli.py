@@ -164,3 +164,21 @@ def test_calibrate_keeps_the_thresholds_of_classes_without_val_positives(tiny_ru
     after = calibrate(run, data=str(tmp_path / "no_d9.csv"), log=logs.append)
     assert after[9] == before[9] and after[:9] != before[:9]
     assert any("kept the earlier thresholds of d9" in line for line in logs)
+
+
+def test_eval_on_other_data_writes_its_own_report_and_keeps_the_runs(tiny_run, digits_csv, tmp_path, capsys):
+    import csv
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    own = (run / "report" / "index.html").read_text()
+    with open(tmp_path / "other.csv", "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["image", "labels", "split"])
+        for r in csv.DictReader(open(digits_csv)):
+            out.writerow([digits_csv.parent / r["image"], r["labels"], r["split"]])
+    result = run_json(capsys, "eval", str(run), "--data", str(tmp_path / "other.csv"))
+    assert result["report"] == str(run / "report-other.csv" / "index.html")
+    assert (run / "report" / "index.html").read_text() == own
+    assert run_json(capsys, "eval", str(run), "--data", str(digits_csv))["report"] == str(run / "report" / "index.html")
