@@ -34,12 +34,13 @@ def prepare_for(model: Model, data: str | None, log=print) -> PreparedData:
 
 
 def score_split(model: Model, prepared: PreparedData, split: str, batch_size: int = SCORING_BATCH,
-                fix: str = "use --split all, or data with a split column") -> tuple[np.ndarray, np.ndarray]:
+                fix: str = "") -> tuple[np.ndarray, np.ndarray]:
     """(rows, scores (N, C)) of the model on one split of the prepared data, on the model's backend.
-    ``fix`` is the way out offered when the split has no images (the command's own options)."""
+    ``fix`` is the way out offered when the split has no images (default: eval's --split choices)."""
     rows = prepared.rows(split)
     if len(rows) == 0:
-        raise UserError(f'the data has no usable "{split}" images{_why_no_rows(model, prepared)}; {fix}.')
+        raise UserError(f'the data has no usable "{split}" images{_why_no_rows(model, prepared, split)}; '
+                        f"{fix or _other_splits(prepared)}.")
     t = prepared.table
     loader = BatchLoader(prepared.cache, rows, t.targets, t.ignore, batch_size=batch_size,
                          mean=model.mean, std=model.std)
@@ -47,13 +48,28 @@ def score_split(model: Model, prepared: PreparedData, split: str, batch_size: in
     return rows, np.concatenate(scores)
 
 
-def _why_no_rows(model: Model, prepared: PreparedData) -> str:
+def _why_no_rows(model: Model, prepared: PreparedData, split: str) -> str:
     """The likely cause of an empty split, where one can be named."""
-    split_file = model.run_dir / SPLIT_FILE
-    if not split_file.exists() and not any(prepared.table.split or []):
+    split_file, own = model.run_dir / SPLIT_FILE, list(prepared.table.split or [])
+    if not split_file.exists() and not any(own):
         return (f" ({split_file}, which records the training split, is missing and the data has no split "
                 "column of its own)")
+    overruled = sum(o == split for o in own)
+    if overruled:       # the data says val/test, but the run's split.csv knows these images otherwise
+        return (f" (the data marks {overruled} images {split}, but the run's {SPLIT_FILE} lists them under another "
+                "split, and it decides for images the run has seen, so none leaks from training into scoring)")
+    if not any(own) and not any(prepared.split):
+        return (f" (none of its images is in the run's {SPLIT_FILE} and it has no split column of its own; "
+                "--split all scores every image, honest only if the run never trained on them)")
     return ""
+
+
+def _other_splits(prepared: PreparedData) -> str:
+    """eval's way out: the splits the data does have (val before all, which includes training images)."""
+    have = [name for name in ("test", "val", "train") if len(prepared.rows(name))]
+    if "test" not in have and "val" in have:
+        return "use --split val (the run's held-out val images), or data with a test split"
+    return "use --split all, or data with a split column"
 
 
 @dataclass

@@ -182,3 +182,26 @@ def test_eval_on_other_data_writes_its_own_report_and_keeps_the_runs(tiny_run, d
     assert result["report"] == str(run / "report-other.csv" / "index.html")
     assert (run / "report" / "index.html").read_text() == own
     assert run_json(capsys, "eval", str(run), "--data", str(digits_csv))["report"] == str(run / "report" / "index.html")
+
+
+def test_an_empty_split_names_its_cause_and_the_split_there_is(tiny_run, digits_csv, tmp_path, capsys):
+    import csv
+
+    rows = list(csv.DictReader(open(digits_csv)))
+
+    def data(name, keep, split):
+        with open(tmp_path / name, "w", newline="") as f:
+            out = csv.writer(f)
+            out.writerow(["image", "labels", "split"])
+            for r in rows:
+                if keep(r):
+                    out.writerow([digits_csv.parent / r["image"], r["labels"], split(r)])
+        return str(tmp_path / name)
+
+    no_test = data("no_test.csv", lambda r: r["split"] != "test", lambda r: r["split"])
+    assert main(["eval", str(tiny_run), "--data", no_test, "--no-report"]) != 0
+    assert "use --split val" in capsys.readouterr().err
+    test_as_val = data("test_as_val.csv", lambda r: r["split"] == "test", lambda r: "val")
+    assert main(["eval", str(tiny_run), "--data", test_as_val, "--split", "val", "--no-report"]) != 0
+    err = capsys.readouterr().err
+    assert "the data marks 40 images val" in err and "split.csv lists them under another split" in err

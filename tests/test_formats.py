@@ -111,7 +111,7 @@ def test_csv_given_classes_set_order_and_unknown_label(tmp_path):
     table = read_table(csv, classes=["dog", "cat", "bird"])
     assert table.class_names == ["dog", "cat", "bird"]
     assert table.targets.tolist() == [[1, 1, 0]]
-    message = user_error('unknown label "dog"', read_table, csv, classes=["cat", "dgo"])
+    message = user_error('label "dog" is not one of the 2 classes (cat, dgo)', read_table, csv, classes=["cat", "dgo"])
     assert "l.csv row 2" in message and 'did you mean "dgo"' in message
 
 

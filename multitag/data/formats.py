@@ -845,13 +845,19 @@ def _class_names(rows: list[_Row], classes: list[str] | None, class_order: list[
         if len(set(classes)) != len(classes):
             raise UserError(f"the class list given for {path} repeats a name; list each class once")
         known = set(classes)
-        for row in rows:
-            for name in (*row.positives, *row.ignored):
-                if name not in known:
-                    raise UserError(
-                        f'{row.where}: unknown label "{name}"{did_you_mean(name, classes)}; '
-                        'fix the label or add it to the class list'
-                    )
+        unknown = [(row, name) for row in rows for name in (*row.positives, *row.ignored) if name not in known]
+        if unknown:
+            row, name = unknown[0]
+            others = sorted({n for _, n in unknown} - {name})
+            also = (f"; {len(unknown)} labels of the data are unknown"
+                    + (f", of {', '.join(others[:5])}{', ...' if len(others) > 5 else ''} too" if others else "")
+                    if len(unknown) > 1 else "")
+            shown = ", ".join(classes[:10]) + (", ..." if len(classes) > 10 else "")
+            raise UserError(
+                f'{row.where}: label "{name}" is not one of the {len(classes)} classes ({shown})'
+                f'{did_you_mean(name, classes) if closest(name, classes) else ""}{also}; a trained model '
+                "knows only its classes, so relabel or remove such rows"
+            )
         return classes
     if class_order is not None:
         for row in rows:
