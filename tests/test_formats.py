@@ -438,3 +438,26 @@ def test_real_cifar10_folders():
     assert table.num_classes == 10 and not table.multi_label
     assert table.split.count("train") == 50000 and table.split.count("test") == 10000
     assert time.perf_counter() - start < 5
+
+
+def test_voc_image_sets_give_the_official_split(tmp_path):
+    for i, name in enumerate(["000001", "000002", "000003"]):
+        write(tmp_path / "Annotations" / f"{name}.xml",
+              f"<annotation><filename>{name}</filename><object><name>cat</name></object></annotation>")
+        touch(tmp_path / "JPEGImages" / f"{name}.jpg")               # <filename> without suffix: .jpg
+    write(tmp_path / "ImageSets" / "Main" / "train.txt", "000001\n000003\n")
+    write(tmp_path / "ImageSets" / "Main" / "val.txt", "000002\n")
+    assert read_table(tmp_path).split == ["train", "val", "train"]
+    write(tmp_path / "ImageSets" / "Main" / "val.txt", "")
+    user_error("1 of 3 annotations", read_table, tmp_path)
+
+
+def test_yolo_data_yaml_folders_give_the_split(tmp_path):
+    for split, name in (("train2017", "a"), ("train2017", "b"), ("val2017", "c")):
+        touch(tmp_path / "images" / split / f"{name}.jpg")
+        write(tmp_path / "labels" / split / f"{name}.txt", "1 0.5 0.5 0.2 0.2\n")
+    write(tmp_path / "data.yaml", "path: .\ntrain: images/train2017\nval: images/val2017\nnames: {0: person, 1: car}\n")
+    table = read_table(tmp_path)
+    assert table.split == ["train", "train", "val"] and table.class_names == ["person", "car"]
+    write(tmp_path / "data.yaml", "train: images/train2017\nval: images/train2017\nnames: [person, car]\n")
+    assert read_table(tmp_path).split == ["train", "train"]          # coco128: val is train, counted once

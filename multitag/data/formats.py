@@ -580,8 +580,10 @@ def read_voc(path: str | Path, *, image_root: str | None = None, classes: list[s
 
     An object with ``<difficult>1</difficult>`` makes its class an ignore pair unless the image
     also has a non-difficult object of that class (then it is positive). The image named by
-    ``<filename>`` is looked for under image_root, ``JPEGImages/`` of the VOC root, and the
-    XML folder. Classes are the sorted object names.
+    ``<filename>`` (``.jpg`` added when it has no suffix) is looked for under image_root,
+    ``JPEGImages/`` of the VOC root, and the XML folder. Classes are the sorted object names.
+    ``ImageSets/Main/{train,val,test}.txt``, when present, give the split (each annotation must be
+    in one of them).
     """
     root = _data_dir(path, "voc")
     ann_dir = root / "Annotations" if (root / "Annotations").is_dir() else root
@@ -592,11 +594,35 @@ def read_voc(path: str | Path, *, image_root: str | None = None, classes: list[s
             "point the data path at the VOC Annotations folder or its parent"
         )
     rows = [_voc_row(x) for x in xml_files]
+    sets = _voc_image_sets(root)
+    if sets is not None:
+        rows = [r._replace(split=sets.get(Path(r.where).stem)) for r in rows]
+        unlisted = [r for r in rows if r.split is None]
+        if unlisted:
+            raise UserError(f"{len(unlisted)} of {len(rows)} annotations (e.g. {unlisted[0].where}) are in none of "
+                            f"{root / 'ImageSets' / 'Main'}'s train/val/test lists; add them to one, or move the "
+                            "lists away to split automatically")
     return _build_table(
         rows, fmt="voc", path=ann_dir,
         bases=_bases(image_root, root / "JPEGImages", ann_dir, ann_dir.parent / "JPEGImages"),
         classes=classes, on_missing=on_missing,
     )
+
+
+def _voc_image_sets(root: Path) -> dict[str, str] | None:
+    """{image id: split} from a VOC root's ImageSets/Main/{train,val,test}.txt (the official split, as
+    torchvision's VOCDetection reads it), or None without them. trainval.txt adds nothing to those."""
+    folder = root / "ImageSets" / "Main"
+    lists = {split: folder / f"{split}.txt" for split in SPLITS if (folder / f"{split}.txt").is_file()}
+    if not lists:
+        return None
+    sets: dict[str, str] = {}
+    for split, path in lists.items():
+        for line in _read_text(path).split():
+            if sets.setdefault(line, split) != split:
+                raise UserError(f"image {line} is in both {sets[line]}.txt and {split}.txt of {folder}; "
+                                "list every image in one split")
+    return sets
 
 
 def _voc_row(xml_path: Path) -> _Row:
@@ -609,6 +635,8 @@ def _voc_row(xml_path: Path) -> _Row:
     filename = (root.findtext("filename") or "").strip()
     if not filename:
         raise UserError(f"{xml_path} has no <filename>; add the image's file name to it")
+    if not Path(filename).suffix:          # some tools write the image id alone: VOC's images are .jpg
+        filename += ".jpg"
     positives, difficult = set(), set()
     for obj in root.findall("object"):
         name = (obj.findtext("name") or "").strip()
@@ -631,7 +659,8 @@ def read_yolo(path: str | Path, *, image_root: str | None = None, classes: list[
     ``<split>/images/``+``<split>/labels/``. The label file of ``images/a/b.jpg`` is
     ``labels/a/b.txt``; no label file or an empty one means no positives. Class names come from
     ``data.yaml`` (``names:`` list or {id: name}), ``classes.txt``, or a ``names``/``*.names``
-    file. ``path`` may also be the data.yaml file itself.
+    file. ``path`` may also be the data.yaml file itself. A data.yaml's ``train:``/``val:``/``test:``
+    folders, when it has them, decide the layout and the split (Ultralytics' convention).
     """
     path = _existing(path)
     if path.is_file() and path.suffix.lower() not in (".yaml", ".yml"):
@@ -645,7 +674,7 @@ def read_yolo(path: str | Path, *, image_root: str | None = None, classes: list[
         )
     names = _yolo_names(names_file)
     rows = []
-    for split, image_dir, label_dir in _yolo_pairs(root):
+    for split, image_dir, label_dir in _yolo_yaml_pairs(names_file) or _yolo_pairs(root):
         for image in _list_images(image_dir):
             label_file = label_dir / Path(os.path.relpath(image, image_dir)).with_suffix(".txt")
             positives = _yolo_classes(label_file, names, names_file)
@@ -695,6 +724,40 @@ def _names_from_yaml(text: str, names_file: Path) -> list[str]:
     if isinstance(data.get("nc"), int) and data["nc"] != len(names):
         raise UserError(f"{names_file} says nc: {data['nc']} but lists {len(names)} names; make them agree")
     return [str(n) for n in names]
+
+
+def _yolo_yaml_pairs(names_file: Path) -> list[tuple[str | None, Path, Path]] | None:
+    """(split, images folder, labels folder) from an Ultralytics data.yaml's ``train:``/``val:``/``test:``
+    folders (relative to its ``path:``, else to the file's folder; labels where the path says
+    images/ → labels/, Ultralytics' rule), or None when it names none. A folder named by two splits
+    (coco128's val is its train) counts once, for the first; val is then carved out of train."""
+    if names_file.suffix.lower() not in (".yaml", ".yml"):
+        return None
+    data = yaml.safe_load(_read_text(names_file))
+    if not isinstance(data, dict) or not any(isinstance(data.get(k), str) for k in ("train", "val", "test")):
+        return None
+    base = names_file.parent / str(data.get("path") or "")
+    if not base.is_dir():      # Ultralytics reads a relative path: under its datasets folder; here, the yaml's
+        base = names_file.parent
+    pairs, used = [], set()
+    for split in SPLITS:
+        value = data.get(split)
+        if not isinstance(value, str) or not value.strip():
+            continue
+        images = (base / value).resolve()
+        if not images.is_dir():
+            raise UserError(f"{names_file}: {split}: {value} is not a folder (looked for {images}); fix the path "
+                            "(lists of image files are not read)")
+        if images in used:
+            continue
+        used.add(images)
+        parts = list(images.parts)
+        at = len(parts) - 1 - parts[::-1].index("images") if "images" in parts else None
+        labels = Path(*parts[:at], "labels", *parts[at + 1:]) if at is not None else images.parent / "labels"
+        if not labels.is_dir():
+            raise UserError(f"{labels} is missing; put the label .txt files of {names_file.name}'s {split} images there")
+        pairs.append((split, images, labels))
+    return pairs or None
 
 
 def _yolo_pairs(root: Path) -> list[tuple[str | None, Path, Path]]:
