@@ -248,6 +248,8 @@ class Model:
 
     def __init__(self, run_dir: str | Path, device: str = "auto", backend: str = "auto"):
         self.run_dir = Path(run_dir)
+        if self.run_dir.is_file() and (self.run_dir.parent / MODEL_META).exists():
+            raise UserError(f"{self.run_dir} is a file of a run; pass the run directory, {self.run_dir.parent}.")
         if not (self.run_dir / MODEL_META).exists():
             raise UserError(f"{self.run_dir} has no {MODEL_META}; point to a run directory made by `multitag train`.")
         self.meta = read_json(self.run_dir / MODEL_META)

@@ -461,3 +461,13 @@ def test_yolo_data_yaml_folders_give_the_split(tmp_path):
     assert table.split == ["train", "train", "val"] and table.class_names == ["person", "car"]
     write(tmp_path / "data.yaml", "train: images/train2017\nval: images/train2017\nnames: [person, car]\n")
     assert read_table(tmp_path).split == ["train", "train"]          # coco128: val is train, counted once
+
+
+def test_the_label_mode_is_explained_where_the_data_suggests_the_other(tmp_path):
+    for name in ("a.jpg", "b.jpg"):
+        touch(tmp_path / name)
+    table = read_table(write(tmp_path / "l.csv", "image,labels\na.jpg,cat\nb.jpg,dog\n"))
+    assert table.multi_label and 'name it "label" for a single-label model' in table.extra["notes"][0]
+    table = read_table(write(tmp_path / "l.csv", "image,label\na.jpg,cat\nb.jpg,\n"))
+    assert table.multi_label and "row 3 has 0 labels" in table.extra["notes"][0]
+    assert "notes" not in read_table(write(tmp_path / "l.csv", "image,label\na.jpg,cat\nb.jpg,dog\n")).extra

@@ -125,6 +125,10 @@ def test_the_python_api_checks_its_choices_and_wants_a_list(tiny_model, folder):
             tiny_model.predict(single)
     assert len(tiny_model.predict([image], top_k=10)[0].labels) == 10
     assert tiny_model.predict([image], threshold="0")[0].labels                 # a number as a string, as the CLI
+    from multitag.predict import load
+
+    with pytest.raises(UserError, match="is a file of a run; pass the run directory"):
+        load(tiny_model.run_dir / "model.json")
 
 
 def test_an_object_that_is_no_image_fails_alone_and_scores_want_a_prepared_batch(tiny_model, folder):

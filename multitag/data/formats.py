@@ -199,14 +199,23 @@ def read_csv(path: str | Path, *, image_root: str | None = None, classes: list[s
         for n, f in rows
     ]
     _check_label_names(table_rows, delimiter, path)
-    single = header[cols.label].lower() == "label" and all(
-        len(set(r.positives)) == 1 and not r.ignored for r in table_rows
-    )
-    return _build_table(
+    column = header[cols.label]
+    one_each = [len(set(r.positives)) == 1 and not r.ignored for r in table_rows]
+    single = column.lower() == "label" and all(one_each)
+    table = _build_table(
         table_rows, fmt="csv", path=path, bases=_bases(image_root, path.parent, path.parent / "images"),
         classes=classes, on_missing=on_missing, multi_label=not single,
         extra={"label_delimiter": delimiter or " "},
     )
+    if classes is None:      # the mode follows the column name: say so where the data suggests the other one
+        if column.lower() != "label" and all(one_each):
+            table.extra["notes"] = [f'every row has one label, read as multi-label (sigmoid, mAP) since the column is '
+                                    f'"{column}"; name it "label" for a single-label model (softmax, accuracy)']
+        elif column.lower() == "label" and not all(one_each):
+            odd = table_rows[one_each.index(False)]
+            table.extra["notes"] = [f'read as multi-label: the column is "label", but {odd.where} has '
+                                    f"{len(set(odd.positives))} labels (single-label needs exactly one per row)"]
+    return table
 
 
 def read_csv_onehot(path: str | Path, *, image_root: str | None = None, classes: list[str] | None = None,
