@@ -256,9 +256,6 @@ def cmd_predict(args):
     threshold = parse_threshold(args.threshold, "--threshold")
     model = load(args.run_dir, device=args.device, backend=args.backend)
     check_top_k(args.top_k, len(model.class_names), "--top-k")
-    if not model.multi_label and threshold != "calibrated" and args.top_k is None:
-        print("multitag predict: --threshold applies to multi-label models; this single-label one predicts "
-              "its top class (use --top-k K for more)", file=sys.stderr)
     paths = expand_images(args.images)
     print(f"predicting {_count(len(paths), 'file')} on the {model.backend} backend ({model.runtime.device})",
           file=sys.stderr)

@@ -384,7 +384,7 @@ class Model:
                 batch_size: int = SCORING_BATCH) -> list[Prediction]:
         """Label sets: scores ≥ the calibrated per-class thresholds (or a given float), or the top-k."""
         images = as_image_list(images)
-        threshold = self.check_choice(threshold, top_k)       # before any image is scored
+        threshold = self.check_choice(threshold, top_k, warn=True)       # before any image is scored
         scores = self.predict_scores(images, batch_size)
         return [self.decide(s, threshold, top_k, _name_of(im)) for s, im in zip(scores, images)]
 
@@ -393,7 +393,7 @@ class Model:
         """Like ``predict``, lazily and batch by batch, in input order; an image that cannot be read
         yields a Prediction with ``error`` set (and no scores) instead of failing its batch."""
         images = as_image_list(images)
-        threshold = self.check_choice(threshold, top_k)
+        threshold = self.check_choice(threshold, top_k, warn=True)
         chunks = (images[i:i + batch_size] for i in range(0, len(images), batch_size))
         if progress:
             chunks = track(chunks, -(-len(images) // batch_size), "predicting")
@@ -413,11 +413,16 @@ class Model:
         return [Prediction([], {}, _name_of(im), errors[i]) if i in errors
                 else self.decide(next(scores), threshold, top_k, _name_of(im)) for i, im in enumerate(chunk)]
 
-    def check_choice(self, threshold, top_k) -> str | float:
+    def check_choice(self, threshold, top_k, warn: bool = False) -> str | float:
         """The threshold, parsed ('calibrated' or a float in [0, 1]), once top_k is checked too: a UserError
-        for a value that would silently pick no class or every class."""
+        for a value that would silently pick no class or every class. ``warn``: say (once per call of
+        predict) that a threshold does nothing for a single-label model."""
         check_top_k(top_k, len(self.class_names))
-        return parse_threshold(threshold)
+        parsed = parse_threshold(threshold)
+        if warn and not self.multi_label and parsed != "calibrated" and top_k is None:
+            warnings.warn("the threshold applies to multi-label models; this single-label one predicts its top "
+                          "class (use top-k for more)", UserWarning, stacklevel=3)
+        return parsed
 
     def decide(self, s: np.ndarray, threshold: float | str = "calibrated", top_k: int | None = None,
                source: str = "") -> Prediction:

@@ -155,7 +155,11 @@ def test_a_threshold_given_to_a_single_label_model_is_said_to_be_unused(trained,
     meta = json.loads((run / "model.json").read_text())
     (run / "model.json").write_text(json.dumps({**meta, "multi_label": False, "thresholds": None}))
     rc, out, err = predict(capsys, run, folder / "a.png", "--threshold", "0.9", "--format", "json")
-    assert rc == 0 and "--threshold applies to multi-label models" in err
+    assert rc == 0 and "warning: the threshold applies to multi-label models" in err and err.count("threshold applies") == 1
+    from multitag.predict import load
+
+    with pytest.warns(UserWarning, match="threshold applies to multi-label models"):
+        load(run).predict([str(folder / "a.png")], threshold=0.9)
     assert len(json.loads(out)[0]["labels"]) == 1
 
 
