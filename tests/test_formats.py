@@ -392,6 +392,7 @@ def test_semicolon_and_tab_separated_files_read(tmp_path, sep):
     ("image,labels\na.jpg,\"['car', 'dog']\"\n", "looks like part of a list"),
     ("image,car,dog,difficult\na.jpg,1,0,cat\n", 'row 2: difficult label "cat" is not a class'),
     ("image,labels,is_valid\na.jpg,car,maybe\n", 'is_valid is "maybe"'),
+    (",image,cat,dog\n0,a.jpg,1,0\n1,b.jpg,0,1\n", "column 1 has no name"),
 ])
 def test_label_columns_read_another_way_than_written_are_refused(tmp_path, text, match):
     touch(tmp_path / "a.jpg")

@@ -232,6 +232,10 @@ def read_csv_onehot(path: str | Path, *, image_root: str | None = None, classes:
     class_cols = [j for j in range(len(header)) if j not in special]
     if not class_cols:
         raise UserError(f"{path} has no class columns (columns: {', '.join(header)}); add one 0/1 column per class")
+    unnamed = [j + 1 for j in class_cols if not header[j]]
+    if unnamed:      # pandas' to_csv writes its index as a first column without a name
+        raise UserError(f"{path} column {unnamed[0]} has no name, so it has no class (an index column? save the "
+                        "CSV without the index, e.g. to_csv(index=False), or name the column)")
     ignore_fields = [f[cols.ignore] for _, f in rows] if cols.ignore is not None else []
     delimiter = detect_label_delimiter(ignore_fields, path)
     table_rows = [
@@ -397,10 +401,9 @@ def _onehot_value(value: str, column: str, where: str) -> bool:
         return True
     if value in ("0", "0.0"):
         return False
-    unnamed = " (an unnamed index column? save the CSV without the index)" if not column else ""
     raise UserError(
         f'{where}: column "{column}" has value "{value}" but a one-hot CSV needs 0 or 1 in every '
-        f"class column{unnamed}; fix the value, or name the labels column \"labels\" for a "
+        f"class column; fix the value, or name the labels column \"labels\" for a "
         "delimited-labels CSV"
     )
 
