@@ -395,7 +395,7 @@ def setup_job(cfg: Config, run: Path, saved: dict | None, log) -> Job:
         if distributed.is_main():
             (run / "skipped.txt").write_text("".join(f"{p}\t{r}\n" for p, r in data.skipped))
     train_loader, val_loader = make_loaders(cfg, data, log)
-    log(f"data: {t.source}: {len(t)} images, {t.num_classes} classes "
+    log(f"data: {t.source}: {len(data.rows('all'))} images, {t.num_classes} classes "     # usable ones
         f"({'multi' if t.multi_label else 'single'}-label); train {len(train_loader.rows)}, "
         f"val {len(val_loader.rows)}, test {len(data.rows('test'))}")
 

@@ -393,6 +393,7 @@ def test_semicolon_and_tab_separated_files_read(tmp_path, sep):
     ("image,car,dog,difficult\na.jpg,1,0,cat\n", 'row 2: difficult label "cat" is not a class'),
     ("image,labels,is_valid\na.jpg,car,maybe\n", 'is_valid is "maybe"'),
     (",image,cat,dog\n0,a.jpg,1,0\n1,b.jpg,0,1\n", "column 1 has no name"),
+    ("a.jpg,cat\nb.jpg,dog\n", "starts with a row of data"),
 ])
 def test_label_columns_read_another_way_than_written_are_refused(tmp_path, text, match):
     touch(tmp_path / "a.jpg")

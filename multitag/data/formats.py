@@ -375,6 +375,9 @@ def _find_column(header: list[str], names: Sequence[str], path: Path, *, require
             return lower.index(name)
     if not required:
         return None
+    if any(_is_image(h) for h in header):
+        raise UserError(f'{path} starts with a row of data ({", ".join(header)}), not a header; add a header row '
+                        'such as "image,labels" above it')
     near = next(((c, n) for n in names if (c := closest(n, header)) is not None), None)
     fix = f'rename column "{near[0]}" to "{near[1]}"' if near else f'add a column named "{names[0]}"'
     raise UserError(
