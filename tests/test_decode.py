@@ -190,3 +190,21 @@ def test_inference_inputs_match_cache_preprocessing(tmp_path):
     assert torch.equal(want, resize_uint8(decode_image(path), 24))
     for x in (Image.open(path), np.asarray(Image.open(path)), path):
         assert torch.equal(load_image(x, 24), want)
+
+
+def test_a_closed_or_truncated_pil_image_is_one_sentence(tmp_path):
+    from multitag.data.decode import BadImageError
+    from multitag.errors import UserError
+
+    Image.fromarray(rgb(0)).save(tmp_path / "a.png")
+    with Image.open(tmp_path / "a.png") as never_loaded:
+        pass
+    loaded = Image.open(tmp_path / "a.png")
+    loaded.load()
+    loaded.close()
+    for closed in (never_loaded, loaded):
+        with pytest.raises(UserError, match="the PIL image is closed"):
+            to_uint8_array(closed)
+    (tmp_path / "cut.png").write_bytes((tmp_path / "a.png").read_bytes()[:60])
+    with pytest.raises(BadImageError, match="cut.png"):
+        to_uint8_array(Image.open(tmp_path / "cut.png"))

@@ -38,6 +38,11 @@ Decisions (change ``PREPROCESS_VERSION`` when any of them changes, so caches reb
   near the borders are never cut; no padding, so no pixels are wasted) with antialiased
   bilinear interpolation on uint8, result uint8.
 - An animated GIF contributes its first frame.
+- A PIL image passed in memory is turned upright by its EXIF tag like a file is (so
+  ``Image.open(path)`` and ``path`` give the same pixels). An image rotated by hand keeps the
+  tag PIL copied onto it and is turned again: pass it with the tag removed, or as an array.
+- Pixels under a GIF's transparent index have no defined colour: torchvision (a path) and PIL
+  (a PIL image) may fill them differently; every other GIF pixel is the same.
 """
 from __future__ import annotations
 
@@ -259,6 +264,20 @@ def _pil_errors(name: str):
         raise BadImageError(name, str(e) or type(e).__name__) from None
 
 
+def _load_pil(image: Image.Image) -> None:
+    """Load a PIL image handed in by a user (a no-op once loaded): a closed one (PIL: a bare
+    AssertionError or "Operation on closed image") is a UserError, a truncated file a BadImageError."""
+    try:
+        image.load()
+    except (AssertionError, ValueError) as e:
+        if isinstance(e, ValueError) and "closed" not in str(e):
+            raise BadImageError(getattr(image, "filename", "") or "<PIL image>", str(e)) from None
+        raise UserError("the PIL image is closed (its `with Image.open(...)` block ended, or .close() was "
+                        "called, before it was used); use it inside the block, or pass .copy() of it") from None
+    except _PIL_BROKEN as e:
+        raise BadImageError(getattr(image, "filename", "") or "<PIL image>", str(e) or type(e).__name__) from None
+
+
 def _pil_to_tensor(im: Image.Image) -> torch.Tensor:
     """PIL image (any mode) -> (3, H, W) uint8 RGB, EXIF orientation applied, alpha dropped."""
     im = ImageOps.exif_transpose(im)  # no-op copy when there is no orientation tag
@@ -295,6 +314,7 @@ def to_uint8_array(image: ImageLike) -> torch.Tensor:
         name = getattr(image, "name", None)
         return decode_image(data, name=name if isinstance(name, str) else None)
     if isinstance(image, Image.Image):
+        _load_pil(image)
         return _pil_to_tensor(image)
     if isinstance(image, np.ndarray):
         return _numpy_to_tensor(_check_uint8(image, "numpy array"))
