@@ -30,14 +30,10 @@ def check_config(cfg: Config) -> None:
         "train.precision": PRECISIONS, "aug.preset": tuple(AUG_PRESETS),
     }
     for key, valid in choices.items():
-        value = _get(cfg, key)
-        if value not in valid:
-            raise UserError(f'{key} "{value}" is not a choice{did_you_mean(str(value), valid)}; '
-                            f"set one of {', '.join(valid)}.")
+        _check_choice(key, _get(cfg, key), valid)
     device = cfg.train.device
-    if device not in DEVICES and not (device.startswith("cuda:") and device[5:].isdigit()):
-        raise UserError(f'train.device "{device}" is not a choice{did_you_mean(device, DEVICES)}; '
-                        "set auto, cpu, cuda or cuda:N.")
+    if not (device.startswith("cuda:") and device[5:].isdigit()):
+        _check_choice("train.device", device, DEVICES, shown="auto, cpu, cuda or cuda:N")
     for key, test, must in RANGES:
         value = _get(cfg, key)
         if not _holds(test, value):
@@ -54,12 +50,16 @@ def check_config(cfg: Config) -> None:
     if not cfg.stages and cfg.train.epochs < 1:
         raise _out_of_range("train.epochs", cfg.train.epochs, "at least 1")
     for i, stage in enumerate(cfg.stages):
-        if stage.sched not in SCHEDULES:
-            raise UserError(f'stages.{i}.sched "{stage.sched}" is not a choice{did_you_mean(stage.sched, SCHEDULES)}; '
-                            f"set one of {', '.join(SCHEDULES)}.")
+        _check_choice(f"stages.{i}.sched", stage.sched, SCHEDULES)
         for field, test, must in STAGE_RANGES:
             if not _holds(test, getattr(stage, field)):
                 raise _out_of_range(f"stages.{i}.{field}", getattr(stage, field), must)
+
+
+def _check_choice(key: str, value, valid: tuple, shown: str = "") -> None:
+    if value not in valid:
+        raise UserError(f'{key} "{value}" is not a choice{did_you_mean(str(value), valid)}; '
+                        f"set {shown or 'one of ' + ', '.join(valid)}.")
 
 
 def _nonneg(v) -> bool:
