@@ -21,6 +21,7 @@ def train(config: str | Config | None = None, data: str | None = None, out: str 
     ``out`` that already holds a run is refused unless ``overwrite=True``, which deletes that run first.
     """
     from multitag import distributed
+    from multitag.config_checks import check_config
     from multitag.engine import fit, load_run_config
 
     if resume is not None:
@@ -34,6 +35,7 @@ def train(config: str | Config | None = None, data: str | None = None, out: str 
         if data is not None:
             cfg.data.path = str(data)
         run = Path(out) if out else default_run_dir(cfg)
+    check_config(cfg)           # before "run directory:" is said of a run that would not start (fit checks too)
     t = cfg.train
     with distributed.session(t.device, t.dist_timeout_s, t.dist_setup_timeout_s):   # no-op without torchrun
         run = Path(distributed.broadcast_object(str(run)))     # rank 0's (timestamped) default directory
