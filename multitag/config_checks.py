@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
-from multitag.config import DEVICES, OPTIMIZERS, PRECISIONS, SCHEDULES, AUG_PRESETS, Config
+from multitag.config import (AUG_PRESETS, DEVICES, OPTIMIZERS, PRECISIONS, SCHEDULES, Config, OptimConfig,
+                             SchedConfig, TrainConfig)
 from multitag.errors import UserError, did_you_mean
 
 
@@ -19,11 +20,11 @@ def check_config(cfg: Config) -> None:
     from multitag.data.cache import ON_BAD_IMAGE
     from multitag.data.formats import FORMATS
     from multitag.data.split import check_fractions
-    from multitag.losses import CLASS_WEIGHTS, LOSSES
+    from multitag.losses import CLASS_WEIGHTS, LOSSES, SIGMOID_LOSSES
     from multitag.models.registry import get_spec
     from multitag.runtime import parse_switch
 
-    get_spec(cfg.model.name)
+    spec = get_spec(cfg.model.name)
     choices = {
         "data.format": ("auto", *FORMATS), "data.on_bad_image": ON_BAD_IMAGE, "optim.name": OPTIMIZERS,
         "sched.name": SCHEDULES, "train.loss": LOSSES, "train.class_weights": CLASS_WEIGHTS,
@@ -49,11 +50,58 @@ def check_config(cfg: Config) -> None:
     parse_switch(cfg.train.channels_last, "train.channels_last")
     if not cfg.stages and cfg.train.epochs < 1:
         raise _out_of_range("train.epochs", cfg.train.epochs, "at least 1")
+    _check_settings_that_apply(cfg, spec, SIGMOID_LOSSES)
     for i, stage in enumerate(cfg.stages):
         _check_choice(f"stages.{i}.sched", stage.sched, SCHEDULES)
         for field, test, must in STAGE_RANGES:
             if not _holds(test, getattr(stage, field)):
                 raise _out_of_range(f"stages.{i}.{field}", getattr(stage, field), must)
+    _check_freeze_patterns(cfg)
+
+
+def _check_freeze_patterns(cfg: Config) -> None:
+    """Name patterns (other than "backbone") match parameters of the model: checked on an untrained
+    copy with two classes (the names do not depend on the class count), not minutes later."""
+    from multitag.finetune import BACKBONE, frozen_names
+    from multitag.models.registry import build_model
+
+    patterns = [(i, p) for i, s in enumerate(cfg.stages) for p in s.freeze if p != BACKBONE]
+    if not patterns:
+        return
+    args = {k: v for k, v in cfg.model.args.items() if k != "label_counts"}
+    model = build_model(cfg.model.name, 2, pretrained=False, **args)
+    for i, pattern in patterns:
+        try:
+            frozen_names(model, [pattern])
+        except UserError as e:
+            raise UserError(f"stages.{i}.freeze: {e}") from None
+
+
+def _check_settings_that_apply(cfg: Config, spec, sigmoid_losses) -> None:
+    """Settings that would be accepted and do nothing are refused, naming what does apply."""
+    t = cfg.train
+    if spec.own_loss:
+        for key, unset in (("train.loss", "auto"), ("train.class_weights", "none"), ("train.label_smoothing", 0.0)):
+            if _get(cfg, key) != unset:
+                raise UserError(f"{key} does not apply to {cfg.model.name}, which trains on its own label-sequence "
+                                f"loss; leave it at {unset}.")
+    elif t.label_smoothing and t.loss in sigmoid_losses:
+        raise UserError(f"train.label_smoothing applies to train.loss=ce (single-label), not {t.loss}; set it to 0 "
+                        "or use ce.")
+
+
+def unused_settings(cfg: Config) -> list[str]:
+    """Notes on settings a run accepts but does not use: a staged run takes its length, LR and schedule
+    from its stages, so train.epochs, optim.lr and sched.name away from their defaults do nothing.
+    (Notes, not errors: a flat recipe given stages with --set keeps its own train.epochs.)"""
+    if not cfg.stages:
+        return []
+    unused = [(key, field) for key, default, field in (("train.epochs", TrainConfig.epochs, "epochs"),
+                                                        ("optim.lr", OptimConfig.lr, "lr"),
+                                                        ("sched.name", SchedConfig.name, "sched"))
+              if _get(cfg, key) != default]
+    return [f"{key}={_get(cfg, key)} is not used: this run has {len(cfg.stages)} stage(s), which set their own "
+            f"{field} (e.g. --set stages.0.{field}=...)" for key, field in unused]
 
 
 def _check_choice(key: str, value, valid: tuple, shown: str = "") -> None:

@@ -26,7 +26,7 @@ from multitag.checkpoint import (MODEL_META, MODEL_WEIGHTS, TRAIN_META, TRAIN_ST
                                  load_tensors, model_state, optimizer_tensors, read_checkpoint_meta, read_json,
                                  restore_optimizer, save_tensors, write_json)
 from multitag.config import OPTIMIZERS, SCHEDULES, Config, StageConfig, config_from_dict
-from multitag.config_checks import check_config
+from multitag.config_checks import check_config, unused_settings
 from multitag.data.loader import BatchLoader, describe_oversampling, label_counts, repeat_factors, shard_bounds
 from multitag.data.prepare import PreparedData, prepare
 from multitag.data.transforms import BatchAugment, normalize
@@ -37,7 +37,7 @@ from multitag.finetune import (FeatureTable, apply_freeze, check_feature_cache, 
                                head_inputs, param_groups, resolve_stages)
 from multitag.inference import logits_of, scores_from_logits
 from multitag.lookahead import Lookahead
-from multitag.losses import build_loss, loss_count, training_loss
+from multitag.losses import MAX_POS_WEIGHT, build_loss, loss_count, training_loss
 from multitag.models import build_model, count_parameters, get_spec
 from multitag.models.registry import check_input_size
 from multitag.models.weights import init_from_file
@@ -153,6 +153,14 @@ def onecycle_pct_start(pct_start: float, total: int) -> float:
     if pct_start * total != 1:
         return pct_start
     return 2 / total if total > 2 else 0.0
+
+
+def describe_pos_weight(class_names: list[str], pos_weight: torch.Tensor) -> str:
+    """One line of the balanced class weights, largest first (all of them up to 12 classes)."""
+    pairs = sorted(zip(pos_weight.tolist(), class_names), reverse=True)
+    shown = pairs if len(pairs) <= 12 else pairs[:6] + [(None, "...")] + pairs[-3:]
+    return f"class weights (balanced pos_weight = negatives / positives, clipped to [1, {MAX_POS_WEIGHT:g}]): " + ", ".join(
+        name if w is None else f"{name} {w:.1f}" for w, name in shown)
 
 
 def make_loaders(cfg: Config, data: PreparedData, log=print) -> tuple[BatchLoader, BatchLoader]:
@@ -285,9 +293,30 @@ def evaluate(model, loader: BatchLoader, loss_fn, rt: Runtime, data: PreparedDat
     if loader.shard[1] > 1:     # every process scored its share: gather them (loaders made unsharded score all)
         logits = distributed.reassemble(logits, np.concatenate(index), loader.rows)
     rows = torch.from_numpy(loader.rows)
-    loss = loss_fn(logits, loader.targets[rows], loader.ignore[rows]).item()
+    if hasattr(getattr(model, "_orig_mod", model), "sequence_loss"):
+        loss = own_objective_loss(model, loss_fn, loader, rt)      # what train_loss measures too
+    else:
+        loss = loss_fn(logits, loader.targets[rows], loader.ignore[rows]).item()
     scores = scores_from_logits(logits, data.table.multi_label).numpy()
     return {"loss": loss, "scores": scores, "rows": loader.rows}
+
+
+@torch.no_grad()
+def own_objective_loss(model, loss_fn, loader: BatchLoader, rt: Runtime) -> float:
+    """The mean training objective on a split, for a model with its own (CNN-RNN: the teacher-forced
+    label-sequence loss): val_loss then measures what train_loss does, not the configured loss on
+    beam-search scores. Weighted like training (losses.loss_count); summed over processes."""
+    model.eval()
+    total, count = 0.0, 0.0
+    for b in loader.iterate():
+        if not len(b.index):
+            continue
+        n = loss_count(model, loss_fn, b.targets, b.ignore)
+        with rt.autocast():
+            loss = training_loss(model, loss_fn, rt.prepare_input(b.images), b.targets.to(rt.device),
+                                 b.ignore.to(rt.device))
+        total, count = total + loss.item() * n, count + n
+    return distributed.all_sum(total) / max(distributed.all_sum(count), 1.0)
 
 
 def init_pixels(data: PreparedData, rows, cfg: Config, n: int = 5000) -> torch.Tensor:
@@ -331,6 +360,8 @@ def _fit(cfg: Config, run: Path, resume: bool, overwrite: bool, log) -> Path:
             check_new_run(run, overwrite)
         run.mkdir(parents=True, exist_ok=True)
     cfg = resolved_config(cfg)
+    for note in unused_settings(cfg) if main else []:
+        log(f"note: {note}")
     if main:
         atomic_write_text(run / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     if distributed.world().size > 1:     # the machine's cores shared among its processes
@@ -415,6 +446,8 @@ def setup_job(cfg: Config, run: Path, saved: dict | None, log) -> Job:
         model.init_from_data(init_pixels(data, train_loader.rows, cfg))
     train_rows = train_loader.rows
     loss_fn = build_loss(cfg.train, t.multi_label, t.targets[train_rows], t.ignore[train_rows])
+    if getattr(loss_fn, "pos_weight", None) is not None:      # class_weights=balanced: shown, like oversampling
+        log(describe_pos_weight(t.class_names, loss_fn.pos_weight))
     if saved:   # the choice made at the start of the run, so a resumed run computes the same way
         rt = Runtime(torch.device(distributed.device_name(saved["runtime"]["device"])), saved["runtime"]["precision"],
                      saved["runtime"]["channels_last"], saved["runtime"].get("threads", 0),
@@ -454,6 +487,10 @@ def setup_job(cfg: Config, run: Path, saved: dict | None, log) -> Job:
             else "packaged pretrained weights" if get_spec(cfg.model.name).pretrained
             and cfg.model.args.get("pretrained", True) else "random init")
     log(f"model: {cfg.model.name} ({n_params:,} parameters, {init}) on {rt.describe()}")
+    frozen_random = [s.name for s in resolve_stages(cfg) if s.freeze] if init == "random init" else []
+    if frozen_random:
+        log(f"note: stage {', '.join(frozen_random)} freezes layers of a randomly initialised model, which then stay "
+            "random; give pretrained weights with model.weights=FILE, or drop the freeze")
     return Job(cfg, run, data, train_loader, val_loader, model, loss_fn, rt, n_params, log, ema)
 
 
@@ -517,6 +554,7 @@ def run_stage(job: Job, stages: list[StageConfig], state: TrainState, saved: dic
                                          rt, cfg, epoch, ddp=ddp)
         if lookahead is not None:
             lookahead.end_epoch()
+        train_seconds = time.perf_counter() - start          # the training pass alone, for train_img_per_s
         has_val = len(val_loader.rows) > 0     # no val split (check_no_val): the latest epoch is the result
         if has_val:
             val = evaluate(scored, val_loader, job.loss_fn, rt, job.data)
@@ -537,7 +575,7 @@ def run_stage(job: Job, stages: list[StageConfig], state: TrainState, saved: dic
         row = {"epoch": epoch + 1, "stage": stage.name, "train_loss": train_loss,
                **({"val_loss": val["loss"], f"val_{monitor}": value} if has_val else {}),
                "lr": lr, "seconds": seconds,
-               "train_img_per_s": len(job.train_loader) * job.train_loader.batch_size / seconds}
+               "train_img_per_s": len(job.train_loader) * job.train_loader.batch_size / train_seconds}
         if cfg.train.track_test and not stage.cache_features:     # benchmarks: logged, never selects
             row.update(test_score(job, scored, monitor))
         if not distributed.is_main():      # rank 0 alone writes the run directory and the log
@@ -606,8 +644,13 @@ def finish(job: Job, state: TrainState) -> Path:
     meta["metrics"] = {"val": evaluate_scores(val["scores"], targets, ignore, t.multi_label, meta["thresholds"],
                                               t.class_names)}
     write_json(job.run / MODEL_META, meta)
-    job.log(f"best epoch {state.best_epoch} (val {monitor_name(t.multi_label)} {state.best_value:.4f}); "
-            f"run directory: {job.run}")
+    monitor = monitor_name(t.multi_label)
+    # The epoch is picked on val scored as it trained (bf16 autocast where chosen, as timm validates under
+    # AMP); model.json's val metrics are fp32, as predict scores. Both are said where they differ.
+    fp32 = (f"; {meta['metrics']['val'][monitor]:.4f} in fp32, as model.json and predict score"
+            if job.rt.precision != "fp32" else "")
+    job.log(f"best epoch {state.best_epoch} (val {monitor} {state.best_value:.4f}"
+            f"{' under ' + job.rt.precision + ' as trained' if fp32 else ''}{fp32}); run directory: {job.run}")
     return job.run
 
 

@@ -50,19 +50,27 @@ def apply_freeze(model: nn.Module, patterns) -> int:
     "backbone" freezes everything except the head. A pattern that matches nothing is an error
     (a typo would otherwise silently train everything).
     """
-    base = getattr(model, "_orig_mod", model)
-    names = [n for n, _ in base.named_parameters()]
-    head = head_parameter_names(model)
+    frozen = frozen_names(model, patterns)
+    for n, p in getattr(model, "_orig_mod", model).named_parameters():
+        p.requires_grad_(n not in frozen)
+    return len(frozen)
+
+
+def frozen_names(model: nn.Module, patterns) -> set[str]:
+    """The parameter names the patterns freeze; a pattern that matches nothing is a UserError."""
+    names = [n for n, _ in getattr(model, "_orig_mod", model).named_parameters()]
     frozen: set[str] = set()
     for pat in patterns:
-        hits = {n for n in names if n not in head} if pat == BACKBONE else {n for n in names if fnmatch(n, pat)}
+        if pat == BACKBONE:
+            head = head_parameter_names(model)
+            hits = {n for n in names if n not in head}
+        else:
+            hits = {n for n in names if fnmatch(n, pat)}
         if not hits:
             raise UserError(f'freeze pattern "{pat}" matches no parameter (e.g. {names[0]}, {names[-1]}); '
                             'use fnmatch patterns such as "layer1.*" or "backbone".')
         frozen |= hits
-    for n, p in base.named_parameters():
-        p.requires_grad_(n not in frozen)
-    return len(frozen)
+    return frozen
 
 
 def frozen_batchnorm_to_eval(model: nn.Module) -> None:

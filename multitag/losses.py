@@ -150,6 +150,9 @@ def build_loss(train: TrainConfig, multi_label: bool, targets=None, ignore=None)
     check_loss_name(name)
     if name == "auto":
         name = "bce" if multi_label else "ce"
+    if train.label_smoothing and name != "ce":     # an explicit sigmoid loss is refused before (config_checks)
+        raise UserError(f"train.label_smoothing applies to single-label data (loss ce); this data is multi-label "
+                        f"(loss {name}), so set it to 0.")
     if train.class_weights not in CLASS_WEIGHTS:
         raise UserError(f'unknown train.class_weights "{train.class_weights}"'
                         f'{did_you_mean(train.class_weights, CLASS_WEIGHTS)}.')

@@ -247,3 +247,14 @@ def test_trains_through_the_engine_and_reloads_with_the_same_scores(digits_csv, 
     assert [sorted(p.labels) for p in model.predict(images, threshold=0.5)] == decoded
     assert net.order.tolist() == label_order(args["label_counts"]).tolist()
     assert not math.isnan(meta["best_value"])
+
+    # val_loss is the objective train_loss measures (teacher-forced label sequences), on the val rows
+    from multitag import engine
+    from multitag.runtime import Runtime
+
+    cfg = engine.resolved_config(engine.load_run_config(run))
+    _, val_loader = engine.make_loaders(cfg, engine.prepare_in_turn(cfg, run, True, lambda *a: None), lambda *a: None)
+    expected_loss = engine.own_objective_loss(net, None, val_loader, Runtime(torch.device("cpu"), "fp32", False))
+    (row,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert row["val_loss"] == pytest.approx(expected_loss, rel=1e-5)
+    assert net.sequence_loss(x, torch.zeros(len(x), 10), torch.zeros(len(x), 10, dtype=torch.bool)).item() > 0

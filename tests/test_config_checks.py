@@ -57,10 +57,39 @@ def test_choice_typos_name_the_closest(setting, closest):
         check_config(load_config("demo", [setting]))
 
 
+@pytest.mark.parametrize("recipe, setting, match", [
+    ("demo", "train.loss=bce & train.label_smoothing=0.1", "label_smoothing applies to train.loss=ce"),
+    ("cnn_rnn", "train.loss=asl", "train.loss does not apply to cnn_rnn"),
+    ("cnn_rnn", "train.class_weights=balanced", "train.class_weights does not apply to cnn_rnn"),
+    ("demo", "stages=[{freeze: [conv9.*]}]", "stages.0.freeze: freeze pattern \"conv9.\\*\" matches no parameter"),
+])
+def test_settings_that_would_do_nothing_are_refused(recipe, setting, match):
+    with pytest.raises(UserError, match=match):
+        check_config(load_config(recipe, setting.split(" & ")))
+
+
+def test_flat_settings_a_staged_run_does_not_use_are_noted():
+    from multitag.config_checks import unused_settings
+
+    notes = unused_settings(load_config("voc_efficientnet_lite", ["train.epochs=1", "optim.lr=0.5", "sched.name=plateau"]))
+    assert [n.split("=")[0] for n in notes] == ["train.epochs", "optim.lr", "sched.name"]
+    assert "stages.0.epochs=" in notes[0] and "this run has 3 stage(s)" in notes[0]
+    assert unused_settings(load_config("voc_efficientnet_lite")) == [] == unused_settings(load_config("demo"))
+
+
 def test_valid_spellings_pass():
     for setting in ("train.channels_last=yes", "train.channels_last=true", "train.device=cuda:1",
                     "train.focal_alpha=null", "data.mean=[]", "stages=[{epochs: 2}]"):
         check_config(load_config("demo", [setting]))
+
+
+def test_balanced_class_weights_are_shown_and_freezing_random_layers_is_noted(digits_csv, tmp_path):
+    logs = []
+    train("demo", data=digits_csv, out=tmp_path / "run", log=logs.append,
+          overrides=FAST + ["train.class_weights=balanced", "stages=[{epochs: 1, freeze: [backbone]}, {epochs: 1}]"])
+    (weights,) = [line for line in logs if line.startswith("class weights (balanced pos_weight")]
+    assert weights.count(" ") > 10 and "d0" in weights
+    assert any("note: stage stage1 freezes layers of a randomly initialised model" in line for line in logs)
 
 
 def test_a_bad_setting_stops_training_before_anything_is_written(digits_csv, tmp_path, isolated_cache):

@@ -27,6 +27,7 @@ class ModelSpec:
     std: tuple = IMAGENET_STD
     pretrained: bool = False     # the builder loads packaged pretrained weights unless pretrained=False
     wants_label_counts: bool = False  # the builder takes label_counts=[per-class training positives]
+    own_loss: bool = False       # trains on its own objective (sequence_loss), not train.loss
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -160,7 +161,7 @@ for _v, _size in ((0, 224), (1, 240), (2, 260)):
 
 
 @register("cnn_rnn", "CNN-RNN (Wang et al. 2016): CNN + label LSTM emitting labels in frequency order, beam search",
-          224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), pretrained=True, wants_label_counts=True)
+          224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), pretrained=True, wants_label_counts=True, own_loss=True)
 def cnn_rnn(num_classes: int, **kw) -> nn.Module:
     # mean/std 0.5: what the default backbone (efficientnet_lite0) expects; set data.mean/std for others.
     from multitag.models.cnn_rnn import CNNRNN
