@@ -14,11 +14,12 @@ def default_run_dir(cfg: Config) -> Path:
 
 def train(config: str | Config | None = None, data: str | None = None, out: str | Path | None = None,
           overrides: list[str] | tuple = (), resume: str | Path | None = None, overwrite: bool = False,
-          log=print) -> Path:
+          log=print, runtime: dict | None = None) -> Path:
     """Train from a recipe name, YAML path or Config; returns the run directory.
 
     ``resume=RUN_DIR`` continues a killed run from its last checkpoint with its own config.
     ``out`` that already holds a run is refused unless ``overwrite=True``, which deletes that run first.
+    ``runtime``: a runtime record (checkpoint.json's "runtime") to train with, unmeasured.
     """
     from multitag import distributed
     from multitag.config_checks import check_config
@@ -43,7 +44,7 @@ def train(config: str | Config | None = None, data: str | None = None, out: str 
             log = _quiet
         # Named first, so a user who stops a run (Ctrl-C, kill) knows what `--resume` needs.
         log(f"run directory: {run}")
-        fit(cfg, run, resume=resume is not None, overwrite=overwrite, log=log)
+        fit(cfg, run, resume=resume is not None, overwrite=overwrite, log=log, runtime=runtime)
     if cfg.train.report and distributed.is_main():
         from multitag.report import write_report
 

@@ -341,19 +341,21 @@ def test_score(job: Job, model, monitor: str) -> dict:
 
 # --- the recipe ---------------------------------------------------------------------------------
 
-def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False, log=print) -> Path:
+def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False, log=print,
+        runtime: dict | None = None) -> Path:
     """Train per the config into ``out_dir``; with resume=True continue from its last checkpoint.
     A directory that already holds a run is refused unless ``overwrite`` (which deletes it first).
+    ``runtime``: a checkpoint's runtime record to train with instead of measuring one (ablate).
 
     Under torchrun every process calls this; rank 0 alone reads and writes ``out_dir`` (distributed.py).
     """
     check_config(cfg)
     t = cfg.train
     with distributed.session(t.device, t.dist_timeout_s, t.dist_setup_timeout_s):
-        return _fit(cfg, Path(out_dir), resume, overwrite, log)
+        return _fit(cfg, Path(out_dir), resume, overwrite, log, runtime)
 
 
-def _fit(cfg: Config, run: Path, resume: bool, overwrite: bool, log) -> Path:
+def _fit(cfg: Config, run: Path, resume: bool, overwrite: bool, log, runtime: dict | None) -> Path:
     main = distributed.is_main()
     if main:
         if not resume:
@@ -371,7 +373,7 @@ def _fit(cfg: Config, run: Path, resume: bool, overwrite: bool, log) -> Path:
     saved = read_checkpoint_meta(run) if main and resume else None
     saved = distributed.broadcast_object(saved)
 
-    job = setup_job(cfg, run, saved, log)
+    job = setup_job(cfg, run, saved, log, runtime)
     state = TrainState(**saved["state"]) if saved else TrainState()
     if saved and main:
         _truncate_metrics(run / METRICS_FILE, state.epoch)
@@ -412,8 +414,9 @@ def resolved_config(cfg: Config) -> Config:
     return cfg
 
 
-def setup_job(cfg: Config, run: Path, saved: dict | None, log) -> Job:
-    """Data (split fixed, pixels decoded once), model, loss and the measured runtime."""
+def setup_job(cfg: Config, run: Path, saved: dict | None, log, pinned: dict | None = None) -> Job:
+    """Data (split fixed, pixels decoded once), model, loss and the measured runtime (or ``pinned``: a
+    runtime record as a checkpoint stores it, e.g. of an ablation's first variant, used unmeasured)."""
     data = prepare_in_turn(cfg, run, saved is not None, log)
     t = data.table
     if len(data.rows("train")) == 0:
@@ -448,10 +451,10 @@ def setup_job(cfg: Config, run: Path, saved: dict | None, log) -> Job:
     loss_fn = build_loss(cfg.train, t.multi_label, t.targets[train_rows], t.ignore[train_rows])
     if getattr(loss_fn, "pos_weight", None) is not None:      # class_weights=balanced: shown, like oversampling
         log(describe_pos_weight(t.class_names, loss_fn.pos_weight))
-    if saved:   # the choice made at the start of the run, so a resumed run computes the same way
-        rt = Runtime(torch.device(distributed.device_name(saved["runtime"]["device"])), saved["runtime"]["precision"],
-                     saved["runtime"]["channels_last"], saved["runtime"].get("threads", 0),
-                     tuple(saved["runtime"].get("layer_tweaks", ())))
+    if saved or pinned:   # the choice made at the start of the run (or of a sibling), so both compute alike
+        record = saved["runtime"] if saved else pinned
+        rt = Runtime(torch.device(distributed.device_name(record["device"])), record["precision"],
+                     record["channels_last"], record.get("threads", 0), tuple(record.get("layer_tweaks", ())))
     else:
         rt = None
         if distributed.is_main():   # rank 0 measures (with one process's micro-batch); all compute alike

@@ -6,6 +6,8 @@ cross-entropy with label smoothing. Parameters keep their papers' names.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -150,9 +152,9 @@ def build_loss(train: TrainConfig, multi_label: bool, targets=None, ignore=None)
     check_loss_name(name)
     if name == "auto":
         name = "bce" if multi_label else "ce"
-    if train.label_smoothing and name != "ce":     # an explicit sigmoid loss is refused before (config_checks)
-        raise UserError(f"train.label_smoothing applies to single-label data (loss ce); this data is multi-label "
-                        f"(loss {name}), so set it to 0.")
+    if train.label_smoothing and name != "ce":     # an explicit sigmoid loss with it is refused (config_checks)
+        warnings.warn(f"train.label_smoothing={train.label_smoothing:g} is not used: it applies to single-label data "
+                      f"(loss ce), and this data is multi-label (loss {name})", UserWarning, stacklevel=2)
     if train.class_weights not in CLASS_WEIGHTS:
         raise UserError(f'unknown train.class_weights "{train.class_weights}"'
                         f'{did_you_mean(train.class_weights, CLASS_WEIGHTS)}.')

@@ -49,6 +49,21 @@ def test_a_bad_value_in_any_variant_fails_before_the_first_trains(digits_csv, tm
     assert not (tmp_path / "abl").exists()
 
 
+def test_variants_of_one_model_share_the_first_ones_runtime(digits_csv, tmp_path, monkeypatch):
+    from multitag import engine
+
+    measured, real = [], engine.choose_runtime
+    monkeypatch.setattr(engine, "choose_runtime", lambda *a, **k: measured.append(1) or real(*a, **k))
+    over = ["train.epochs=1", "train.batch_size=32", "data.image_size=32"]      # precision: measured (auto)
+    out = ablate("demo", str(digits_csv), {"loss": ["bce", "asl"], "model.args.hidden": [32, 64]}, over,
+                 tmp_path / "abl", log=lambda *a: None)
+    runtimes = {d.name: json.loads((d / "model.json").read_text())["runtime"] for d in out.iterdir() if d.is_dir()}
+    assert len(runtimes) == 4 and len(measured) == 2          # once per model shape, not per loss
+    for hidden in (32, 64):                                   # each shape's two losses ran on one runtime
+        shared = [r for name, r in runtimes.items() if f"hidden={hidden}" in name]
+        assert len(shared) == 2 and shared[0] == shared[1]
+
+
 def test_ablation_table_then_skip_then_resume(digits_csv, tmp_path, monkeypatch):
     out = tmp_path / "abl"
     args = ["ablate", "demo", "--data", str(digits_csv), "--vary", "loss=bce,asl", "--out", str(out)]
