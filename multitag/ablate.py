@@ -124,6 +124,11 @@ def expand_variants(vary: dict[str, list], variants: dict[str, dict] | None = No
 def variant_config(base: Config, data: str | None, overrides, variant: Variant) -> Config:
     """The variant's full config: base, common overrides, the variant's own, then train.report=false.
     Every key is checked here (closest-name errors), before anything trains."""
+    common = {o.split("=", 1)[0].strip() for o in overrides}
+    clash = [o.split("=", 1)[0].strip() for o in variant.overrides if o.split("=", 1)[0].strip() in common]
+    if clash:         # which would win is a guess the table's "common overrides" line would then misstate
+        raise UserError(f"variant {variant.name} sets {clash[0]}, which --set also sets for every variant; "
+                        "drop one of the two")
     cfg = apply_overrides(base, [*overrides, *variant.overrides, "train.report=false"])
     if data is not None:
         cfg.data.path = str(data)

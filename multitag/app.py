@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -58,10 +59,19 @@ def launch(run_dir: str | Path, port: int = 8501) -> int:
     if not (Path(run_dir) / "model.json").is_file():
         raise UserError(f"{run_dir} has no model.json; point to a run directory made by `multitag train`.")
     print(f"multitag app for {run_dir}: http://127.0.0.1:{port}")
+    server = subprocess.Popen(streamlit_command(run_dir, port))
+    # SIGTERM (kill, a service manager, timeout) reaches only this process: pass it on, or Streamlit would
+    # outlive it holding the port. (Ctrl-C signals the whole process group, Streamlit included.)
+    previous = signal.signal(signal.SIGTERM, lambda *_: server.terminate())
     try:
-        return subprocess.run(streamlit_command(run_dir, port), check=False).returncode
+        return server.wait()
     except KeyboardInterrupt:  # Streamlit got the same Ctrl-C and stops by itself
+        server.wait()
         return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if server.poll() is None:
+            server.kill()
 
 
 def run_dir_from_argv(argv: list[str]) -> Path | None:

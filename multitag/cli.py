@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="advanced_cnn", help="architecture (its recipe sets augmentation and optimizer)")
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--images", type=int, default=512, help="training images used (default 512; val: a quarter)")
+    p.add_argument("--images", type=int, default=512, help="training images used (default 512; val: a quarter, at least one batch)")
     p.add_argument("--steps", type=int, default=2, help="timed training steps per system and round (default 2)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; figures are each system's best")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -530,7 +530,11 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "json", False) and result is not None:
         from multitag.fileio import json_safe
 
-        print(json.dumps(json_safe(result), indent=2, default=str, allow_nan=False))
+        try:
+            print(json.dumps(json_safe(result), indent=2, default=str, allow_nan=False))
+            sys.stdout.flush()
+        except BrokenPipeError:      # `... --json | head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error at exit
     return 0
 
 

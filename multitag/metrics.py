@@ -369,11 +369,18 @@ def _prf_summary(by_class: Counts, prefix: str = "") -> dict:
     return {prefix + k: v for k, v in values.items()}
 
 
+def _f1_summary(by_class: Counts, by_sample: Counts, prefix: str = "") -> dict:
+    """micro/macro/sample F1 and sample Jaccard of one prediction matrix from its per-class and per-row counts."""
+    values = {"micro_f1": _f1(_micro(by_class)), "macro_f1": _f1(by_class).mean(),
+              "samples_f1": _f1(by_sample).mean(), "samples_jaccard": _jaccard(by_sample).mean()}
+    return {prefix + k: float(v) for k, v in values.items()}
+
+
 def multilabel_report(scores, targets, ignore=None, thresholds=0.5, class_names=None) -> dict:
     """Every multi-label metric in one flat, JSON-ready dict.
 
     Keys: ``mAP``; ``CP CR CF1 OP OR OF1 micro_f1 macro_f1 samples_f1 samples_jaccard`` at
-    ``thresholds``; ``top3_CP ... top3_OF1`` for the 3 highest scores per row; ``num_samples``,
+    ``thresholds``; the same with a ``top3_`` prefix for the 3 highest scores per row; ``num_samples``,
     ``num_classes``; and ``per_class``, a list of dicts with ``name ap f1 precision recall
     support threshold``. Values are Python floats/ints; ``mAP`` and ``ap`` may be NaN.
     """
@@ -385,18 +392,15 @@ def multilabel_report(scores, targets, ignore=None, thresholds=0.5, class_names=
     pred = binarize(s, thr)
     by_class = counts(pred, targets, ignore, axis=0)               # each (C,)
     by_sample = counts(pred, targets, ignore, axis=1)              # each (N,)
-    top_by_class = counts(top_k_predictions(s, TOP_K_MULTILABEL), targets, ignore)
+    top = top_k_predictions(s, TOP_K_MULTILABEL)
 
     report = {"num_samples": int(n), "num_classes": int(c), "mAP": _nanmean(ap)}
     report.update(_prf_summary(by_class))
     precision, recall, f1 = _precision(by_class), _recall(by_class), _f1(by_class)
-    report.update(
-        micro_f1=float(_f1(_micro(by_class))),
-        macro_f1=float(f1.mean()),
-        samples_f1=float(_f1(by_sample).mean()),
-        samples_jaccard=float(_jaccard(by_sample).mean()),
-    )
+    report.update(_f1_summary(by_class, by_sample))
+    top_by_class, top_by_sample = counts(top, targets, ignore, axis=0), counts(top, targets, ignore, axis=1)
     report.update(_prf_summary(top_by_class, prefix=f"top{TOP_K_MULTILABEL}_"))
+    report.update(_f1_summary(top_by_class, top_by_sample, prefix=f"top{TOP_K_MULTILABEL}_"))
     n_pos = by_class.tp + by_class.fn
     report["per_class"] = [
         {"name": names[i], "ap": float(ap[i]), "f1": float(f1[i]), "precision": float(precision[i]),

@@ -29,7 +29,7 @@ from multitag.explain import explain_images
 from multitag.fileio import check_writable, read_jsonl
 from multitag.metrics import binarize, counts, rank_by_class
 from multitag.predict import Model, load
-from multitag.summary import SET_METRICS, TOP3_METRICS
+from multitag.summary import SET_METRICS
 
 REPORT_DIR = "report"
 HISTORY_FILE = "metrics.jsonl"
@@ -215,8 +215,7 @@ def _headline_table(r: dict) -> str:
     cols = ["at_0.5", "calibrated", "top3"] if "calibrated" in r else ["at_0.5", "top3"]
     header = ["metric (%)"] + [{"at_0.5": "@0.5", "calibrated": "calibrated", "top3": "top-3"}[c] for c in cols]
     rows = [["mAP", _pct(r["mAP"])] + [""] * (len(cols) - 1)]
-    rows += [[METRIC_LABELS[k]] + [_pct(r[c][k]) if c != "top3" or k in TOP3_METRICS else "" for c in cols]
-             for k in SET_METRICS]
+    rows += [[METRIC_LABELS[k]] + [_pct(r[c][k]) for c in cols] for k in SET_METRICS]
     return _table(header, rows, "metrics")
 
 

@@ -13,7 +13,6 @@ from rich.table import Table
 from multitag.metrics import multilabel_report, singlelabel_report
 
 SET_METRICS = ("CP", "CR", "CF1", "OP", "OR", "OF1", "micro_f1", "macro_f1", "samples_f1", "samples_jaccard")
-TOP3_METRICS = ("CP", "CR", "CF1", "OP", "OR", "OF1")
 
 
 def monitor_name(multi_label: bool) -> str:
@@ -31,7 +30,7 @@ def evaluate_scores(scores: np.ndarray, targets: np.ndarray, ignore: np.ndarray,
         "mAP": at_half["mAP"],
         "num_samples": at_half["num_samples"],
         "at_0.5": {k: at_half[k] for k in SET_METRICS},
-        "top3": {k: at_half[f"top3_{k}"] for k in TOP3_METRICS},
+        "top3": {k: at_half[f"top3_{k}"] for k in SET_METRICS},
         "per_class": at_half["per_class"],
     }
     if thresholds is not None:

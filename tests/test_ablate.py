@@ -49,6 +49,12 @@ def test_a_bad_value_in_any_variant_fails_before_the_first_trains(digits_csv, tm
     assert not (tmp_path / "abl").exists()
 
 
+def test_a_variant_and_set_naming_one_key_is_refused(digits_csv, tmp_path):
+    with pytest.raises(UserError, match="variant big sets data.image_size, which --set also sets"):
+        ablate("demo", str(digits_csv), {}, FAST + ["data.image_size=32"], tmp_path / "abl", log=lambda *a: None,
+               variants={"big": {"data.image_size": 40}})
+
+
 def test_variants_of_one_model_share_the_first_ones_runtime(digits_csv, tmp_path, monkeypatch):
     from multitag import engine
 

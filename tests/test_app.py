@@ -127,6 +127,36 @@ def streamlit_server(tiny_run):
             proc.wait()
 
 
+def test_sigterm_to_multitag_app_stops_its_streamlit_server(tiny_run):
+    """kill / a service manager signal `multitag app` alone: the Streamlit child must not outlive it."""
+    import os
+    import signal
+    import sys
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "multitag.cli", "app", str(tiny_run), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(url, proc)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(f"{url}/_stcore/health", timeout=1)
+            except httpx.TransportError:
+                break                                      # nobody holds the port any more
+            time.sleep(0.3)
+        else:
+            pytest.fail("the Streamlit server still answers after multitag app was sent SIGTERM")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)            # an orphaned server, if the test failed
+        except ProcessLookupError:
+            pass
+
+
 @pytest.fixture()
 def browser(tmp_path):
     """Debian's headless Chromium through its own chromedriver (selenium-manager never downloads one)."""

@@ -205,3 +205,15 @@ def test_an_empty_split_names_its_cause_and_the_split_there_is(tiny_run, digits_
     assert main(["eval", str(tiny_run), "--data", test_as_val, "--split", "val", "--no-report"]) != 0
     err = capsys.readouterr().err
     assert "the data marks 40 images val" in err and "split.csv lists them under another split" in err
+
+
+def test_json_output_into_a_closed_pipe_ends_quietly():
+    """`multitag models --json | head -c 20`: the reader leaves early; no BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "multitag.cli", "models", "--json"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()             # before the child prints (it is still importing): as head does, early
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and "Traceback" not in err, err

@@ -380,7 +380,7 @@ def test_paths_relative_to_another_folder_need_image_root_and_windows_paths_reso
 def test_semicolon_and_tab_separated_files_read(tmp_path, sep):
     touch(tmp_path / "a.jpg")
     touch(tmp_path / "b.jpg")
-    csv = write(tmp_path / "l.csv", f"image{sep}labels\na.jpg{sep}x y\nb.jpg{sep}y\n")
+    csv = write(tmp_path / ("l.tsv" if sep == "\t" else "l.csv"), f"image{sep}labels\na.jpg{sep}x y\nb.jpg{sep}y\n")
     table = read_table(csv)
     assert table.class_names == ["x", "y"] and table.labels_of(0) == ["x", "y"]
 

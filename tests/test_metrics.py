@@ -255,6 +255,7 @@ def test_multilabel_report_agrees_with_the_single_metrics():
     for key, fn in [("micro_f1", M.micro_f1), ("macro_f1", M.macro_f1),
                     ("samples_f1", M.samples_f1), ("samples_jaccard", M.samples_jaccard)]:
         assert rep[key] == pytest.approx(fn(pred, targets, ignore)), key
+        assert rep["top3_" + key] == pytest.approx(fn(top3, targets, ignore)), key
     assert rep["top3_CP"] != pytest.approx(rep["CP"])
     assert (rep["num_samples"], rep["num_classes"]) == targets.shape
 

@@ -120,7 +120,7 @@ def detect_format(path: str | Path) -> str:
     path = _existing(path)
     if path.is_file():
         suffix = path.suffix.lower()
-        if suffix == ".csv":
+        if suffix in (".csv", ".tsv"):
             return _csv_kind(path)
         if suffix == ".json":
             return "coco"
