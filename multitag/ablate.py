@@ -156,6 +156,7 @@ def ablate(config: str | Config | None, data: str | None, vary: dict[str, list],
     out = Path(out) if out else Path("runs") / f"ablate-{base.recipe or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)
     log(f"ablation: {len(grid)} variants of {base.recipe or 'the config'} into {out}")
+    note_replaced_table(out, [v.name for v in grid], log)
     rows, rare, pinned = [], None, {}
     for i, (variant, cfg) in enumerate(zip(grid, configs)):
         run = out / variant.dirname
@@ -172,6 +173,19 @@ def ablate(config: str | Config | None, data: str | None, vary: dict[str, list],
         write_tables(out, rows, configs[0], rare, total=len(grid), common=list(overrides))
     log(f"ablation table: {out / TABLE_MD} and {out / TABLE_CSV}")
     return out
+
+
+def note_replaced_table(out: Path, names: list[str], log) -> None:
+    """Say when DIR's table is of another grid: it is rewritten for this one (the other grid's variant
+    folders stay, so running that grid again rebuilds its table without training)."""
+    if not (out / TABLE_CSV).exists():
+        return
+    with (out / TABLE_CSV).open(newline="") as f:
+        before = [row.get("variant", "") for row in csv.DictReader(f)]
+    dropped = [name for name in before if name not in names]
+    if dropped:
+        log(f"note: {out / TABLE_MD} listed other variants ({', '.join(dropped[:4])}{', ...' if len(dropped) > 4 else ''}); "
+            "it is rewritten for this grid, and their run folders stay")
 
 
 def is_complete(run: Path) -> bool:

@@ -94,6 +94,9 @@ def test_ablation_table_then_skip_then_resume(digits_csv, tmp_path, monkeypatch)
     monkeypatch.setattr(api, "train", lambda *a, **kw: calls.append(kw) or pytest.fail("should not train"))
     assert main(args) == 0                                        # everything finished: nothing trains
     assert calls == [] and list(csv.DictReader((out / TABLE_CSV).open())) == rows
+    logs = []                                                     # another grid in the same folder: said
+    ablate("demo", str(digits_csv), {"loss": ["bce"]}, FAST, out, log=logs.append)
+    assert any("listed other variants (train.loss=asl)" in line for line in logs) and calls == []
 
     monkeypatch.undo()
     meta_path = out / "train.loss=asl" / "model.json"             # as if killed after the last checkpoint
