@@ -124,8 +124,10 @@ def expand_variants(vary: dict[str, list], variants: dict[str, dict] | None = No
 def variant_config(base: Config, data: str | None, overrides, variant: Variant) -> Config:
     """The variant's full config: base, common overrides, the variant's own, then train.report=false.
     Every key is checked here (closest-name errors), before anything trains."""
-    common = {o.split("=", 1)[0].strip() for o in overrides}
-    clash = [o.split("=", 1)[0].strip() for o in variant.overrides if o.split("=", 1)[0].strip() in common]
+    def keys(items) -> list[str]:
+        return [item.split("=", 1)[0].strip() for item in items]
+
+    clash = [key for key in keys(variant.overrides) if key in keys(overrides)]
     if clash:         # which would win is a guess the table's "common overrides" line would then misstate
         raise UserError(f"variant {variant.name} sets {clash[0]}, which --set also sets for every variant; "
                         "drop one of the two")

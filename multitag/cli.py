@@ -474,7 +474,7 @@ def port_number(text: str) -> int:
     except ValueError:
         port = -1
     if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port; use a number from 1 to 65535")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port; use a number from 1 to 65535 (0: any free one)")
     return port
 
 

@@ -650,11 +650,10 @@ def finish(job: Job, state: TrainState) -> Path:
     monitor = monitor_name(t.multi_label)
     # The epoch is picked on val scored as it trained (bf16 autocast where chosen, as timm validates under
     # AMP); model.json's val metrics are fp32, as predict scores. Both are said where they differ.
-    fp32_value = meta["metrics"]["val"][monitor]
-    fp32 = (f"; {fp32_value:.4f} in fp32, as model.json and predict score"
-            if job.rt.precision != "fp32" and f"{fp32_value:.4f}" != f"{state.best_value:.4f}" else "")
-    job.log(f"best epoch {state.best_epoch} (val {monitor} {state.best_value:.4f}"
-            f"{' under ' + job.rt.precision + ' as trained' if fp32 else ''}{fp32}); run directory: {job.run}")
+    picked, fp32 = f"{state.best_value:.4f}", f"{meta['metrics']['val'][monitor]:.4f}"
+    if job.rt.precision != "fp32" and fp32 != picked:
+        picked += f" under {job.rt.precision} as trained; {fp32} in fp32, as model.json and predict score"
+    job.log(f"best epoch {state.best_epoch} (val {monitor} {picked}); run directory: {job.run}")
     return job.run
 
 

@@ -13,7 +13,6 @@ in one resampling (no offset, no stretching, nothing to un-letterbox).
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -25,6 +24,7 @@ from PIL import Image
 
 from multitag.data.decode import to_uint8_array
 from multitag.errors import UserError, did_you_mean
+from multitag.fileio import safe_name
 from multitag.inference import scores_from_logits
 from multitag.predict import Model, load
 
@@ -168,7 +168,7 @@ def gradcam(model: Model, image, class_name: str | None = None, method: str = "g
 def _default_png(image, class_name: str, folder: Path | None = None) -> Path:
     """<image name>.<class>.cam.png in ``folder`` (default: the current one), the class made file-name safe."""
     stem = Path(image).stem if isinstance(image, (str, Path)) else "image"
-    return (folder or Path.cwd()) / f"{stem}.{re.sub(r'[^A-Za-z0-9_.-]+', '_', class_name)}.cam.png"
+    return (folder or Path.cwd()) / f"{stem}.{safe_name(class_name)}.cam.png"
 
 
 def _out_folder(out) -> Path | None:

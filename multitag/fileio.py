@@ -6,6 +6,7 @@ import fcntl
 import json
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -110,6 +111,11 @@ def disk_full_error(path: str | Path) -> DiskFullError:
 def not_writable_error(path: str | Path, reason: str,
                        fix: str = "choose a location you can write to or change its permissions") -> NotWritableError:
     return NotWritableError(f"cannot write {path}: {reason}; {fix}")
+
+
+def safe_name(text: str) -> str:
+    """``text`` as a file name part: runs of characters other than letters, digits, ``_ . -`` become ``_``."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
 
 
 def _reason(e: OSError) -> str:

@@ -11,7 +11,6 @@ positives and negatives, Grad-CAM overlays.
 from __future__ import annotations
 
 import html
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from multitag.data.decode import decode_image
 from multitag.data.prepare import PreparedData
 from multitag.evaluation import Scored, prepare_for, score_run
 from multitag.explain import explain_images
-from multitag.fileio import check_writable, read_jsonl
+from multitag.fileio import check_writable, read_jsonl, safe_name
 from multitag.metrics import binarize, counts, rank_by_class
 from multitag.predict import Model, load
 from multitag.summary import SET_METRICS
@@ -422,11 +421,11 @@ def report_folder(run_dir, data: str | None = None) -> Path:
         own = ""
     if own and Path(data).resolve() == Path(own).resolve():
         return run_dir / REPORT_DIR
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(data).resolve().name) or "data"
+    name = safe_name(Path(data).resolve().name) or "data"
     return run_dir / f"{REPORT_DIR}-{name}"
 
 
-def _report_folder(out: Path) -> Path:
+def _emptied_of_figures(out: Path) -> Path:
     """``out`` created, emptied of figures of an earlier report."""
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.png"):
@@ -455,7 +454,7 @@ def write_report(run_dir, data: str | None = None, split: str = "test", log=prin
         _, notes = choose_split(scored.prepared, scored.split, scored.model.meta.get("thresholds") is not None)
     model, prepared, split, rows, scores, result = (scored.model, scored.prepared, scored.split, scored.rows,
                                                     scored.scores, scored.result)
-    d = ReportData(model, prepared, split, rows, scores, result, _report_folder(folder), notes)
+    d = ReportData(model, prepared, split, rows, scores, result, _emptied_of_figures(folder), notes)
 
     sections = [(a, title, body) for a, title, build in SECTIONS if (body := build(d)) is not None]
     index = d.out / "index.html"

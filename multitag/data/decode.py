@@ -267,15 +267,16 @@ def _pil_errors(name: str):
 def _load_pil(image: Image.Image) -> None:
     """Load a PIL image handed in by a user (a no-op once loaded): a closed one (PIL: a bare
     AssertionError or "Operation on closed image") is a UserError, a truncated file a BadImageError."""
+    name = getattr(image, "filename", "") or "<PIL image>"
     try:
         image.load()
     except (AssertionError, ValueError) as e:
         if isinstance(e, ValueError) and "closed" not in str(e):
-            raise BadImageError(getattr(image, "filename", "") or "<PIL image>", str(e)) from None
+            raise BadImageError(name, str(e)) from None
         raise UserError("the PIL image is closed (its `with Image.open(...)` block ended, or .close() was "
                         "called, before it was used); use it inside the block, or pass .copy() of it") from None
     except _PIL_BROKEN as e:
-        raise BadImageError(getattr(image, "filename", "") or "<PIL image>", str(e) or type(e).__name__) from None
+        raise BadImageError(name, str(e) or type(e).__name__) from None
 
 
 def _pil_to_tensor(im: Image.Image) -> torch.Tensor:

@@ -460,7 +460,7 @@ def read_folder(path: str | Path, *, image_root: str | None = None, classes: lis
             raise UserError(f"{class_dir} contains no images ({', '.join(sorted(IMAGE_EXTENSIONS))}), and no "
                             "other split has that class; add images or remove the folder")
     if len(found) == 1 and classes is None:
-        _one_class_error(root, next(iter(found)))
+        raise _one_class_error(root, next(iter(found)))
     table = _build_table(rows, fmt="folder", path=root, bases=[], classes=classes,
                          on_missing=on_missing, multi_label=False)
     if len(have) > 1:              # split folders: say which lack a class, so empty per-class metrics are no surprise
@@ -469,13 +469,13 @@ def read_folder(path: str | Path, *, image_root: str | None = None, classes: lis
     return table
 
 
-def _one_class_error(root: Path, name: str) -> None:
+def _one_class_error(root: Path, name: str) -> UserError:
     """A single-label dataset of one class trains to a constant (loss 0, accuracy 1): refused, with the
     likely cause (--data one folder level too high) named."""
     inner = root / name
     nested = f"; if {inner} holds one folder per class, pass --data {inner}" if _subdirs(inner) else ""
-    raise UserError(f"{root} has one class folder ({inner.name}), and a single-label model needs at least two "
-                    f"classes{nested}")
+    return UserError(f"{root} has one class folder ({inner.name}), and a single-label model needs at least two "
+                     f"classes{nested}")
 
 
 def _folder_layout(root: Path) -> list[tuple[str | None, Path]]:
