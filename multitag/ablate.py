@@ -297,7 +297,10 @@ def variant_row(variant: Variant, run: Path, diverged: bool, rare: list[tuple[st
     from multitag.report import read_history
 
     epochs = read_history(run)
-    row.update(best_epoch="", epochs=len(epochs), train_seconds=round(sum(e["seconds"] for e in epochs), 1))
+    # Steps, not epochs, are the budget that oversampling changes; runs of older versions lack them.
+    steps = [e.get("steps") for e in epochs]
+    row.update(best_epoch="", epochs=len(epochs), steps=sum(steps) if None not in steps else "",
+               train_seconds=round(sum(e["seconds"] for e in epochs), 1))
     if diverged:
         return row
     split, m = variant_metrics(run, log)
@@ -340,17 +343,18 @@ def write_tables(out: Path, rows: list[dict], cfg: Config, rare: list[tuple[str,
               "test split for unbiased numbers)" if splits == {"val"} else f"splits {sorted(splits)}")
     epochs = sum(s.epochs for s in resolve_stages(cfg))
     header = ["variant", *(title for _, title in METRICS), *(f"F1 {n} ({c})" for n, c in rare),
-              "best epoch", "train time"]
+              "best epoch", "steps", "train time"]
     about = (f"{len(rows)} of {total} variants; seed {cfg.train.seed}, {epochs} epoch{'s' * (epochs != 1)} each. "
              f"Metrics in % on {scored}; F1 columns at the calibrated thresholds except micro-F1 @0.5; mAP is "
              f"threshold-free. F1 per class for the {len(rare)} rarest classes (training positives in brackets). "
              f"Common overrides: {' '.join(c for c in common if c != 'train.report=false') or 'none'}; "
-             "train.report=false. Variants of one model and batch size train on the runtime measured for the first.")
+             "train.report=false. Variants of one model and batch size train on the runtime measured for the first. "
+             "Steps are optimizer steps: oversampled variants take more per epoch.")
     lines = [f"# Ablation: {cfg.recipe or 'config'} on {cfg.data.path}", "", about, "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [r["variant"] + (" (diverged)" if r["status"] == "diverged" else ""),
                  *(_pct(r[key]) for key, _ in METRICS), *(_pct(r[f"f1_{n}"]) for n, _ in rare),
-                 str(r["best_epoch"]), _duration(r["train_seconds"])]
+                 str(r["best_epoch"]), str(r["steps"] or "—"), _duration(r["train_seconds"])]
         lines.append("| " + " | ".join(cells) + " |")
     atomic_write_text(out / TABLE_MD, "\n".join(lines) + "\n")

@@ -577,7 +577,7 @@ def run_stage(job: Job, stages: list[StageConfig], state: TrainState, saved: dic
         seconds = time.perf_counter() - start
         row = {"epoch": epoch + 1, "stage": stage.name, "train_loss": train_loss,
                **({"val_loss": val["loss"], f"val_{monitor}": value} if has_val else {}),
-               "lr": lr, "seconds": seconds,
+               "lr": lr, "seconds": seconds, "steps": len(job.train_loader),     # optimizer steps
                "train_img_per_s": len(job.train_loader) * job.train_loader.batch_size / train_seconds}
         if cfg.train.track_test and not stage.cache_features:     # benchmarks: logged, never selects
             row.update(test_score(job, scored, monitor))

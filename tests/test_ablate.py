@@ -85,6 +85,8 @@ def test_ablation_table_then_skip_then_resume(digits_csv, tmp_path, monkeypatch)
         assert r["split"] == "test" and r["status"] == "ok" and r["epochs"] == "1"
         assert all(0 <= float(r[k]) <= 1 for k in ("mAP", "micro_f1", "macro_f1", "CF1", *rare))
         assert float(r["train_seconds"]) > 0
+        n_train = sum(s["split"] == "train" for s in csv.DictReader((out / r["variant"] / "split.csv").open()))
+        assert int(r["steps"]) in (n_train // 32, -(-n_train // 32))     # one epoch of batches of 32
     md = (out / TABLE_MD).read_text()
     assert "| train.loss=asl |" in md and "test split at thresholds calibrated on val" in md
     config = json.loads((out / "train.loss=asl" / "model.json").read_text())["recipe"]
