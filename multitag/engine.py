@@ -37,7 +37,7 @@ from multitag.finetune import (FeatureTable, apply_freeze, check_feature_cache, 
                                head_inputs, param_groups, resolve_stages)
 from multitag.inference import logits_of, scores_from_logits
 from multitag.lookahead import Lookahead
-from multitag.losses import MAX_POS_WEIGHT, build_loss, loss_count, training_loss
+from multitag.losses import build_loss, describe_pos_weight, loss_count, training_loss
 from multitag.models import build_model, count_parameters, get_spec
 from multitag.models.registry import check_input_size
 from multitag.models.weights import init_from_file
@@ -153,14 +153,6 @@ def onecycle_pct_start(pct_start: float, total: int) -> float:
     if pct_start * total != 1:
         return pct_start
     return 2 / total if total > 2 else 0.0
-
-
-def describe_pos_weight(class_names: list[str], pos_weight: torch.Tensor) -> str:
-    """One line of the balanced class weights, largest first (all of them up to 12 classes)."""
-    pairs = sorted(zip(pos_weight.tolist(), class_names), reverse=True)
-    shown = pairs if len(pairs) <= 12 else pairs[:6] + [(None, "...")] + pairs[-3:]
-    return f"class weights (balanced pos_weight = negatives / positives, clipped to [1, {MAX_POS_WEIGHT:g}]): " + ", ".join(
-        name if w is None else f"{name} {w:.1f}" for w, name in shown)
 
 
 def make_loaders(cfg: Config, data: PreparedData, log=print) -> tuple[BatchLoader, BatchLoader]:

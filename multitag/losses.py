@@ -140,6 +140,14 @@ def balanced_pos_weight(targets, ignore) -> torch.Tensor:
     return (neg / pos.clamp(min=1)).clamp(1.0, MAX_POS_WEIGHT)
 
 
+def describe_pos_weight(class_names: list[str], pos_weight: torch.Tensor) -> str:
+    """One line of the balanced class weights, largest first (all of them up to 12 classes)."""
+    pairs = sorted(zip(pos_weight.tolist(), class_names), reverse=True)
+    shown = pairs if len(pairs) <= 12 else pairs[:6] + [(None, "...")] + pairs[-3:]
+    return f"class weights (balanced pos_weight = negatives / positives, clipped to [1, {MAX_POS_WEIGHT:g}]): " + ", ".join(
+        name if w is None else f"{name} {w:.1f}" for w, name in shown)
+
+
 def check_loss_name(name: str) -> None:
     if name not in LOSSES:
         raise UserError(f'unknown train.loss "{name}"{did_you_mean(name, LOSSES)}.')
