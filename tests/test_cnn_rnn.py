@@ -258,3 +258,11 @@ def test_trains_through_the_engine_and_reloads_with_the_same_scores(digits_csv, 
     (row,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert row["val_loss"] == pytest.approx(expected_loss, rel=1e-5)
     assert net.sequence_loss(x, torch.zeros(len(x), 10), torch.zeros(len(x), 10, dtype=torch.bool)).item() > 0
+
+
+def test_pretrained_backbone_load_says_its_head_is_dropped_not_replaced(capsys):
+    """The decoder replaces the backbone's classifier; the weight load must not announce a 1-class head."""
+    model = build_model("cnn_rnn", 4, label_counts=[1, 2, 3, 4])
+    out = capsys.readouterr().out
+    assert "pretrained head dropped (the model uses the features only)" in out and "new head" not in out
+    assert not any(k.startswith("backbone.classifier") for k in model.state_dict())

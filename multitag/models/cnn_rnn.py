@@ -289,10 +289,14 @@ class CNNRNN(nn.Module):
         self.max_len = max_len or num_classes                  # most labels one image can get
         # the emission order used for training targets; rebuilt from model.json's label_counts on load
         self.register_buffer("order", label_order(label_counts or [0] * num_classes, order), persistent=False)
-        self.backbone = build_model(backbone, 1, pretrained=pretrained, **(backbone_args or {}))
-        if hasattr(self.backbone, "reset_classifier"):        # timm: drop the unused 1-class head
+        # The decoder replaces the backbone's classifier. Builders with packaged weights are timm models,
+        # which take 0 classes for "no head" (so the weight load says so); others get a placeholder head.
+        spec = get_spec(backbone)
+        self.backbone = build_model(backbone, 0 if spec.pretrained else 1, pretrained=pretrained,
+                                    **(backbone_args or {}))
+        if hasattr(self.backbone, "reset_classifier"):        # timm: drop the unused placeholder head
             self.backbone.reset_classifier(0)
-        num_features = self._pooled_size(get_spec(backbone).default_size)
+        num_features = self._pooled_size(spec.default_size)
         self.decoder = LabelDecoder(num_classes, num_features, embed_dim, hidden, rnn, drop_rate)
 
     def _pooled_size(self, size: int) -> int:

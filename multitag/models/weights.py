@@ -176,8 +176,10 @@ def load_pretrained(model: nn.Module, state: Mapping[str, torch.Tensor], *, key_
     model.load_state_dict({k: state[k] for k in report.loaded}, strict=False)
     report.new_head = bool(head_problems)
     if report.new_head and log is not None:
-        log(f"{source}: loaded {len(report.loaded)} tensors; new head for "
-            f"{_num_classes(model, heads)} classes (pretrained head dropped)")
+        n = _num_classes(model, heads)
+        log(f"{source}: loaded {len(report.loaded)} tensors; "
+            + ("pretrained head dropped (the model uses the features only)" if n == 0 else
+               f"new head for {n} classes (pretrained head dropped)"))
     return report
 
 
