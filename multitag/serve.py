@@ -1,6 +1,6 @@
 """HTTP prediction service: ``multitag serve RUN_DIR`` or ``create_app(run_dir)`` for any ASGI server.
 
-Endpoints (OpenAPI docs at /docs, schema at /openapi.json):
+Endpoints (OpenAPI docs at /docs and /redoc, which work offline; schema at /openapi.json):
 
     POST /predict   multipart field ``file`` (one image) and/or ``files`` (a batch; every part
                     of either field counts, so a repeated ``file`` is a batch too);
@@ -39,10 +39,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import FastAPI, File, Query, Request, UploadFile
+from fastapi import File, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from starlette.datastructures import UploadFile as StarletteUpload
 from starlette.exceptions import HTTPException
 
@@ -180,7 +181,8 @@ def create_app(run_dir_or_model, *, max_bytes: int = DEFAULT_MAX_BYTES, max_pixe
     meta = getattr(model, "meta", {}) or {}
     model_name = (meta.get("model") or {}).get("name", "unknown")
 
-    app = FastAPI(title="multitag", version=str(meta.get("multitag_version", "0")),
+    # FastAPIOffline: FastAPI with /docs and /redoc pages whose scripts it serves itself (offline too)
+    app = FastAPIOffline(title="multitag", version=str(meta.get("multitag_version", "0")),
                   description=f"Image tagging with `{model_name}` from run `{run_name}`. Errors are `{{\"error\": ...}}`.")
     app.add_middleware(BodySizeLimit, max_bytes=max_bytes)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 # Idle OpenMP threads must sleep, not spin: several torch/onnxruntime pools live in one test process
@@ -12,6 +13,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+CHROMEDRIVER = "/usr/bin/chromedriver"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -101,3 +103,25 @@ def tiny_cifar(tmp_path_factory):
                 pixels[..., c] += 120
                 Image.fromarray(pixels).save(folder / f"{i}.png")
     return root
+
+
+@pytest.fixture()
+def browser(tmp_path):
+    """Debian's headless Chromium through its own chromedriver (selenium-manager never downloads one)."""
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        pytest.skip("needs Debian chromium and chromium-driver (apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1280,1000",
+                 f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=shutil.which("chromedriver") or CHROMEDRIVER),
+                              options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()

@@ -1,6 +1,5 @@
 """The Streamlit app: simulated with streamlit.testing (upload, slider), then once in real headless Chromium."""
 import io
-import shutil
 import socket
 import struct
 import subprocess
@@ -14,7 +13,6 @@ from streamlit.testing.v1 import AppTest
 
 from multitag import app
 
-CHROMEDRIVER = "/usr/bin/chromedriver"
 
 
 @pytest.fixture(scope="module")
@@ -155,28 +153,6 @@ def test_sigterm_to_multitag_app_stops_its_streamlit_server(tiny_run):
             os.killpg(proc.pid, signal.SIGKILL)            # an orphaned server, if the test failed
         except ProcessLookupError:
             pass
-
-
-@pytest.fixture()
-def browser(tmp_path):
-    """Debian's headless Chromium through its own chromedriver (selenium-manager never downloads one)."""
-    if not (shutil.which("chromium") and shutil.which("chromedriver")):
-        pytest.skip("needs Debian chromium and chromium-driver (apt-get install chromium chromium-driver)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium")
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1280,1000",
-                 f"--user-data-dir={tmp_path / 'chromium-profile'}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(executable_path=shutil.which("chromedriver") or CHROMEDRIVER),
-                              options=options)
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 def test_real_browser_renders_the_app_and_a_prediction(streamlit_server, browser, image_paths, tmp_path):

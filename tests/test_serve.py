@@ -1,5 +1,6 @@
 """The HTTP service on a tiny trained run: happy paths, every kind of bad input, concurrency, a real server."""
 import io
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -217,3 +218,26 @@ def test_real_server_over_http(live_server, image_paths, tiny_model):
     r = httpx.post(f"{live_server}/predict", files=one(image_paths[0]), timeout=30)
     assert r.status_code == 200
     assert r.json()["predictions"][0]["labels"] == tiny_model.predict([image_paths[0]])[0].labels
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_docs_pages_load_their_scripts_from_the_service_itself(client, page):
+    """The docs must work offline: every script and stylesheet they load is served by the app."""
+    html = client.get(page).text
+    assets = re.findall(r'(?:src|href)="([^"]+)"', html)
+    assert assets and all(a.startswith("/") for a in assets), assets
+    for asset in assets:
+        r = client.get(asset)
+        assert r.status_code == 200 and len(r.content) > 500, asset
+
+
+def test_real_browser_renders_the_docs_offline(live_server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(f"{live_server}/docs")
+    wait = WebDriverWait(browser, 60)
+    wait.until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, ".swagger-ui .info .title"), "multitag"))
+    paths = {e.text for e in browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")}
+    assert {"/predict", "/labels", "/health"} <= paths
