@@ -208,3 +208,19 @@ def test_a_closed_or_truncated_pil_image_is_one_sentence(tmp_path):
     (tmp_path / "cut.png").write_bytes((tmp_path / "a.png").read_bytes()[:60])
     with pytest.raises(BadImageError, match="cut.png"):
         to_uint8_array(Image.open(tmp_path / "cut.png"))
+
+
+def test_a_text_mode_file_is_one_clear_error(tmp_path):
+    path = tmp_path / "a.png"
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(path)
+    with open(path) as text, pytest.raises(UserError, match=r"a.png is open in text mode.*'rb'"):
+        to_uint8_array(text)
+    with open(path, "rb") as binary:
+        assert to_uint8_array(binary).shape == (3, 8, 8)
+
+
+def test_premultiplied_alpha_modes_decode_like_their_straight_alpha_forms():
+    straight = Image.new("LA", (4, 4), (100, 255))
+    assert torch.equal(to_uint8_array(straight.convert("La")), to_uint8_array(straight))
+    rgba = Image.new("RGBA", (4, 4), (10, 20, 30, 255))
+    assert torch.equal(to_uint8_array(rgba.convert("RGBa")), to_uint8_array(rgba))

@@ -286,8 +286,10 @@ def _pil_to_tensor(im: Image.Image) -> torch.Tensor:
         # 16-bit grayscale (PIL's convert would clip at 255 instead of scaling).
         gray = _u16_to_u8(torch.from_numpy(np.asarray(im).astype(np.int32)))  # (H, W)
         return gray[..., None].expand(-1, -1, 3).contiguous().permute(2, 0, 1)
+    if im.mode == "La":
+        im = im.convert("LA")   # premultiplied alpha: PIL converts it to LA only
     if im.mode != "RGB":
-        im = im.convert("RGB")  # L, 1, P, PA, LA, RGBA, CMYK, YCbCr, F ...
+        im = im.convert("RGB")  # L, 1, P, PA, LA, RGBA, RGBa, CMYK, YCbCr, F ...
     return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)  # (H, W, 3) memory
 
 
@@ -308,6 +310,9 @@ def to_uint8_array(image: ImageLike) -> torch.Tensor:
     if isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview)):
         return decode_image(image)
     if callable(getattr(image, "read", None)):     # an open binary file or BytesIO (an upload), read once
+        if isinstance(image, io.TextIOBase):
+            raise UserError(f"{getattr(image, 'name', 'the file')} is open in text mode; "
+                            "open the file in binary mode ('rb').")
         data = image.read()
         if not isinstance(data, (bytes, bytearray)):
             raise UserError(f"the {type(image).__name__} gave {type(data).__name__}, not bytes; "
