@@ -56,6 +56,7 @@ from multitag.errors import UserError
 from multitag.layer_tweaks import available_tweaks
 from multitag.models import build_model, count_parameters
 from multitag.models.resnet_stem import relu_before_pool
+from multitag.models.registry import configured_args
 from multitag.progress import track
 from multitag.runtime import Runtime, candidates, choose_device, choose_runtime, describe_cpu
 
@@ -468,7 +469,7 @@ def run_bench(opts: BenchOptions, log=print) -> dict:
         t = data.table
         train_loader, _ = make_loaders(cfg, data, log=lambda *a: None)
         torch.manual_seed(cfg.train.seed)
-        model = build_model(cfg.model.name, t.num_classes, pretrained=False, **cfg.model.args)
+        model = build_model(cfg.model.name, t.num_classes, **configured_args(cfg.model.name, cfg.model.args, False))
         rows = train_loader.rows
         loss_fn = build_loss(cfg.train, t.multi_label, t.targets[rows], t.ignore[rows])
         example = next(first_batches(train_loader, 1).iterate()).images

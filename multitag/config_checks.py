@@ -63,13 +63,13 @@ def _check_freeze_patterns(cfg: Config) -> None:
     """Name patterns (other than "backbone") match parameters of the model: checked on an untrained
     copy with two classes (the names do not depend on the class count), not minutes later."""
     from multitag.finetune import BACKBONE, frozen_names
-    from multitag.models.registry import build_model
+    from multitag.models.registry import build_model, configured_args
 
     patterns = [(i, p) for i, s in enumerate(cfg.stages) for p in s.freeze if p != BACKBONE]
     if not patterns:
         return
     args = {k: v for k, v in cfg.model.args.items() if k != "label_counts"}
-    model = build_model(cfg.model.name, 2, pretrained=False, **args)
+    model = build_model(cfg.model.name, 2, **configured_args(cfg.model.name, args, False))
     for i, pattern in patterns:
         try:
             frozen_names(model, [pattern])

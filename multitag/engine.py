@@ -39,7 +39,7 @@ from multitag.inference import logits_of, scores_from_logits
 from multitag.lookahead import Lookahead
 from multitag.losses import build_loss, describe_pos_weight, loss_count, training_loss
 from multitag.models import build_model, count_parameters, get_spec
-from multitag.models.registry import check_input_size
+from multitag.models.registry import check_input_size, configured_args
 from multitag.models.weights import init_from_file
 from multitag.progress import track
 from multitag.summary import evaluate_scores, monitor_name
@@ -433,7 +433,8 @@ def setup_job(cfg: Config, run: Path, saved: dict | None, log, pinned: dict | No
         rows = train_loader.rows
         args["label_counts"] = ((t.targets[rows] > 0.5) & ~t.ignore[rows]).sum(0).astype(int).tolist()
         cfg.model.args = args
-    model = build_model(cfg.model.name, t.num_classes, pretrained=not cfg.model.weights, **args)
+    model = build_model(cfg.model.name, t.num_classes,
+                        **configured_args(cfg.model.name, args, pretrained=not cfg.model.weights))
     check_input_size(model, cfg.model.name, cfg.data.image_size)
     if cfg.model.weights:
         init_from_file(model, cfg.model.name, cfg.model.weights, log=log)

@@ -32,6 +32,7 @@ from multitag.data.transforms import normalize
 from multitag.errors import UserError, did_you_mean
 from multitag.inference import logits_of, scores_from_logits
 from multitag.models import build_model
+from multitag.models.registry import configured_args
 from multitag.progress import track
 from multitag.runtime import Runtime, choose_device
 
@@ -327,7 +328,7 @@ class Model:
         """model.json's architecture with model.safetensors' weights; a mismatch is a UserError."""
         spec, weights = self.meta["model"], self.run_dir / MODEL_WEIGHTS
         try:
-            net = build_model(spec["name"], len(self.class_names), pretrained=False, **spec["args"])
+            net = build_model(spec["name"], len(self.class_names), **configured_args(spec["name"], spec["args"], False))
         except (UserError, ValueError) as e:   # unknown name or args; ValueError: a constructor refusing a value
             raise UserError(f"{self.run_dir / MODEL_META} describes a model that cannot be built: {e}") from None
         state = load_tensors(weights)

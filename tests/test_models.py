@@ -78,3 +78,31 @@ def test_an_image_size_too_small_for_the_model_names_the_smallest_that_works():
     with pytest.raises(UserError, match=r"simple_cnn cannot take 4×4 images.*data.image_size=8 or more"):
         check_input_size(model, "simple_cnn", 4)
     assert model.training                               # the probe leaves the mode as it was
+
+
+def test_model_args_pretrained_is_honoured_and_never_downloads(capsys):
+    """timm's spelling, model.args.pretrained, was passed twice to the builder (a TypeError)."""
+    from multitag.models.registry import configured_args
+
+    build_model("efficientnet_lite0", 3, **configured_args("efficientnet_lite0", {"pretrained": False}, True))
+    assert "ImageNet weights" not in capsys.readouterr().out          # false: no packaged weights
+    build_model("efficientnet_lite0", 3, **configured_args("efficientnet_lite0", {"pretrained": True}, True))
+    assert "ImageNet weights" in capsys.readouterr().out
+    assert configured_args("efficientnet_lite0", {"pretrained": True}, False)["pretrained"] is False   # a file wins
+    assert configured_args("timm/resnet18", {"pretrained": False, "drop_rate": 0.1}, True) == {
+        "pretrained": False, "drop_rate": 0.1}
+    with pytest.raises(UserError, match="no packaged pretrained weights.*model.weights=FILE"):
+        configured_args("timm/resnet18", {"pretrained": True}, True)
+    with pytest.raises(UserError, match="true or false"):
+        configured_args("timm/resnet18", {"pretrained": "yes"}, True)
+
+
+def test_train_takes_model_args_pretrained(digits_csv, tmp_path):
+    from multitag.api import train
+
+    run = train("demo", data=str(digits_csv), out=tmp_path / "r", log=lambda *a: None,
+                overrides=["model.name=timm/resnet18", "model.args.pretrained=false", "data.image_size=32",
+                           "train.epochs=1", "train.precision=fp32", "train.channels_last=false", "train.report=false"])
+    from multitag.predict import load
+
+    assert load(run).predict([torch.zeros(3, 32, 32, dtype=torch.uint8)])[0].scores     # reloads too

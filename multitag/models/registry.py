@@ -66,6 +66,22 @@ def build_model(name: str, num_classes: int, *, pretrained: bool = True, **args)
         raise UserError(f'model "{name}" does not accept these model.args ({e}); check the spelling.') from None
 
 
+def configured_args(name: str, args: dict, pretrained: bool) -> dict:
+    """``model.args`` as build_model's keywords, with ``pretrained`` = the caller's choice AND the user's
+    ``model.args.pretrained`` (timm's spelling) where given: false skips packaged weights, true is
+    refused for a model that has none, since nothing is ever downloaded."""
+    args = dict(args)
+    if "pretrained" not in args:
+        return {**args, "pretrained": pretrained}
+    asked = args.pop("pretrained")
+    if asked not in (True, False):
+        raise UserError(f"model.args.pretrained must be true or false, not {asked!r}.")
+    if asked and not get_spec(name).pretrained:
+        raise UserError(f'model "{name}" has no packaged pretrained weights and nothing is downloaded; '
+                        "give a local weights file with --set model.weights=FILE.")
+    return {**args, "pretrained": pretrained and asked}
+
+
 def check_input_size(model: nn.Module, name: str, size: int) -> None:
     """A UserError, with the smallest size that works, when ``model`` cannot take size×size images
     (its strides and pools leave less than a pixel: torch says "Output size is too small" from deep
