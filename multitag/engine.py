@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import json
 import math
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -364,6 +365,11 @@ def _fit(cfg: Config, run: Path, resume: bool, overwrite: bool, log, runtime: di
         torch.set_num_threads(cfg.train.threads)
     saved = read_checkpoint_meta(run) if main and resume else None
     saved = distributed.broadcast_object(saved)
+    if resume and main:
+        remove_write_leftovers(run, log)
+        if saved is None:          # killed before its first checkpoint: epoch 1 again, its old line dropped
+            _truncate_metrics(run / METRICS_FILE, 0)
+            log(f"{run} has no checkpoint yet: training from epoch 1")
 
     job = setup_job(cfg, run, saved, log, runtime)
     state = TrainState(**saved["state"]) if saved else TrainState()
@@ -694,6 +700,20 @@ def _save_checkpoint(run: Path, model, optimizer, scheduler, state: TrainState, 
     }
     save_tensors(run / TRAIN_STATE, tensors, meta)     # the commit point: tensors and state in one file
     write_json(run / TRAIN_META, meta)                 # a readable copy; --resume never trusts it alone
+
+
+# Temporary files of writes cut short by a kill: fileio.atomic_write's ".NAME.XXXX.tmp" and the
+# ".tmpXXXXXX" that safetensors' writer (Rust's tempfile crate) renames into place.
+_LEFTOVER = re.compile(r"\.tmp[A-Za-z0-9]{6}|\..+\.[A-Za-z0-9_]+\.tmp")
+
+
+def remove_write_leftovers(run: Path, log) -> None:
+    """Delete temporary files that killed writes left in RUN (each can be a full copy of the weights)."""
+    leftovers = [p for p in run.iterdir() if p.is_file() and _LEFTOVER.fullmatch(p.name)]
+    for path in leftovers:
+        path.unlink()
+    if leftovers:
+        log(f"removed {len(leftovers)} temporary file(s) of writes a kill cut short")
 
 
 def _truncate_metrics(path: Path, epochs_done: int) -> None:

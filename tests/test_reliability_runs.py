@@ -335,3 +335,25 @@ def test_ctrl_c_without_out_points_at_the_logged_run_directory(digits_csv, tmp_p
     [run_dir] = list((tmp_path / "runs").iterdir())
     assert f"run directory: runs/{run_dir.name}" in captured.out
     assert "continue with `multitag train --resume RUN_DIR`" in captured.err.splitlines()[-1]
+
+
+def test_a_kill_before_the_first_checkpoint_resumes_from_epoch_one_with_one_line_each(digits_csv, tmp_path,
+                                                                                      monkeypatch):
+    """Killed between epoch 1's metrics line and its checkpoint: the old line went twice into the history."""
+    run = tmp_path / "run"
+
+    def killed(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "_save_checkpoint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train("demo", data=str(digits_csv), out=run, overrides=THREE_EPOCHS, log=lambda *a: None)
+    monkeypatch.undo()
+    assert [r["epoch"] for r in metrics_of(run)] == [1] and not (run / TRAIN_STATE).exists()
+    (run / ".tmpAb12Cd").write_bytes(b"x" * 100)                # what killed weight writes leave
+    (run / ".model.safetensors.k3j_x9.tmp").write_bytes(b"")
+    logs = []
+    train(resume=run, log=logs.append)
+    assert [r["epoch"] for r in metrics_of(run)] == [1, 2, 3]
+    assert not any(p.name.startswith(".") for p in run.iterdir())
+    assert any("no checkpoint yet" in line for line in logs) and any("removed 2 temporary" in line for line in logs)
