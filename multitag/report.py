@@ -421,7 +421,10 @@ def report_folder(run_dir, data: str | None = None) -> Path:
         own = ""
     if own and Path(data).resolve() == Path(own).resolve():
         return run_dir / REPORT_DIR
-    name = safe_name(Path(data).resolve().name) or "data"
+    # A file is named with its folder: annotation files share names (labels.csv), and two datasets'
+    # reports must not land in one folder, the second replacing the first.
+    path = Path(data).resolve()
+    name = safe_name(f"{path.parent.name}-{path.name}" if path.is_file() else path.name) or "data"
     return run_dir / f"{REPORT_DIR}-{name}"
 
 

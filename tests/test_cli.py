@@ -179,8 +179,13 @@ def test_eval_on_other_data_writes_its_own_report_and_keeps_the_runs(tiny_run, d
         for r in csv.DictReader(open(digits_csv)):
             out.writerow([digits_csv.parent / r["image"], r["labels"], r["split"]])
     result = run_json(capsys, "eval", str(run), "--data", str(tmp_path / "other.csv"))
-    assert result["report"] == str(run / "report-other.csv" / "index.html")
+    assert result["report"] == str(run / f"report-{tmp_path.name}-other.csv" / "index.html")
     assert (run / "report" / "index.html").read_text() == own
+    (tmp_path / "second").mkdir()              # another dataset whose file has the same name: its own folder
+    shutil.copy(tmp_path / "other.csv", tmp_path / "second" / "other.csv")
+    second = run_json(capsys, "eval", str(run), "--data", str(tmp_path / "second" / "other.csv"))["report"]
+    assert second == str(run / "report-second-other.csv" / "index.html")
+    assert (run / f"report-{tmp_path.name}-other.csv" / "index.html").exists()
     assert run_json(capsys, "eval", str(run), "--data", str(digits_csv))["report"] == str(run / "report" / "index.html")
 
 
