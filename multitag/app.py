@@ -58,6 +58,9 @@ def launch(run_dir: str | Path, port: int = 8501) -> int:
     """Run the app in a ``streamlit run`` subprocess until it exits (Ctrl-C); returns its exit code."""
     if not (Path(run_dir) / "model.json").is_file():
         raise UserError(f"{run_dir} has no model.json; point to a run directory made by `multitag train`.")
+    from multitag.serve import bound_socket
+
+    bound_socket("127.0.0.1", port).close()     # a busy port is one line here, not Streamlit's exit 0
     print(f"multitag app for {run_dir}: http://127.0.0.1:{port}")
     server = subprocess.Popen(streamlit_command(run_dir, port))
     # SIGTERM (kill, a service manager, timeout) reaches only this process: pass it on, or Streamlit would

@@ -96,9 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=port_number, default=8000)
-    p.add_argument("--max-mb", type=float, default=20, help="largest request body in MB (default 20)")
-    p.add_argument("--max-megapixels", type=float, default=40, help="largest image in megapixels (default 40)")
-    p.add_argument("--max-batch", type=int, default=32, help="most images per request (default 32)")
+    p.add_argument("--max-mb", type=positive(float), default=20, help="largest request body in MB (default 20)")
+    p.add_argument("--max-megapixels", type=positive(float), default=40,
+                   help="largest image in megapixels (default 40)")
+    p.add_argument("--max-batch", type=positive(int), default=32, help="most images per request (default 32)")
 
     p = sub.add_parser("app", help="Streamlit web app: upload images, see labels, scores and Grad-CAM")
     p.add_argument("run_dir")
@@ -425,7 +426,9 @@ def cmd_serve(args):
 def cmd_app(args):
     from multitag.app import launch
 
-    launch(args.run_dir, port=args.port)
+    code = launch(args.run_dir, port=args.port)
+    if code:
+        raise UserError(f"Streamlit stopped with exit status {code}; its own message is above.")
 
 
 HANDLERS = {"report": cmd_report, "explain": cmd_explain, "export": cmd_export, "serve": cmd_serve, "app": cmd_app,
@@ -465,6 +468,20 @@ def _rank_label() -> str:
     """" (rank 1 of 2)" in a process torchrun started among several, so each error says whose it is."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     return f" (rank {os.environ.get('RANK', '0')} of {size})" if size > 1 else ""
+
+
+def positive(kind):
+    """An argparse type: a number of ``kind`` above 0 (a limit of 0 would refuse every request)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value > 0:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__} above 0")
+        return value
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
 
 
 def port_number(text: str) -> int:

@@ -32,6 +32,7 @@ every core, so a micro-batching queue would add latency and code for little thro
 clients that want throughput send a batch in ``files``.
 """
 
+import socket
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -275,9 +276,25 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *, max
     """Load the run and serve it with uvicorn until interrupted (Ctrl-C)."""
     import uvicorn
 
+    sock = bound_socket(host, port)         # before the model loads: a busy port is one line, at once
+    port = sock.getsockname()[1]            # the real one for --port 0
     app = create_app(run_dir, max_bytes=max_bytes, max_pixels=max_pixels, max_batch=max_batch)
     print(f"serving {run_dir} on http://{host}:{port} (docs: http://{host}:{port}/docs)")
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
+
+
+def bound_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to (host, port), or a UserError naming a busy port or a bad host."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)    # as uvicorn does: restarts reuse the port
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port "
+                        "(0 picks a free one) or stop what uses it.") from None
+    return sock
 
 
 __all__ = ["Limits", "RejectedInput", "create_app", "decode_upload", "header_pixels", "parse_threshold", "serve"]

@@ -241,3 +241,39 @@ def test_real_browser_renders_the_docs_offline(live_server, browser):
     wait.until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, ".swagger-ui .info .title"), "multitag"))
     paths = {e.text for e in browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")}
     assert {"/predict", "/labels", "/health"} <= paths
+
+
+@pytest.mark.parametrize("command", ["serve", "app"])
+def test_a_busy_port_is_one_line_before_the_model_loads(tmp_path, capsys, command):
+    import socket
+
+    from multitag.cli import main
+
+    (tmp_path / "model.json").write_text("{}")          # the app checks for a run; nothing else is read
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main([command, str(tmp_path), "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"cannot listen on 127.0.0.1:{port}" in err[0] and "--port" in err[0]
+
+
+@pytest.mark.parametrize("flag", ["--max-batch=0", "--max-mb=-1", "--max-megapixels=0"])
+def test_serve_limits_must_be_above_zero(tmp_path, capsys, flag):
+    from multitag.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", str(tmp_path), flag])
+    assert exit_.value.code == 2 and "above 0" in capsys.readouterr().err
+
+
+def test_serve_port_zero_prints_the_real_port(tiny_model, monkeypatch, capsys):
+    import uvicorn
+
+    from multitag import serve as serve_module
+
+    ran = {}
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: ran.update(port=sockets[0].getsockname()[1]))
+    serve_module.serve(tiny_model.run_dir, port=0)
+    assert ran["port"] > 0 and f"http://127.0.0.1:{ran['port']} " in capsys.readouterr().out
