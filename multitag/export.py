@@ -39,6 +39,7 @@ import torch
 from multitag.checkpoint import MODEL_META, write_json
 from multitag.fileio import atomic_write
 from multitag.errors import UserError, did_you_mean
+from multitag.models.registry import get_spec
 from multitag.predict import ONNX_INT8_MODEL, ONNX_MODEL, Model, OnnxBackend, load, weights_digest
 
 OPSET = 17
@@ -61,6 +62,10 @@ def export_onnx(run_dir: str | Path, int8: bool = False, log=print, data: str | 
     from multitag.evaluation import prepare_for
 
     model = load(run_dir, device="cpu", backend="torch")
+    name = model.meta["model"]["name"]
+    if not get_spec(name).exportable:       # said before any image is read
+        raise UserError(f"the {name} model cannot be exported to ONNX (its beam search is a loop of "
+                        "data-dependent length); use it with the torch backend.")
     prepared = prepare_for(model, data, log)
     if int8:
         int8_check_rows(prepared)       # refused now, not after model.onnx was written without its record

@@ -32,7 +32,7 @@ from multitag.data.transforms import normalize
 from multitag.errors import UserError, did_you_mean
 from multitag.inference import logits_of, scores_from_logits
 from multitag.models import build_model
-from multitag.models.registry import configured_args
+from multitag.models.registry import configured_args, get_spec
 from multitag.progress import track
 from multitag.runtime import Runtime, choose_device
 
@@ -292,6 +292,9 @@ class Model:
     def _onnx_problem(self, backend: str) -> str | None:
         """Why model.onnx / model.int8.onnx cannot be used (missing, or exported from other weights
         than model.safetensors, e.g. before a resumed run improved them), or None."""
+        name = (self.meta.get("model") or {}).get("name", "")
+        if name and not get_spec(name).exportable:
+            return f"the {name} model cannot be exported to ONNX, so it runs on the torch backend only."
         path = self.run_dir / _ONNX_FILES[backend]
         redo = f"`multitag export {self.run_dir}{' --int8' if backend == 'onnx-int8' else ''}`"
         if not path.exists():

@@ -247,6 +247,13 @@ def test_trains_through_the_engine_and_reloads_with_the_same_scores(digits_csv, 
     assert [sorted(p.labels) for p in model.predict(images, threshold=0.5)] == decoded
     assert net.order.tolist() == label_order(args["label_counts"]).tolist()
     assert not math.isnan(meta["best_value"])
+    # no ONNX: export says so before reading any image, and asking for the onnx backend names the reason
+    from multitag.export import export_onnx
+
+    with pytest.raises(UserError, match="cnn_rnn model cannot be exported to ONNX"):
+        export_onnx(run, log=lambda *a: None)
+    with pytest.raises(UserError, match="torch backend only"):
+        load(run, device="cpu", backend="onnx")
 
     # val_loss is the objective train_loss measures (teacher-forced label sequences), on the val rows
     from multitag import engine

@@ -28,6 +28,7 @@ class ModelSpec:
     pretrained: bool = False     # the builder loads packaged pretrained weights unless pretrained=False
     wants_label_counts: bool = False  # the builder takes label_counts=[per-class training positives]
     own_loss: bool = False       # trains on its own objective (sequence_loss), not train.loss
+    exportable: bool = True      # ONNX can express it (the CNN-RNN's beam search cannot be traced)
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -177,7 +178,8 @@ for _v, _size in ((0, 224), (1, 240), (2, 260)):
 
 
 @register("cnn_rnn", "CNN-RNN (Wang et al. 2016): CNN + label LSTM emitting labels in frequency order, beam search",
-          224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), pretrained=True, wants_label_counts=True, own_loss=True)
+          224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), pretrained=True, wants_label_counts=True, own_loss=True,
+          exportable=False)
 def cnn_rnn(num_classes: int, **kw) -> nn.Module:
     # mean/std 0.5: what the default backbone (efficientnet_lite0) expects; set data.mean/std for others.
     from multitag.models.cnn_rnn import CNNRNN
