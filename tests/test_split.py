@@ -75,6 +75,12 @@ def test_one_image_is_an_error():
 def test_given_split_used_as_is():
     given = ["train"] * 6 + ["val"] * 2 + ["test"] * 2
     assert assign_split(multi_label_table(10, split=given)) == given
+    notes = []                      # fractions the data's own split overrules are said to do nothing
+    assert assign_split(multi_label_table(10, split=given), (0.5, 0.25, 0.25), log=notes.append) == given
+    assert len(notes) == 1 and "data.split_fractions is not used" in notes[0]
+    notes.clear()
+    assign_split(multi_label_table(10, split=given), log=notes.append)
+    assert notes == []
 
 
 def test_given_split_without_val_carves_val_from_train():

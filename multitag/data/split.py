@@ -37,7 +37,10 @@ from multitag.fileio import atomic_write
 Log = Callable[[str], None]
 
 
-def assign_split(table: LabelTable, fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
+DEFAULT_FRACTIONS = (0.7, 0.15, 0.15)
+
+
+def assign_split(table: LabelTable, fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
                  seed: int = 0, log: Log | None = None) -> list[str]:
     """One of "train"/"val"/"test" per row of ``table`` (see the module docstring for the rules).
 
@@ -47,6 +50,9 @@ def assign_split(table: LabelTable, fractions: tuple[float, float, float] = (0.7
     f_train, f_val, f_test = check_fractions(fractions)
     rng = np.random.RandomState(seed)
     if table.split is not None:
+        if (np.asarray(table.split, dtype=object) == "val").any() and (f_train, f_val, f_test) != DEFAULT_FRACTIONS:
+            _note(log, f"data.split_fractions is not used: {table.source} gives its own train/val/test split "
+                       "(only a split without val rows takes its val share from it)")
         return _complete_given_split(table, f_val / (f_train + f_val), rng, log)
     n = len(table)
     if n < 2:
