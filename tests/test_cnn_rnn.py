@@ -273,3 +273,19 @@ def test_pretrained_backbone_load_says_its_head_is_dropped_not_replaced(capsys):
     out = capsys.readouterr().out
     assert "pretrained head dropped (the model uses the features only)" in out and "new head" not in out
     assert not any(k.startswith("backbone.classifier") for k in model.state_dict())
+
+
+def test_a_saturated_score_keeps_its_gradient_for_grad_cam(monkeypatch):
+    """Scores past the clamp (1 - 1e-6) are the most confident labels; their Grad-CAM was blank."""
+    model = small_model()
+    feats = model.forward_features(torch.randn(2, 3, 32, 32)).detach().requires_grad_(True)
+
+    class Saturated:                     # a search result whose scores depend on the features, saturated
+        def class_scores(self):
+            return 1 - 1e-9 * torch.sigmoid(feats.mean((2, 3))[:, :5])
+
+    monkeypatch.setattr(model, "search", lambda features: Saturated())
+    logits = model.forward_head(feats)
+    assert torch.isfinite(logits).all() and torch.allclose(logits, torch.logit(torch.tensor(1 - 1e-6)))
+    grad, = torch.autograd.grad(logits[:, 0].sum(), feats)
+    assert grad.abs().sum() > 0

@@ -356,7 +356,9 @@ class CNNRNN(nn.Module):
             raise RuntimeError("CNN-RNN's beam search is data-dependent Python control flow and cannot be "
                                "traced or exported to ONNX")
         score = self.search(features).class_scores()
-        return torch.logit(score.clamp(1e-6, 1 - 1e-6))
+        # The clamp keeps logit finite; its gradient passes straight through, or Grad-CAM of the most
+        # confident labels (score past 1 - 1e-6) was all zero.
+        return torch.logit(score + (score.clamp(1e-6, 1 - 1e-6) - score).detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
