@@ -12,6 +12,8 @@ in one resampling (no offset, no stretching, nothing to un-letterbox).
 """
 from __future__ import annotations
 
+import warnings
+
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,8 +147,16 @@ def explain_images(model: Model, images: Sequence, classes: Sequence[Sequence[in
     method = check_method(method)
     originals = [to_uint8_array(im) for im in images]                # each (3, H0, W0) uint8, EXIF-upright
     x = model.runtime.prepare_input(model.preprocess(originals))     # (B, 3, S, S), the exact eval input
-    chosen = None if classes is None else torch.as_tensor(classes).long()
-    maps, chosen, logits = cam_maps(model.network, x, chosen, top_k, method)
+    # The scores and the default class come from the model's own forward, as predict's do: a model
+    # with test-time views (airbench's tta_flip) averages them there, not in forward_head.
+    with torch.no_grad():
+        logits = model.network(x).float().cpu()                      # (B, C)
+    if classes is None:
+        classes = logits.topk(min(top_k, logits.shape[1]), dim=1).indices
+    maps, chosen, _ = cam_maps(model.network, x, torch.as_tensor(classes).long(), top_k, method)
+    if maps.shape[-2:] == (1, 1):
+        warnings.warn(f"the feature map is 1×1 at {x.shape[-1]} px, so the heat map is flat and cannot "
+                      "localise; train at a larger data.image_size to explain this model.", stacklevel=2)
     scores = scores_from_logits(logits, model.multi_label).numpy()  # (B, C)
     results = []
     for b, original in enumerate(originals):

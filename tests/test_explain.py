@@ -233,3 +233,27 @@ def test_cuda_matches_cpu():
     assert gpu.device.type == "cpu"
     # cuDNN may use TF32: equal to a percent of the largest value, not bit for bit
     torch.testing.assert_close(gpu, cpu, rtol=1e-2, atol=1e-2 * float(cpu.max()))
+
+
+def test_scores_and_default_class_follow_the_models_test_time_views():
+    """airbench's tta_flip averages the image and its mirror in forward; forward_head alone does not."""
+    torch.manual_seed(0)
+    net = build_model("airbench", 4, tta_flip=True).eval()
+    model = HandModel(net, ["a", "b", "c", "d"], input_size=32)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8) for _ in range(4)]
+    with torch.no_grad():
+        expected = torch.sigmoid(net(model.preprocess(images)))          # what predict reports
+        head_only = torch.sigmoid(net.forward_head(net.forward_features(model.preprocess(images))))
+    assert not torch.allclose(expected, head_only, atol=1e-4)            # the views matter here
+    for row, scores in zip(explain_images(model, images, top_k=2), expected):
+        assert [cam.class_name for cam in row] == [model.class_names[i] for i in scores.topk(2).indices]
+        np.testing.assert_allclose([cam.score for cam in row], scores.topk(2).values.numpy(), atol=1e-5)
+
+
+def test_a_one_by_one_feature_map_is_said_to_be_unable_to_localise():
+    torch.manual_seed(0)
+    model = HandModel(build_model("advanced_cnn", 3).eval(), ["a", "b", "c"], input_size=32)
+    image = np.random.default_rng(0).integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+    with pytest.warns(UserWarning, match="feature map is 1×1 at 32 px"):
+        explain_images(model, [image])
