@@ -247,7 +247,8 @@ def _predict_format(args) -> str:
 
 def cmd_predict(args):
     from multitag.fileio import atomic_write, check_writable
-    from multitag.predict import check_top_k, expand_images, load, parse_threshold, write_predictions
+    from multitag.predict import (TOP_K_AND_THRESHOLD, check_top_k, expand_images, load, parse_threshold,
+                                  write_predictions)
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}.")
@@ -255,6 +256,8 @@ def cmd_predict(args):
     if args.out:
         check_writable(args.out)         # now, not after every image was scored
     threshold = parse_threshold(args.threshold, "--threshold")
+    if args.top_k is not None and threshold != "calibrated":
+        raise UserError(TOP_K_AND_THRESHOLD.format(k="--top-k", t="--threshold"))
     model = load(args.run_dir, device=args.device, backend=args.backend)
     check_top_k(args.top_k, len(model.class_names), "--top-k")
     paths = expand_images(args.images)

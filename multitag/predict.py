@@ -72,6 +72,10 @@ def parse_threshold(value, name: str = "threshold") -> str | float:
     return t
 
 
+# top-k returns the k best classes whatever their scores: a threshold beside it would be ignored
+TOP_K_AND_THRESHOLD = "give {k} or {t}, not both: {k} returns the k best classes whatever their scores"
+
+
 def check_top_k(top_k, num_classes: int, name: str = "top_k") -> None:
     """None (decide by thresholds) or a whole number of classes from 1 to ``num_classes``."""
     if top_k is None:

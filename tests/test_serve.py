@@ -277,3 +277,12 @@ def test_serve_port_zero_prints_the_real_port(tiny_model, monkeypatch, capsys):
     monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: ran.update(port=sockets[0].getsockname()[1]))
     serve_module.serve(tiny_model.run_dir, port=0)
     assert ran["port"] > 0 and f"http://127.0.0.1:{ran['port']} " in capsys.readouterr().out
+
+
+def test_top_k_with_a_threshold_is_refused_not_ignored(client, image_paths, tiny_run, capsys):
+    from multitag.cli import main
+
+    r = client.post("/predict", params={"threshold": 0.1, "top_k": 2}, files=one(image_paths[0]))
+    assert r.status_code == 400 and "give top_k or threshold, not both" in r.json()["error"]
+    assert main(["predict", str(tiny_run), str(image_paths[0]), "--threshold", "0.1", "--top-k", "2"]) == 2
+    assert "give --top-k or --threshold, not both" in capsys.readouterr().err
