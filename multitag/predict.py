@@ -18,6 +18,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -507,13 +508,13 @@ def expand_images(items: Iterable[str]) -> list[str]:
     Hidden files and folders (".DS_Store", ".git/") are skipped. Raises UserError only when the
     arguments name nothing at all.
     """
-    out: dict[str, None] = {}        # insertion-ordered set
+    out: dict[str, str] = {}         # one file under any spelling (a/x.png, ./a/x.png) -> as first given
     for item in items:
         for path in _expand_one(item):
-            out.setdefault(path)
+            out.setdefault(os.path.realpath(path), path)
     if not out:
         raise UserError("no files found in the given paths; give image files, folders or quoted globs.")
-    return list(out)
+    return list(out.values())
 
 
 def _expand_one(item: str) -> list[str]:

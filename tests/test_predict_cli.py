@@ -188,3 +188,13 @@ def test_serve_refuses_a_port_out_of_range_in_one_line(trained, capsys, port):
     with pytest.raises(SystemExit) as exit_:
         main(["serve", str(trained), "--port", port])
     assert exit_.value.code == 2 and f"argument --port: '{port}' is not a port" in capsys.readouterr().err
+
+
+def test_one_file_under_two_spellings_is_predicted_once(folder, monkeypatch):
+    from multitag.predict import expand_images
+
+    monkeypatch.chdir(folder.parent)
+    first = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))[0]
+    rel = f"{folder.name}/{first.name}"
+    assert expand_images([rel, f"./{rel}", str(first), str(folder)])[0] == rel
+    assert len(expand_images([rel, f"./{rel}", str(first), str(folder)])) == len(expand_images([str(folder)]))
