@@ -10,6 +10,8 @@ positives and negatives, Grad-CAM overlays.
 """
 from __future__ import annotations
 
+import math
+
 import html
 import time
 from dataclasses import dataclass, field
@@ -83,6 +85,10 @@ class ReportData:
         return path
 
 
+def _has_value(x) -> bool:
+    return isinstance(x, (int, float)) and not math.isnan(x)
+
+
 def choose_split(prepared: PreparedData, requested: str, calibrated: bool) -> tuple[str, list[str]]:
     """The split to report on and notes on how to read it: falls back from test to val when there is no test."""
     split, notes = requested, []
@@ -91,7 +97,7 @@ def choose_split(prepared: PreparedData, requested: str, calibrated: bool) -> tu
         notes.append("The data has no test split, so this report is on the validation split instead.")
     if split == "val" and len(prepared.rows("val")) == 0:     # trained without a val split as well
         split = "train"
-        notes.append("The data has no test or val split, so this report is on the training images.")
+        notes[:] = ["The data has no test or val split, so this report is on the training images."]
     if split in ("val", "all"):
         notes.append("The best epoch was chosen on the validation split"
                      + (" and the calibrated thresholds were fitted on it, so the 'calibrated' column is "
@@ -197,7 +203,8 @@ def summary_section(d: ReportData) -> str:
              ["model", model],
              ["input", f"{d.model.input_size}×{d.model.input_size} px, squash-resized"],
              ["classes", f"{len(d.class_names)} ({kind}-label)"],
-             ["best epoch", f"{m.get('best_epoch')} (val {m.get('monitor')} {_pct(m.get('best_value'))})"],
+             ["best epoch", f"{m.get('best_epoch')} (val {m.get('monitor')} {_pct(m.get('best_value'))})"]
+             if _has_value(m.get("best_value")) else ["result", f"last epoch {m.get('best_epoch')} (no val split)"],
              ["data", r.get("data", "")],
              ["split", f"{d.split}: {r['num_images']} images"]]
     if d.model.multi_label:

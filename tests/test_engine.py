@@ -182,7 +182,16 @@ def test_training_without_a_val_split_keeps_the_last_epoch(tmp_path):
     assert meta["best_epoch"] == 3 and meta["best_value"] is None and meta["thresholds"] is None
     assert any("no val split" in line and "thresholds stay at 0.5" in line for line in logs)
     assert ",val" not in (run / "split.csv").read_text()
-    assert (run / "report" / "index.html").exists()                  # on the test split
+    page = (run / "report" / "index.html").read_text()                # on the test split
+    assert "last epoch 3 (no val split)" in page and "val mAP —" not in page
+    from multitag.report import choose_split
+
+    class NoEval:                     # no val and no test rows: one note, the training images
+        def rows(self, split):
+            return [0, 1] if split == "train" else []
+
+    split, notes = choose_split(NoEval(), "test", calibrated=False)
+    assert split == "train" and len(notes) == 2 and "no test or val split" in notes[0] and "optimistic" in notes[1]
     assert evaluate(run, split="test", log=lambda *a: None)["mAP"] > 0
     for bad, name in (("sched.name=plateau", "plateau"), ("train.early_stop_patience=2", "early_stop")):
         with pytest.raises(UserError, match=name) as err:
