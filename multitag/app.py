@@ -228,7 +228,10 @@ def model_card(model, run_dir: str) -> None:
     st.markdown(f"**{meta.get('model', {}).get('name', '?')}** · {len(model.class_names)} classes · {kind} · "
                 f"input {model.input_size} px · backend {getattr(model, 'backend', 'torch')} · "
                 f"run `{run_dir}`")
-    st.dataframe(pd.DataFrame({"class": model.class_names, "threshold": model.thresholds}), hide_index=True)
+    classes = {"class": model.class_names}
+    if model.multi_label:                  # single-label: the top class is the label, no threshold applies
+        classes["threshold"] = model.thresholds
+    st.dataframe(pd.DataFrame(classes), hide_index=True)
     sources = {"model.json": meta.get("metrics") or {}}
     report = Path(run_dir) / "report" / "metrics.json"
     if report.is_file():

@@ -173,3 +173,21 @@ def test_real_browser_renders_the_app_and_a_prediction(streamlit_server, browser
     image = Image.open(io.BytesIO(shot.read_bytes())).convert("RGB")
     colours = image.getcolors(maxcolors=1 << 16)
     assert colours is None or len(colours) > 10, "the screenshot is (nearly) one colour: nothing rendered"
+
+
+def test_model_card_of_a_single_label_model_lists_no_thresholds(tmp_path, monkeypatch):
+    """The sidebar says no thresholds apply to a single-label model; the card listed 0.5 for each class."""
+    from multitag.api import train
+
+    for c, colour in enumerate(((200, 40, 40), (40, 200, 40), (40, 40, 200))):
+        for split in ("train", "val"):
+            (tmp_path / "data" / split / f"c{c}").mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (24, 24), colour).save(tmp_path / "data" / split / f"c{c}" / f"{i}.png")
+    run = train("demo", data=str(tmp_path / "data"), out=tmp_path / "run", log=lambda *a: None,
+                overrides=["train.epochs=1", "train.precision=fp32", "train.channels_last=false", "train.report=false"])
+    monkeypatch.setenv(app.RUN_ENV, str(run))
+    at = AppTest.from_file(app.__file__, default_timeout=60).run()
+    assert not at.exception
+    card = at.tabs[1].dataframe[0].value
+    assert list(card["class"]) == ["c0", "c1", "c2"] and "threshold" not in card.columns
