@@ -291,6 +291,16 @@ def all_keys(cls=Config, prefix: str = "") -> list[str]:
     return keys
 
 
+def _closest_key(pattern: str, valid: list[str]) -> str:
+    """The did-you-mean suffix for an unknown key: the same field in another section first (train.lr ->
+    optim.lr, as fastai and timm put the LR with the training settings), else the closest spelling."""
+    leaf = pattern.split(".")[-1]
+    same_field = [k for k in valid if k.split(".")[-1] == leaf]
+    if same_field:
+        return " (did you mean " + " or ".join(f'"{k}"' for k in same_field) + "?)"
+    return did_you_mean(pattern, valid)
+
+
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     """Apply ``section.key=value`` strings; unknown keys name the closest valid key."""
     values = cfg.to_dict()
@@ -305,7 +315,7 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
         if pattern not in valid:
             # model.args.<anything> is free-form: it is passed to the model builder.
             if not (len(parts) >= 3 and parts[:2] == ["model", "args"]):
-                raise UserError(f'unknown config key "{key}"{did_you_mean(pattern, valid)}.')
+                raise UserError(f'unknown config key "{key}"{_closest_key(pattern, valid)}.')
         node = values
         for p in parts[:-1]:
             if isinstance(node, list):

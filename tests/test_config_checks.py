@@ -156,3 +156,13 @@ def test_a_run_that_failed_before_its_first_epoch_can_be_trained_over(digits_csv
         train("demo", data=bad, out=tmp_path / "run", overrides=FAST, log=lambda *a: None)
     assert (tmp_path / "run" / CONFIG_FILE).exists()
     train("demo", data=digits_csv, out=tmp_path / "run", overrides=FAST, log=lambda *a: None)
+
+
+def test_a_missing_weights_file_is_said_before_any_work(tmp_path):
+    with pytest.raises(UserError, match="weights file .*typo.pth does not exist.*nothing is downloaded"):
+        check_config(load_config("resnet34_staged", [f"model.weights={tmp_path / 'typo.pth'}"]))
+
+
+def test_a_key_in_the_wrong_section_names_the_section_that_has_it():
+    with pytest.raises(UserError, match='"train.lr" \\(did you mean "optim.lr" or "stages.N.lr"\\?\\)'):
+        load_config("demo", ["train.lr=1e-3"])
