@@ -247,7 +247,7 @@ def _predict_format(args) -> str:
 
 def cmd_predict(args):
     from multitag.fileio import atomic_write, check_writable
-    from multitag.predict import (TOP_K_AND_THRESHOLD, check_top_k, expand_images, load, parse_threshold,
+    from multitag.predict import (check_top_k, check_top_k_alone, expand_images, load, parse_threshold,
                                   write_predictions)
 
     if args.batch_size < 1:
@@ -256,8 +256,7 @@ def cmd_predict(args):
     if args.out:
         check_writable(args.out)         # now, not after every image was scored
     threshold = parse_threshold(args.threshold, "--threshold")
-    if args.top_k is not None and threshold != "calibrated":
-        raise UserError(TOP_K_AND_THRESHOLD.format(k="--top-k", t="--threshold"))
+    check_top_k_alone(args.top_k, threshold, "--top-k", "--threshold")
     model = load(args.run_dir, device=args.device, backend=args.backend)
     check_top_k(args.top_k, len(model.class_names), "--top-k")
     paths = expand_images(args.images)

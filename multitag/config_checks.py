@@ -8,7 +8,6 @@ and nothing is written that a fixed ``--resume`` would have to undo.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, Callable
 
 from multitag.config import (AUG_PRESETS, DEVICES, OPTIMIZERS, PRECISIONS, SCHEDULES, Config, OptimConfig,
@@ -58,9 +57,10 @@ def check_config(cfg: Config) -> None:
             if not _holds(test, getattr(stage, field)):
                 raise _out_of_range(f"stages.{i}.{field}", getattr(stage, field), must)
     _check_freeze_patterns(cfg)
-    if cfg.model.weights and not Path(cfg.model.weights).is_file():     # before minutes of image decoding
-        raise UserError(f"weights file {cfg.model.weights} does not exist; check model.weights "
-                        "(a local file: nothing is downloaded).")
+    if cfg.model.weights:                      # before minutes of image decoding
+        from multitag.models.weights import check_weights_file
+
+        check_weights_file(cfg.model.weights)
 
 
 def _check_freeze_patterns(cfg: Config) -> None:

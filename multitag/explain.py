@@ -12,9 +12,8 @@ in one resampling (no offset, no stretching, nothing to un-letterbox).
 """
 from __future__ import annotations
 
-import warnings
-
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence

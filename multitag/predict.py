@@ -73,8 +73,11 @@ def parse_threshold(value, name: str = "threshold") -> str | float:
     return t
 
 
-# top-k returns the k best classes whatever their scores: a threshold beside it would be ignored
-TOP_K_AND_THRESHOLD = "give {k} or {t}, not both: {k} returns the k best classes whatever their scores"
+def check_top_k_alone(top_k, threshold, k: str = "top_k", t: str = "threshold") -> None:
+    """top-k returns the k best classes whatever their scores, so a threshold beside it would be
+    ignored: a UserError naming both options as the caller spells them (``threshold`` parsed)."""
+    if top_k is not None and threshold != "calibrated":
+        raise UserError(f"give {k} or {t}, not both: {k} returns the k best classes whatever their scores")
 
 
 def check_top_k(top_k, num_classes: int, name: str = "top_k") -> None:
@@ -428,6 +431,7 @@ class Model:
         predict) that a threshold does nothing for a single-label model."""
         check_top_k(top_k, len(self.class_names))
         parsed = parse_threshold(threshold)
+        check_top_k_alone(top_k, parsed)
         if warn and not self.multi_label and parsed != "calibrated" and top_k is None:
             warnings.warn("the threshold applies to multi-label models; this single-label one predicts its top "
                           "class (use top-k for more)", UserWarning, stacklevel=3)

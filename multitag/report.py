@@ -10,9 +10,8 @@ positives and negatives, Grad-CAM overlays.
 """
 from __future__ import annotations
 
-import math
-
 import html
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -51,7 +51,7 @@ from starlette.exceptions import HTTPException
 # header_pixels is re-exported for callers of multitag.serve; its one implementation is in decode.py.
 from multitag.data.decode import BadImageError, ImageTooLargeError, NotAnImageError, decode_image, header_pixels
 from multitag.errors import UserError
-from multitag.predict import TOP_K_AND_THRESHOLD, parse_threshold     # re-exported: the service and the CLI parse it alike
+from multitag.predict import check_top_k_alone, parse_threshold   # re-exported: the service and the CLI parse alike
 
 MB = 1 << 20
 DEFAULT_MAX_BYTES = 20 * MB
@@ -224,8 +224,7 @@ def create_app(run_dir_or_model, *, max_bytes: int = DEFAULT_MAX_BYTES, max_pixe
             raise RejectedInput(f"{len(uploads)} images in one request; the limit is {max_batch}", 413)
         named = [(u.filename or f"image{i}", await u.read()) for i, u in enumerate(uploads)]
         chosen = parse_threshold(threshold)
-        if top_k is not None and chosen != "calibrated":
-            raise RejectedInput(TOP_K_AND_THRESHOLD.format(k="top_k", t="threshold"), 400)
+        check_top_k_alone(top_k, chosen)        # before any image is decoded (a UserError: 400)
         preds = await run_in_threadpool(_decode_and_predict, locked, named, limits, chosen, top_k)
         return {"predictions": [{"filename": name, "labels": p.labels, "scores": p.scores}
                                 for (name, _), p in zip(named, preds)]}

