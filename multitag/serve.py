@@ -90,7 +90,7 @@ def decode_upload(data: bytes, name: str, limits: Limits = Limits()) -> np.ndarr
         raise RejectedInput(f"{name} is {_bytes(len(data))}; the limit is {_bytes(limits.max_bytes)}", 413)
     try:
         chw = decode_image(data, name=name, max_pixels=limits.max_pixels)
-    except ImageTooLargeError as e:   # pixels unknown when PIL's own, higher limit refused it
+    except ImageTooLargeError as e:   # pixels unknown only when PIL refused an image handed in already open
         frames = f" in {e.frames} frames" if e.frames > 1 else ""       # a GIF: every frame is decoded
         size = f"has {e.pixels:,} pixels{frames}; the limit is {e.limit:,}" if e.pixels else f"is too large: {e.reason}"
         fix = "send a still image or fewer frames" if frames else "downscale it first"

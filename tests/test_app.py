@@ -1,16 +1,15 @@
 """The Streamlit app: simulated with streamlit.testing (upload, slider), then once in real headless Chromium."""
 import io
 import socket
-import struct
 import subprocess
 import time
-import zlib
 
 import httpx
 import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
+from image_bytes import png_header_only
 from multitag import app
 
 
@@ -24,14 +23,6 @@ def image_paths(digits_csv):
 def app_test(tiny_run, monkeypatch):
     monkeypatch.setenv(app.RUN_ENV, str(tiny_run))
     return AppTest.from_file(app.__file__, default_timeout=60)
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG that declares width x height but carries almost no data: a decompression-bomb shape."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 def shown_labels(at) -> list[list[str]]:

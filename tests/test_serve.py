@@ -11,6 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from image_bytes import png_header_only
 from multitag.serve import create_app
 
 MAX_PIXELS = 64 * 64  # the digit mosaics are 32x32; anything bigger than 64x64 is "huge" here
@@ -100,6 +101,8 @@ def truncated_png() -> bytes:
                  id="truncated"),
     pytest.param({"files": {"file": ("big.png", png_bytes((100, 100)), "image/png")}}, 413, "10,000 pixels",
                  id="huge-image"),
+    pytest.param({"files": {"file": ("bomb.png", png_header_only(30000, 30000), "image/png")}}, 413,
+                 "bomb.png has 900,000,000 pixels; the limit is 4,096", id="bomb-past-pils-guard"),
     pytest.param({"files": {"file": ("anim.gif", png_bytes((32, 32), frames=6, fmt="GIF"), "image/gif")}}, 413,
                  "6,144 pixels in 6 frames; the limit is 4,096; send a still image", id="gif-frames-count"),
     pytest.param({"content": png_bytes(), "headers": {"content-type": "image/png"}}, 400,

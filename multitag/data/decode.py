@@ -78,8 +78,9 @@ PREPROCESS_VERSION = 3
 
 # Most pixels one image may declare (all frames of a GIF), checked from the header before
 # decoding. 100 MP is 300 MB as RGB uint8, more than any camera photo; a 20000 x 20000 header
-# (400 MP) is refused. Pass max_pixels= to decode_image, or set this, for bigger scans. PIL's
-# own guard (2 x Image.MAX_IMAGE_PIXELS = 179 MP) also applies to the files PIL opens.
+# (400 MP) is refused. Pass max_pixels= to decode_image, or set this, for bigger scans. It is the
+# only limit: PIL's own guard (2 x Image.MAX_IMAGE_PIXELS = 179 MP, a process-wide setting) is not
+# consulted, so raising this really admits bigger images and a refusal always names this limit.
 MAX_PIXELS = 100_000_000
 
 # What PIL may open: raster formats only (see the module docstring). JPEG covers MPO (multi-picture
@@ -211,9 +212,25 @@ def _header_size(data: bytes, name: str) -> tuple[int, int, int]:
     Frames count for GIFs only: torchvision decodes every frame of a GIF (decode_image then
     keeps the first), so all of them cost memory; ``n_frames`` skips frame data undecoded.
     """
-    with _pil_errors(name), Image.open(io.BytesIO(data), formats=PIL_FORMATS) as im:
+    with _pil_errors(name), _open_pil(data, name) as im:
         width, height = im.size
         return width, height, (im.n_frames if im.format == "GIF" else 1)
+
+
+def _open_pil(data: bytes, name: str) -> Image.Image:
+    """What ``Image.open(BytesIO(data), formats=PIL_FORMATS)`` returns, minus PIL's decompression-bomb
+    check: the header is parsed (no pixels decoded) by the first plugin of ``PIL_FORMATS`` that
+    accepts the bytes. ``check_pixels`` is the size guard here, with multitag's own limit; PIL's
+    would refuse a 200 MP scan that MAX_PIXELS admits, and name its limit instead of ours."""
+    for fmt in PIL_FORMATS:
+        factory, accept = Image.OPEN[fmt]
+        try:
+            accepted = accept(data[:16]) if accept else True
+            if accepted and not isinstance(accepted, str):    # a str is a warning, which Image.open skips too
+                return factory(io.BytesIO(data), name)
+        except (SyntaxError, IndexError, TypeError, struct.error):
+            continue                # not this format after all (what Image.open does too)
+    raise Image.UnidentifiedImageError(f"cannot identify image file {name!r}")
 
 
 def _torchvision_can_decode(data: bytes) -> bool:
@@ -239,7 +256,7 @@ def _decode_torchvision(data: bytes) -> torch.Tensor:
 
 def _decode_pil(data: bytes, name: str) -> torch.Tensor:
     """PIL for PNG and the formats torchvision does not decode (BMP, TIFF, ...)."""
-    with _pil_errors(name), Image.open(io.BytesIO(data), formats=PIL_FORMATS) as im:
+    with _pil_errors(name), _open_pil(data, name) as im:
         im.load()  # decode now, so truncation raises here and not later
         return _pil_to_tensor(im)
 
