@@ -22,9 +22,11 @@ so on several machines only rank 0's needs the run directory.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import re
 import signal
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -35,6 +37,8 @@ import torch.distributed as dist
 from multitag.errors import UserError
 
 _SETUP_GROUP = None     # gloo group with the long setup timeout, set by session()
+_LAUNCHER_PID = "MULTITAG_LAUNCHER_PID"   # set by launch_local for the processes it starts
+_PR_SET_PDEATHSIG = 1                     # linux/prctl.h
 _BACKEND = ""           # "nccl" | "gloo" while a session is active
 
 
@@ -91,6 +95,7 @@ def session(device: str, timeout_s: float, setup_timeout_s: float):
     if not launched() or active():
         yield w
         return
+    die_with_launcher()
     global _SETUP_GROUP, _BACKEND
     if timeout_s <= 0 or setup_timeout_s <= 0:
         raise UserError(f"train.dist_timeout_s and train.dist_setup_timeout_s must be positive, got "
@@ -124,6 +129,21 @@ def session(device: str, timeout_s: float, setup_timeout_s: float):
 # complete", "Application timeout caused pair closure", "Connection closed by peer".
 _COLLECTIVE_FAILURE = re.compile(r"gloo|nccl|processgroup|timed out|timeout|connection (closed|reset|refused)"
                                  r"|pair closure|broken pipe", re.IGNORECASE)
+
+
+def die_with_launcher() -> None:
+    """Have Linux send this process SIGTERM when its launcher (torchrun's agent) dies.
+
+    A ``kill -9`` of ``multitag train --nproc 2`` cannot pass anything on, and its processes went on
+    training to the end, writing into the run directory. Linux only (elsewhere a no-op). The
+    launcher's pid, passed in the environment by launch_local, closes the race of a launcher that
+    died before this call (the parent would already be another process)."""
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    expected = os.environ.get(_LAUNCHER_PID)
+    if expected and os.getppid() != int(expected):
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _collective_failure(e: RuntimeError) -> bool:
@@ -236,6 +256,7 @@ def launch_local(nproc: int, train_argv: list[str]) -> None:
                         "the processes).")
     if nproc < 1:
         raise UserError(f"--nproc must be at least 1, got {nproc}.")
+    os.environ[_LAUNCHER_PID] = str(os.getpid())     # the processes it starts inherit it (die_with_launcher)
     args = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "--module",
                                          "multitag.cli", "train", *train_argv])
     try:

@@ -176,6 +176,43 @@ def test_killed_process_stops_the_job(digits_csv, tmp_path):
     assert len(metrics(run)) < 200
 
 
+def test_killed_launcher_takes_its_processes_with_it(digits_csv, tmp_path):
+    """SIGKILL of the `--nproc 2` launcher itself (nothing can be passed on): its training processes
+    get SIGTERM from Linux (PR_SET_PDEATHSIG) instead of training on, orphaned, to the last epoch."""
+    run = tmp_path / "run"
+    args = train_args(digits_csv, run, epochs=200)
+    proc = subprocess.Popen([sys.executable, "-m", "multitag.cli", "train", "--nproc", "2", *args],
+                            env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "metrics.jsonl").exists():        # training is under way
+            assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.2)
+        workers += [p for p in _children(proc.pid) if _rank_of(p) is not None]
+        assert len(workers) == 2
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 30
+        while any(_running(p) for p in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = [p for p in workers if _running(p)]
+    finally:
+        for p in workers:
+            if _running(p):
+                os.kill(p, signal.SIGKILL)
+    assert not left, f"processes {left} went on after their launcher was killed"
+    assert len(metrics(run)) < 200
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie (an orphan's exit may wait for its reaper)."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 # --- the parts, in one process --------------------------------------------------------------------
 
 def test_augmenting_parts_equals_augmenting_the_batch():
