@@ -8,6 +8,7 @@ from torch import nn
 
 from multitag.models import build_model, count_parameters
 from multitag.models.inception_resnet import (
+    MIN_INPUT_SIZE,
     InceptionResNetA,
     InceptionResNetB,
     InceptionResNetC,
@@ -120,3 +121,25 @@ def test_small_variant_overfits_a_tiny_batch():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0], losses          # 0.65 → 0.11 here
+
+
+@pytest.mark.parametrize("name", ["inception_resnet_v1", "inception_resnet_v1_small"])
+def test_too_small_size_is_said_by_the_config_check_before_any_image_is_read(name, tmp_path):
+    """The registry's min_size is the size the built model's probe finds, and check_config (which
+    runs before the cache is built) refuses smaller ones with the probe's own sentence."""
+    from multitag.config import Config
+    from multitag.config_checks import check_config
+    from multitag.errors import UserError
+    from multitag.models.registry import check_input_size, get_spec
+
+    smallest = get_spec(name).min_size
+    assert smallest == MIN_INPUT_SIZE
+    model = build_model(name, 3)
+    check_input_size(model, name, smallest)
+    with pytest.raises(UserError, match=f"set data.image_size={smallest} or more") as probed:
+        check_input_size(model, name, smallest - 11)
+    cfg = Config()
+    cfg.model.name, cfg.data.image_size, cfg.data.path = name, smallest - 11, str(tmp_path / "nowhere.csv")
+    with pytest.raises(UserError) as checked:
+        check_config(cfg)
+    assert str(checked.value) == str(probed.value)

@@ -29,6 +29,7 @@ class ModelSpec:
     wants_label_counts: bool = False  # the builder takes label_counts=[per-class training positives]
     own_loss: bool = False       # trains on its own objective (sequence_loss), not train.loss
     exportable: bool = True      # ONNX can express it (the CNN-RNN's beam search cannot be traced)
+    min_size: int = 1            # smallest input side, where known without building (checked before caching)
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -110,8 +111,12 @@ def check_input_size(model: nn.Module, name: str, size: int) -> None:
                 low, high = (low, mid) if runs(mid) else (mid, high)
     finally:
         model.train(was_training)
-    raise UserError(f"{name} cannot take {size}×{size} images (its layers shrink them below one pixel); "
-                    f"set data.image_size={high} or more.")
+    raise too_small(name, size, high)
+
+
+def too_small(name: str, size: int, smallest: int) -> UserError:
+    return UserError(f"{name} cannot take {size}×{size} images (its layers shrink them below one pixel); "
+                     f"set data.image_size={smallest} or more.")
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -149,14 +154,19 @@ def advanced_cnn(num_classes: int, drop_rate: float = 0.5, **kw) -> nn.Module:
     return _build_timm("resnet18", num_classes, drop_rate=drop_rate, **kw)
 
 
-@register("inception_resnet_v1", "Inception-ResNet-v1 from scratch (paper blocks; block counts configurable)", 320)
+_INCEPTION_MIN_SIZE = 75   # = inception_resnet.MIN_INPUT_SIZE (tests/test_inception_resnet.py), known before building
+
+
+@register("inception_resnet_v1", "Inception-ResNet-v1 from scratch (paper blocks; block counts configurable)", 320,
+          min_size=_INCEPTION_MIN_SIZE)
 def inception_resnet_v1(num_classes: int, **kw) -> nn.Module:
     from multitag.models.inception_resnet import InceptionResNetV1
 
     return InceptionResNetV1(num_classes, **kw)
 
 
-@register("inception_resnet_v1_small", "Inception-ResNet-v1, CPU-sized: blocks (1, 2, 1), width 0.25 (≥ 75 px input)", 160)
+@register("inception_resnet_v1_small", "Inception-ResNet-v1, CPU-sized: blocks (1, 2, 1), width 0.25 (≥ 75 px input)", 160,
+          min_size=_INCEPTION_MIN_SIZE)
 def inception_resnet_v1_small(num_classes: int, blocks=(1, 2, 1), width: float = 0.25, **kw) -> nn.Module:
     from multitag.models.inception_resnet import InceptionResNetV1
 
