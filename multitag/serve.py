@@ -5,7 +5,8 @@ Endpoints (OpenAPI docs at /docs and /redoc, which work offline; schema at /open
     POST /predict   multipart field ``file`` (one image) and/or ``files`` (a batch; every part
                     of either field counts, so a repeated ``file`` is a batch too);
                     query ``threshold`` ("calibrated" or a float in [0, 1]) and ``top_k``
-                    -> {"predictions": [{"filename", "labels", "scores"}]}
+                    -> {"predictions": [{"image", "labels", "scores"}]}, "image" being the
+                    upload's file name: the record `multitag predict --format json` writes
     GET  /labels    -> {"class_names", "thresholds", "multi_label"}
     GET  /health    -> {"status", "model", "backend", "run"}
 
@@ -226,7 +227,7 @@ def create_app(run_dir_or_model, *, max_bytes: int = DEFAULT_MAX_BYTES, max_pixe
         chosen = parse_threshold(threshold)
         check_top_k_alone(top_k, chosen)        # before any image is decoded (a UserError: 400)
         preds = await run_in_threadpool(_decode_and_predict, locked, named, limits, chosen, top_k)
-        return {"predictions": [{"filename": name, "labels": p.labels, "scores": p.scores}
+        return {"predictions": [{"image": name, "labels": p.labels, "scores": p.scores}
                                 for (name, _), p in zip(named, preds)]}
 
     @app.get("/labels", summary="Class names and the calibrated per-class thresholds")

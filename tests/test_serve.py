@@ -47,7 +47,7 @@ def many(paths):
 
 
 def assert_matches(response_pred, expected, name):
-    assert response_pred["filename"] == name
+    assert response_pred["image"] == name          # the key predict --format json uses
     assert response_pred["labels"] == expected.labels
     got = np.array([response_pred["scores"][c] for c in expected.scores])
     np.testing.assert_allclose(got, list(expected.scores.values()), atol=1e-5)
@@ -138,7 +138,7 @@ def test_every_part_of_a_repeated_file_field_is_predicted(client, tiny_model, im
     r = client.post("/predict", files=parts)
     assert r.status_code == 200, r.text
     preds = r.json()["predictions"]
-    assert [p["filename"] for p in preds] == [p.name for p in image_paths[:2]]
+    assert [p["image"] for p in preds] == [p.name for p in image_paths[:2]]
 
 
 def test_images_are_shrunk_to_the_input_before_inference_with_the_same_result(tiny_model, image_paths):
