@@ -1,4 +1,5 @@
-"""The Python API: ``multitag.train``, ``multitag.load``, ``multitag.evaluate``, ``multitag.calibrate``, ``multitag.demo``."""
+"""The Python API: ``multitag.train``, ``multitag.load``, ``multitag.evaluate``, ``multitag.calibrate``,
+``multitag.lr_find``, ``multitag.demo``."""
 from __future__ import annotations
 
 import time
@@ -8,8 +9,8 @@ from multitag.config import Config, load_config
 from multitag.errors import UserError
 
 
-def default_run_dir(cfg: Config) -> Path:
-    return Path("runs") / f"{cfg.recipe or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
+def default_run_dir(cfg: Config, kind: str = "") -> Path:
+    return Path("runs") / f"{cfg.recipe or 'run'}{'-' + kind if kind else ''}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def train(config: str | Config | None = None, data: str | None = None, out: str | Path | None = None,
@@ -32,9 +33,7 @@ def train(config: str | Config | None = None, data: str | None = None, out: str 
             raise UserError("--resume continues a run with its own config; drop the recipe, --data and --set.")
         cfg, run = load_run_config(Path(resume)), Path(resume)
     else:
-        cfg = config if isinstance(config, Config) else load_config(config, list(overrides))
-        if data is not None:
-            cfg.data.path = str(data)
+        cfg = _config(config, data, overrides)
         run = Path(out) if out else default_run_dir(cfg)
     check_config(cfg)           # before "run directory:" is said of a run that would not start (fit checks too)
     t = cfg.train
@@ -54,6 +53,28 @@ def train(config: str | Config | None = None, data: str | None = None, out: str 
 
 def _quiet(*args) -> None:
     pass
+
+
+def _config(config: str | Config | None, data: str | None, overrides) -> Config:
+    """A recipe name, YAML path or Config, with ``overrides`` applied and the data path set."""
+    cfg = config if isinstance(config, Config) else load_config(config, list(overrides))
+    if data is not None:
+        cfg.data.path = str(data)
+    return cfg
+
+
+def lr_find(config: str | Config | None = None, data: str | None = None, out: str | Path | None = None,
+            overrides: list[str] | tuple = (), *, start: float = 1e-7, end: float = 10.0, steps: int = 100,
+            stage: int = 0, log=print):
+    """The learning-rate range test of a training config (see multitag/lr_find.py); returns an
+    LrFindResult whose ``setting`` is the --set to train with. Writes lr_find.csv and lr_find.png to
+    ``out`` (default runs/<recipe>-lr-find-<time>)."""
+    from multitag.lr_find import lr_find as sweep
+
+    cfg = _config(config, data, overrides)
+    out = Path(out) if out else default_run_dir(cfg, "lr-find")
+    log(f"lr-find folder: {out}")
+    return sweep(cfg, out, start=start, end=end, steps=steps, stage_index=stage, log=log)
 
 
 def evaluate(run_dir: str | Path, data: str | None = None, split: str = "test", log=print) -> dict:

@@ -39,6 +39,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "global batch); for several machines run torchrun yourself, see README")
     _add_json(p)
 
+    p = sub.add_parser("lr-find", help="learning-rate range test: the loss as the rate grows, and the rate to train at")
+    p.add_argument("config", nargs="?", help="recipe name (see `multitag recipes`) or a YAML config file")
+    p.add_argument("--data", help="dataset, as for train")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, as for train (repeatable)")
+    p.add_argument("--out", help="folder for lr_find.csv and lr_find.png (default runs/<recipe>-lr-find-<time>)")
+    p.add_argument("--start", type=float, default=1e-7, help="first learning rate (default 1e-7)")
+    p.add_argument("--end", type=float, default=10.0, help="last learning rate (default 10)")
+    p.add_argument("--steps", type=int, default=100, help="training batches to sweep over (default 100)")
+    p.add_argument("--stage", type=int, default=0, help="stage of a staged recipe to sweep (0-based, default 0)")
+    _add_json(p)
+
     p = sub.add_parser("eval", help="metrics of a run on a split: at 0.5, calibrated thresholds and top-3")
     p.add_argument("run_dir")
     p.add_argument("--data", help="dataset to evaluate on (default: the training data)")
@@ -189,6 +201,20 @@ def cmd_train(args):
     from multitag.distributed import is_main
 
     return {"run_dir": str(run)} if is_main() else None
+
+
+def cmd_lr_find(args):
+    from dataclasses import asdict
+
+    from multitag import api
+
+    result = api.lr_find(args.config, data=args.data, out=args.out, overrides=args.overrides, start=args.start,
+                         end=args.end, steps=args.steps, stage=args.stage, log=_log_for(args))
+    if not args.json:
+        ended = "the loss blew up" if result.stopped_early else "the last rate"
+        print(f"swept {result.steps} steps to {ended}; lowest loss at lr {result.min_loss_lr:.2g}\n"
+              f"suggested: --set {result.setting}\ncurve: {result.plot}")
+    return asdict(result)
 
 
 def _train_argv(args) -> list[str]:
@@ -436,7 +462,7 @@ def cmd_app(args):
 HANDLERS = {"report": cmd_report, "explain": cmd_explain, "export": cmd_export, "serve": cmd_serve, "app": cmd_app,
             "train": cmd_train, "eval": cmd_eval, "calibrate": cmd_calibrate, "predict": cmd_predict,
             "models": cmd_models, "bench": cmd_bench, "recipes": cmd_recipes, "demo": cmd_demo, "ablate": cmd_ablate,
-            "cache": cmd_cache}
+            "cache": cmd_cache, "lr-find": cmd_lr_find}
 
 
 def _resume_hint(args) -> str:

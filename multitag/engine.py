@@ -227,18 +227,26 @@ def train_one_epoch(model, loader: BatchLoader, loss_fn, optimizer, scheduler, p
     if distributed.is_main():
         batches = track(batches, len(loader), f"epoch {epoch + 1}")
     for i, batch in enumerate(batches):
-        optimizer.zero_grad(set_to_none=True)
-        loss = accumulate_gradients(model, ddp, loss_fn, batch, loader, rt, cfg.train.accumulate, (epoch, i))
-        if cfg.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         lr = max(g["lr"] for g in optimizer.param_groups)      # the head's LR when backbone LRs are lower
-        optimizer.step()
+        loss = train_step(model, ddp, loss_fn, batch, loader, rt, cfg, optimizer, (epoch, i))
         if scheduler is not None and per_batch:
             scheduler.step()
         size = len(batch.index if batch.whole is None else batch.whole)      # the global batch
         total += loss * size
         count += size
     return distributed.all_sum(total) / max(count, 1), lr
+
+
+def train_step(model, ddp, loss_fn, batch, loader: BatchLoader, rt: Runtime, cfg: Config, optimizer,
+               where: tuple[int, int]) -> float:
+    """One optimizer step on one global batch (gradients accumulated, clipped); returns its loss share.
+    ``where``: (epoch, batch) for the divergence message."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = accumulate_gradients(model, ddp, loss_fn, batch, loader, rt, cfg.train.accumulate, where)
+    if cfg.train.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+    optimizer.step()
+    return loss
 
 
 def accumulate_gradients(model, ddp, loss_fn, batch, loader: BatchLoader, rt: Runtime, steps: int,

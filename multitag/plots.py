@@ -93,6 +93,25 @@ def learning_curves(history: Sequence[dict], out, best_epoch: int | None = None)
     return _save(fig, out)
 
 
+def lr_curve(lrs: np.ndarray, losses: np.ndarray, smoothed: np.ndarray, suggested: float, out) -> Path:
+    """The learning-rate range test: loss per step against the rate (log axis), the suggestion marked."""
+    fig = Figure(figsize=(6, 3.6))
+    ax = fig.subplots()
+    ax.plot(lrs, losses, color="tab:blue", alpha=0.3, label="loss")
+    ax.plot(lrs, smoothed, color="tab:blue", label="smoothed")
+    ax.axvline(suggested, color="tab:red", linestyle="--", label=f"suggested {suggested:.2g}")
+    ax.set_xscale("log")
+    top = float(np.nanmax(smoothed[: max(1, len(smoothed) * 3 // 4)]))   # the blow-up at the end would flatten the rest
+    ax.set_ylim(float(np.nanmin(losses)) * 0.95, max(top, float(smoothed[0])) * 1.15)
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("training loss")
+    ax.set_title("learning-rate range test")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
 # ----------------------------------------------------------------------------- per class
 
 def per_class_bars(class_names: Sequence[str], values: dict[str, np.ndarray], out) -> Path:
