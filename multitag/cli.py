@@ -21,15 +21,19 @@ def _add_json(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
 
 
+def _add_recipe(p: argparse.ArgumentParser, set_help: str) -> None:
+    """The recipe, --data and --set arguments that train, lr-find and ablate share."""
+    p.add_argument("config", nargs="?", help="recipe name (see `multitag recipes`) or a YAML config file")
+    p.add_argument("--data", help="dataset: CSV, COCO JSON, VOC/YOLO folder or folder per class")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="multitag", description="Multi-label-first CNN image classification.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a model from a recipe or config on a dataset")
-    p.add_argument("config", nargs="?", help="recipe name (see `multitag recipes`) or a YAML config file")
-    p.add_argument("--data", help="dataset: CSV, COCO JSON, VOC/YOLO folder or folder per class")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.epochs=5 (repeatable)")
+    _add_recipe(p, "override a config value, e.g. --set train.epochs=5 (repeatable)")
     p.add_argument("--out", help="run directory (default runs/<recipe>-<time>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last checkpoint")
     p.add_argument("--overwrite", action="store_true",
@@ -40,10 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_json(p)
 
     p = sub.add_parser("lr-find", help="learning-rate range test: the loss as the rate grows, and the rate to train at")
-    p.add_argument("config", nargs="?", help="recipe name (see `multitag recipes`) or a YAML config file")
-    p.add_argument("--data", help="dataset, as for train")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, as for train (repeatable)")
+    _add_recipe(p, "override a config value, as for train (repeatable)")
     p.add_argument("--out", help="folder for lr_find.csv and lr_find.png (default runs/<recipe>-lr-find-<time>)")
     p.add_argument("--start", type=float, default=1e-7, help="first learning rate (default 1e-7)")
     p.add_argument("--end", type=float, default=10.0, help="last learning rate (default 10)")
@@ -118,15 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=port_number, default=8501)
 
     p = sub.add_parser("ablate", help="train variants of a recipe (same seed and budget) and tabulate their metrics")
-    p.add_argument("config", nargs="?", help="recipe name (see `multitag recipes`) or a YAML config file")
-    p.add_argument("--data", help="dataset: CSV, COCO JSON, VOC/YOLO folder or folder per class")
+    _add_recipe(p, "override a config value in every variant (repeatable)")
     p.add_argument("--vary", action="append", default=[], metavar="KEY=A,B",
                    help="a config key and its values, e.g. --vary loss=bce,asl --vary data.oversample_to=0,600 "
                         "(repeatable; the variants are all combinations; loss= means train.loss)")
     p.add_argument("--grid", metavar="GRID.yaml",
                    help="YAML with vary: {key: [values]} and/or variants: {name: {key: value}} (named bundles)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value in every variant (repeatable)")
     p.add_argument("--out", metavar="DIR",
                    help="ablation directory (default runs/ablate-<recipe>-<time>); run again with the same "
                         "--out to resume: finished variants are skipped")
