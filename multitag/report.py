@@ -28,7 +28,7 @@ from multitag.evaluation import Scored, prepare_for, score_run
 from multitag.explain import explain_images
 from multitag.fileio import check_writable, read_jsonl, safe_name
 from multitag.metrics import binarize, counts, rank_by_class
-from multitag.predict import Model, load
+from multitag.predict import Model, load, score_vs_threshold
 from multitag.summary import SET_METRICS
 
 REPORT_DIR = "report"
@@ -38,6 +38,7 @@ HISTORY_FILE = "metrics.jsonl"
 GALLERY_SIZE = 8          # images per error gallery
 CAM_IMAGES = 4            # images in the Grad-CAM section
 CAM_TOP_K = 3             # classes explained per image
+CAPTION_CHARS = 40        # a caption line that fits over one thumbnail of plots.image_grid (7 pt, 2.5 in)
 METRIC_LABELS = {"mAP": "mAP", "CP": "CP (per-class precision)", "CR": "CR (per-class recall)",
                  "CF1": "CF1", "OP": "OP (overall precision)", "OR": "OR (overall recall)", "OF1": "OF1",
                  "micro_f1": "micro F1", "macro_f1": "macro F1", "samples_f1": "sample F1",
@@ -76,14 +77,35 @@ class ReportData:
     def class_names(self) -> list[str]:
         return self.model.class_names
 
-    def labels_of(self, i: int) -> str:
-        """The true labels of split row i, comma-separated."""
-        return ", ".join(self.class_names[j] for j in np.flatnonzero(self.positive[i])) or "(none)"
+    def true_line(self, i: int) -> str:
+        """"true: a, b +3 more": split row i's true labels, as many as fit on a caption line."""
+        prefix = "true: "
+        return prefix + name_list([self.class_names[j] for j in np.flatnonzero(self.positive[i])],
+                                  CAPTION_CHARS - len(prefix))
+
+    def decision(self, c: int, score: float) -> str:
+        """Class c's score, against its threshold for a multi-label model ("0.74 ≥ 0.33")."""
+        return score_vs_threshold(score, self.model.thresholds[c]) if self.model.multi_label else f"{score:.2f}"
 
     def figure(self, path: Path) -> Path:
         """Record a written figure (for metrics.json and the tests) and return its path."""
         self.figures.append(path)
         return path
+
+
+def name_list(names: list[str], width: int = CAPTION_CHARS) -> str:
+    """Names comma-separated, as many as fit in ``width`` characters, the rest as "+N more" (at least one
+    name is listed); "(none)" for none. Cutting the text at a width instead would cut a name in two."""
+    for k in range(len(names), 0, -1):
+        text = ", ".join(names[:k]) + (f" +{len(names) - k} more" if k < len(names) else "")
+        if len(text) <= width or k == 1:
+            return text
+    return "(none)"
+
+
+def clipped(text: str, width: int = CAPTION_CHARS) -> str:
+    """``text`` on one caption line: cut with an ellipsis when longer than ``width``."""
+    return text if len(text) <= width else text[:width - 1] + "…"
 
 
 def _has_value(x) -> bool:
@@ -343,17 +365,16 @@ def _gallery(d: ReportData, kind: str) -> str:
     what = {"fp": "false positives", "fn": "false negatives"}[kind]
     if not pairs:
         return _paragraph(f"No {what} on this split.")
-    thr = d.model.thresholds
-
-    def caption(i: int, c: int) -> str:
-        rule = f" {'≥' if kind == 'fp' else '<'} {thr[c]:.2f}" if d.model.multi_label else ""
-        return f"{d.class_names[c]}: {d.scores[i, c]:.2f}{rule}\ntrue: {d.labels_of(i)}"[:80]
-
-    items = [(_original(d, i), caption(i, c)) for i, c in pairs]
+    items = [(_original(d, i), error_caption(d, i, c)) for i, c in pairs]
     path = d.figure(plots.image_grid(items, d.out / f"worst_{kind}.png", title=f"worst {what}"))
     rule = ("score of a class the image does not have, highest first" if kind == "fp"
             else "score of a class the image has but the model missed, lowest first")
     return _figure(path, f"Worst {what} (one per image): {rule}.")
+
+
+def error_caption(d: ReportData, i: int, c: int) -> str:
+    """The class in error with its score against its threshold, then the image's true labels."""
+    return f"{clipped(d.class_names[c] + ': ' + d.decision(c, d.scores[i, c]))}\n{d.true_line(i)}"
 
 
 def errors_section(d: ReportData) -> str:
@@ -361,10 +382,12 @@ def errors_section(d: ReportData) -> str:
 
 
 def _cam_caption(d: ReportData, i: int, cam) -> str:
-    """Class, score, whether the label is true, and a word when the map is empty."""
-    true = " (true)" if d.positive[i, d.class_names.index(cam.class_name)] else ""
+    """Class, score against its threshold (a top class need not be predicted), whether the label is true,
+    and a word when the map is empty."""
+    c = d.class_names.index(cam.class_name)
+    true = " (true)" if d.positive[i, c] else ""
     empty = "\nno positive evidence" if cam.heatmap.max() == 0 else ""
-    return f"{cam.class_name}: {cam.score:.2f}{true}{empty}"
+    return f"{clipped(cam.class_name + ': ' + d.decision(c, cam.score) + true)}{empty}"
 
 
 def gradcam_section(d: ReportData) -> str:
@@ -374,7 +397,7 @@ def gradcam_section(d: ReportData) -> str:
     k = min(CAM_TOP_K, len(d.class_names))
     items = []
     for i, original, cams in zip(picks, originals, explain_images(d.model, originals, top_k=k)):
-        items.append((original, f"{Path(d.prepared.table.paths[d.rows[i]]).name}\ntrue: {d.labels_of(i)}"[:80]))
+        items.append((original, f"{clipped(Path(d.prepared.table.paths[d.rows[i]]).name)}\n{d.true_line(i)}"))
         items += [(cam.overlay, _cam_caption(d, i, cam)) for cam in cams]
     path = d.figure(plots.image_grid(items, d.out / "gradcam.png", ncols=k + 1))
     return _figure(path, f"Grad-CAM of each image's top {k} classes (red = most evidence), computed on the exact "
