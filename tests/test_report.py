@@ -184,6 +184,22 @@ def test_gradcam_captions_say_whether_a_top_class_is_predicted():
     assert _cam_caption(d, 0, cam("a", 0.02)) == "a: 0.02 < 0.30"              # a top class, not a label
 
 
+def test_label_counts_legend_hides_no_total(tmp_path, monkeypatch):
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, out, tight=True: figures.append(fig) or Path(out))
+    even = np.full(10, 100)                                   # bars of one length: all reach the lower right
+    plots.label_counts([f"d{i}" for i in range(10)], {"train": even, "val": even // 4, "test": even // 4},
+                       tmp_path / "counts.png")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = figures[0]
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    ax = fig.axes[0]
+    legend = ax.get_legend().get_window_extent(renderer)
+    totals = [t.get_window_extent(renderer) for t in ax.texts]
+    assert len(totals) == 10 and not any(legend.overlaps(t) for t in totals)
+
+
 def test_learning_curves_mark_stages(tmp_path):
     history = [{"epoch": e, "train_loss": 1 / e, "val_loss": 1.2 / e, "val_mAP": 0.5 + e / 20, "lr": 1e-3 / e,
                 "seconds": 1.0, "stage": s} for e, s in zip(range(1, 8), ["head"] * 2 + ["full"] * 3 + ["polish"] * 2)]
