@@ -84,9 +84,17 @@ def evaluate(run_dir: str | Path, data: str | None = None, split: str = "test", 
 
 
 def calibrate(run_dir: str | Path, data: str | None = None, log=print) -> list[float]:
+    """Refit the thresholds on val (model.json's val metrics with them), and rewrite report/ when they moved."""
+    from multitag.checkpoint import MODEL_META, read_json
     from multitag.evaluation import calibrate_run
+    from multitag.report import rewrite_reports
 
-    return calibrate_run(run_dir, data, log=log)
+    meta = Path(run_dir) / MODEL_META
+    before = read_json(meta).get("thresholds") if meta.is_file() else None    # a missing one: load says so
+    thresholds = calibrate_run(run_dir, data, log=log)
+    if thresholds != before:     # the same fit as train's (no --data): the report is already at them
+        rewrite_reports(run_dir, log=log)
+    return thresholds
 
 
 def demo_data_dir() -> Path:

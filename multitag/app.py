@@ -219,6 +219,15 @@ def flatten_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
     return flat
 
 
+def metrics_caption(source: str, metrics: dict, multi_label: bool) -> str:
+    """What a metrics table measured: model.json's are val (which chose the epoch and fitted the thresholds),
+    a report's the split its metrics.json names: test, or val where the data has no test split."""
+    if "split" not in metrics:          # model.json: {"val": {...}}
+        fitted = " and fitted the thresholds, so its calibrated metrics are optimistic" if multi_label else ""
+        return f"Metrics from {source}: the val split, which chose the best epoch{fitted}"
+    return f"Metrics from {source}: the {metrics['split']} split, {metrics.get('num_images', '?')} images"
+
+
 def model_card(model, run_dir: str) -> None:
     """Architecture, classes with their thresholds, and the stored metrics."""
     import pandas as pd
@@ -239,7 +248,7 @@ def model_card(model, run_dir: str) -> None:
     for source, metrics in sources.items():
         flat = flatten_metrics(metrics)
         if flat:
-            st.caption(f"Metrics from {source}")
+            st.caption(metrics_caption(source, metrics, model.multi_label))
             st.dataframe(pd.DataFrame({"metric": list(flat), "value": list(flat.values())}), hide_index=True)
 
 

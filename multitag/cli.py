@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--data", help="dataset to evaluate on (default: the training data)")
     p.add_argument("--split", default="test", help="train, val, test or all (default test)")
-    p.add_argument("--no-report", dest="report", action="store_false", help="do not write RUN_DIR/report/ (report-<name>/ for --data)")
+    p.add_argument("--no-report", dest="report", action="store_false",
+                   help="do not write RUN_DIR/report/ (report-<name>/ for --data, report@<split>/ for another --split)")
     _add_json(p)
 
     p = sub.add_parser("calibrate", help="fit per-class thresholds on the validation split")
@@ -82,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write RUN_DIR/report/index.html with plots (curves, per-class, PR, errors, Grad-CAM)")
     p.add_argument("run_dir")
     p.add_argument("--data", help="dataset to report on (default: the training data)")
-    p.add_argument("--split", default="test", help="split to report on (default test; val when there is no test)")
+    p.add_argument("--split", default="test",
+                   help="split to report on (default test, in RUN_DIR/report/, or val when there is no test; "
+                        "another split writes report@<split>/)")
     _add_json(p)
 
     p = sub.add_parser("explain", help="Grad-CAM heat map of a class on an image, written as a PNG")
@@ -230,7 +233,7 @@ def cmd_eval(args):
     from multitag.report import report_folder
 
     if args.report:      # before scoring, so --json output is not lost
-        check_writable(report_folder(args.run_dir, args.data), directory=True)
+        check_writable(report_folder(args.run_dir, args.data, args.split), directory=True)
     scored = score_run(args.run_dir, data=args.data, split=args.split, log=_log_for(args))
     result = scored.result
     if not args.json:

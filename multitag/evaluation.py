@@ -103,7 +103,8 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, split: str = "tes
 
 
 def calibrate_run(run_dir: str | Path, data: str | None = None, log=print) -> list[float]:
-    """Fit per-class F1-maximising thresholds on the validation split and store them in model.json."""
+    """Fit per-class F1-maximising thresholds on the validation split and store them in model.json,
+    with the val metrics there recomputed at them (those train stored were at the earlier thresholds)."""
     model = load(run_dir)
     if not model.multi_label:
         raise UserError("calibration applies to multi-label models; single-label models predict the top class.")
@@ -119,5 +120,8 @@ def calibrate_run(run_dir: str | Path, data: str | None = None, log=print) -> li
             f"{'it' if len(kept) == 1 else 'them'}")
     thresholds = thresholds.tolist()
     model.meta["thresholds"] = thresholds
+    # As train's finish() does: the val metrics of the scores the thresholds were fitted on.
+    val = evaluate_scores(scores, t.targets[rows], t.ignore[rows], True, thresholds, t.class_names)
+    model.meta["metrics"] = {**(model.meta.get("metrics") or {}), "val": val}
     write_json(model.run_dir / MODEL_META, model.meta)
     return thresholds

@@ -238,7 +238,8 @@ def label_counts(class_names: Sequence[str], counts_by_split: dict[str, np.ndarr
     ax.set_yticks(y, [names[i] for i in order], fontsize=7)
     ax.set_ylim(-0.6, len(names) - 0.4)
     ax.set_xlabel("images with the label")
-    ax.legend(fontsize=8, loc="lower right")
+    # Above the bars, not over them: inside, it hid the totals of the bottom classes when counts were even.
+    ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0, 1), ncols=len(counts_by_split), frameon=False)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     return _save(fig, out)

@@ -454,6 +454,19 @@ class Model:
 Predictor = Model   # the name the issue uses; Model stays the public one
 
 
+def score_vs_threshold(score: float, threshold: float, decimals: int = 2) -> str:
+    """"0.74 ≥ 0.33" or "0.0496 < 0.0504": the decision of ``decide`` (a score at or above the threshold is
+    a label), with more decimals where fewer would round both to one number and print "0.05 < 0.05"."""
+    score, threshold = float(score), float(threshold)
+    if score >= threshold:       # rounding keeps the order: ≥ stays true at any number of decimals
+        return f"{score:.{decimals}f} ≥ {threshold:.{decimals}f}"
+    for n in range(decimals, 13):
+        s, t = f"{score:.{n}f}", f"{threshold:.{n}f}"
+        if float(s) < float(t):
+            return f"{s} < {t}"
+    return f"{score!r} < {threshold!r}"        # the shortest repr tells any two floats apart
+
+
 def _name_of(image) -> str:
     return str(image) if isinstance(image, (str, Path)) else ""
 

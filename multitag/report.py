@@ -23,19 +23,22 @@ from multitag import plots
 from multitag.checkpoint import MODEL_META, read_json, write_json
 from multitag.errors import UserError
 from multitag.data.decode import decode_image
-from multitag.data.prepare import PreparedData
+from multitag.data.prepare import PreparedData, check_split_name
 from multitag.evaluation import Scored, prepare_for, score_run
 from multitag.explain import explain_images
 from multitag.fileio import check_writable, read_jsonl, safe_name
 from multitag.metrics import binarize, counts, rank_by_class
-from multitag.predict import Model, load
+from multitag.predict import Model, load, score_vs_threshold
 from multitag.summary import SET_METRICS
 
 REPORT_DIR = "report"
+REPORT_SPLIT = "test"     # the split train's report and a plain `multitag report` or `eval` are on
+SPLIT_MARK = "@"          # report@val: safe_name never writes "@", so no data name reads as a split
 HISTORY_FILE = "metrics.jsonl"
 GALLERY_SIZE = 8          # images per error gallery
 CAM_IMAGES = 4            # images in the Grad-CAM section
 CAM_TOP_K = 3             # classes explained per image
+CAPTION_CHARS = 40        # a caption line that fits over one thumbnail of plots.image_grid (7 pt, 2.5 in)
 METRIC_LABELS = {"mAP": "mAP", "CP": "CP (per-class precision)", "CR": "CR (per-class recall)",
                  "CF1": "CF1", "OP": "OP (overall precision)", "OR": "OR (overall recall)", "OF1": "OF1",
                  "micro_f1": "micro F1", "macro_f1": "macro F1", "samples_f1": "sample F1",
@@ -74,14 +77,35 @@ class ReportData:
     def class_names(self) -> list[str]:
         return self.model.class_names
 
-    def labels_of(self, i: int) -> str:
-        """The true labels of split row i, comma-separated."""
-        return ", ".join(self.class_names[j] for j in np.flatnonzero(self.positive[i])) or "(none)"
+    def true_line(self, i: int) -> str:
+        """"true: a, b +3 more": split row i's true labels, as many as fit on a caption line."""
+        prefix = "true: "
+        return prefix + name_list([self.class_names[j] for j in np.flatnonzero(self.positive[i])],
+                                  CAPTION_CHARS - len(prefix))
+
+    def decision(self, c: int, score: float) -> str:
+        """Class c's score, against its threshold for a multi-label model ("0.74 ≥ 0.33")."""
+        return score_vs_threshold(score, self.model.thresholds[c]) if self.model.multi_label else f"{score:.2f}"
 
     def figure(self, path: Path) -> Path:
         """Record a written figure (for metrics.json and the tests) and return its path."""
         self.figures.append(path)
         return path
+
+
+def name_list(names: list[str], width: int = CAPTION_CHARS) -> str:
+    """Names comma-separated, as many as fit in ``width`` characters, the rest as "+N more" (at least one
+    name is listed); "(none)" for none. Cutting the text at a width instead would cut a name in two."""
+    for k in range(len(names), 0, -1):
+        text = ", ".join(names[:k]) + (f" +{len(names) - k} more" if k < len(names) else "")
+        if len(text) <= width or k == 1:
+            return text
+    return "(none)"
+
+
+def clipped(text: str, width: int = CAPTION_CHARS) -> str:
+    """``text`` on one caption line: cut with an ellipsis when longer than ``width``."""
+    return text if len(text) <= width else text[:width - 1] + "…"
 
 
 def _has_value(x) -> bool:
@@ -213,12 +237,14 @@ def summary_section(d: ReportData) -> str:
 
 
 def _headline_table(r: dict) -> str:
-    """Multi-label: mAP and the set metrics @0.5, calibrated and top-3 side by side; single: accuracy."""
+    """Multi-label: mAP and the set metrics @0.5, calibrated and top-3 side by side; single: accuracy.
+    The header names the split, so a table copied out of the page still says what it measured."""
+    unit = f"% on {r['split']}"
     if "accuracy" in r:
-        return _table(["metric", "%"], [[METRIC_LABELS[k], _pct(r.get(k))] for k in ("accuracy", "top5", "macro_f1")],
+        return _table(["metric", unit], [[METRIC_LABELS[k], _pct(r.get(k))] for k in ("accuracy", "top5", "macro_f1")],
                       "metrics")
     cols = ["at_0.5", "calibrated", "top3"] if "calibrated" in r else ["at_0.5", "top3"]
-    header = ["metric (%)"] + [{"at_0.5": "@0.5", "calibrated": "calibrated", "top3": "top-3"}[c] for c in cols]
+    header = [f"metric ({unit})"] + [{"at_0.5": "@0.5", "calibrated": "calibrated", "top3": "top-3"}[c] for c in cols]
     rows = [["mAP", _pct(r["mAP"])] + [""] * (len(cols) - 1)]
     rows += [[METRIC_LABELS[k]] + [_pct(r[c][k]) for c in cols] for k in SET_METRICS]
     return _table(header, rows, "metrics")
@@ -339,17 +365,16 @@ def _gallery(d: ReportData, kind: str) -> str:
     what = {"fp": "false positives", "fn": "false negatives"}[kind]
     if not pairs:
         return _paragraph(f"No {what} on this split.")
-    thr = d.model.thresholds
-
-    def caption(i: int, c: int) -> str:
-        rule = f" {'≥' if kind == 'fp' else '<'} {thr[c]:.2f}" if d.model.multi_label else ""
-        return f"{d.class_names[c]}: {d.scores[i, c]:.2f}{rule}\ntrue: {d.labels_of(i)}"[:80]
-
-    items = [(_original(d, i), caption(i, c)) for i, c in pairs]
+    items = [(_original(d, i), error_caption(d, i, c)) for i, c in pairs]
     path = d.figure(plots.image_grid(items, d.out / f"worst_{kind}.png", title=f"worst {what}"))
     rule = ("score of a class the image does not have, highest first" if kind == "fp"
             else "score of a class the image has but the model missed, lowest first")
     return _figure(path, f"Worst {what} (one per image): {rule}.")
+
+
+def error_caption(d: ReportData, i: int, c: int) -> str:
+    """The class in error with its score against its threshold, then the image's true labels."""
+    return f"{clipped(d.class_names[c] + ': ' + d.decision(c, d.scores[i, c]))}\n{d.true_line(i)}"
 
 
 def errors_section(d: ReportData) -> str:
@@ -357,10 +382,12 @@ def errors_section(d: ReportData) -> str:
 
 
 def _cam_caption(d: ReportData, i: int, cam) -> str:
-    """Class, score, whether the label is true, and a word when the map is empty."""
-    true = " (true)" if d.positive[i, d.class_names.index(cam.class_name)] else ""
+    """Class, score against its threshold (a top class need not be predicted), whether the label is true,
+    and a word when the map is empty."""
+    c = d.class_names.index(cam.class_name)
+    true = " (true)" if d.positive[i, c] else ""
     empty = "\nno positive evidence" if cam.heatmap.max() == 0 else ""
-    return f"{cam.class_name}: {cam.score:.2f}{true}{empty}"
+    return f"{clipped(cam.class_name + ': ' + d.decision(c, cam.score) + true)}{empty}"
 
 
 def gradcam_section(d: ReportData) -> str:
@@ -370,7 +397,7 @@ def gradcam_section(d: ReportData) -> str:
     k = min(CAM_TOP_K, len(d.class_names))
     items = []
     for i, original, cams in zip(picks, originals, explain_images(d.model, originals, top_k=k)):
-        items.append((original, f"{Path(d.prepared.table.paths[d.rows[i]]).name}\ntrue: {d.labels_of(i)}"[:80]))
+        items.append((original, f"{clipped(Path(d.prepared.table.paths[d.rows[i]]).name)}\n{d.true_line(i)}"))
         items += [(cam.overlay, _cam_caption(d, i, cam)) for cam in cams]
     path = d.figure(plots.image_grid(items, d.out / "gradcam.png", ncols=k + 1))
     return _figure(path, f"Grad-CAM of each image's top {k} classes (red = most evidence), computed on the exact "
@@ -415,23 +442,33 @@ def render_page(d: ReportData, sections: list[tuple[str, str, str]]) -> str:
 
 # ----------------------------------------------------------------------------- entry point
 
-def report_folder(run_dir, data: str | None = None) -> Path:
-    """RUN_DIR/report for the run's own data; RUN_DIR/report-<name> for other data (--data), so a
-    report on another dataset never replaces the one on the data the run was trained on."""
+def report_folder(run_dir, data: str | None = None, split: str = REPORT_SPLIT) -> Path:
+    """RUN_DIR/report for the run's own data and the test split; RUN_DIR/report-<name> for other data
+    (--data) and report@<split> (report-<name>@<split>) for another split, so a report on other data
+    or on val never replaces the test report on the data the run was trained on (what the app shows)."""
+    check_split_name(split)                     # a split name becomes part of a path: only the known ones
     run_dir = Path(run_dir)
+    folder = REPORT_DIR if _is_own_data(run_dir, data) else f"{REPORT_DIR}-{_data_name(data)}"
+    return run_dir / (folder if split == REPORT_SPLIT else f"{folder}{SPLIT_MARK}{split}")
+
+
+def _is_own_data(run_dir: Path, data: str | None) -> bool:
+    """No --data, or the path the run was trained on."""
     if not data:
-        return run_dir / REPORT_DIR
+        return True
     try:
         own = read_json(run_dir / MODEL_META)["recipe"]["data"]["path"]
     except (UserError, KeyError, TypeError):
         own = ""
-    if own and Path(data).resolve() == Path(own).resolve():
-        return run_dir / REPORT_DIR
-    # A file is named with its folder: annotation files share names (labels.csv), and two datasets'
-    # reports must not land in one folder, the second replacing the first.
+    return bool(own) and Path(data).resolve() == Path(own).resolve()
+
+
+def _data_name(data: str) -> str:
+    """Other data's part of its report folder name. A file is named with its folder: annotation files
+    share names (labels.csv), and two datasets' reports must not land in one folder, the second
+    replacing the first."""
     path = Path(data).resolve()
-    name = safe_name(f"{path.parent.name}-{path.name}" if path.is_file() else path.name) or "data"
-    return run_dir / f"{REPORT_DIR}-{name}"
+    return safe_name(f"{path.parent.name}-{path.name}" if path.is_file() else path.name) or "data"
 
 
 def _emptied_of_figures(out: Path) -> Path:
@@ -447,12 +484,13 @@ def write_report(run_dir, data: str | None = None, split: str = "test", log=prin
     """Score the run on a split (test, or val when the data has none) and write its index.html.
 
     ``scored`` reuses scores already computed (by `multitag eval`, of ``data``) instead of scoring again.
-    The page goes to ``report_folder(run_dir, data)``: report/, or report-<name>/ for other data.
+    The page goes to ``report_folder(run_dir, data, split)`` (the split asked for, or ``scored``'s):
+    report/, report-<name>/ for other data, report@<split>/ for a split other than test.
     Also writes metrics.json beside it (the metrics, per-class counts, notes and figure names).
     Returns the path of index.html.
     """
     start = time.perf_counter()
-    folder = report_folder(run_dir, data)
+    folder = report_folder(run_dir, data, split if scored is None else scored.split)
     check_writable(folder, directory=True)      # before the scoring, not after it
     if scored is None:
         model = load(run_dir)
@@ -474,4 +512,18 @@ def write_report(run_dir, data: str | None = None, split: str = "test", log=prin
     write_json(d.out / "metrics.json", {**result, **extra})
     log(f"report on {split} ({len(rows)} images, {len(d.figures)} figures) in "
         f"{time.perf_counter() - start:.1f}s: {index}")
+    return index
+
+
+def rewrite_reports(run_dir, log=print) -> Path | None:
+    """After `calibrate`: report/ written again at the new thresholds (its test metrics stay test metrics:
+    the thresholds were fitted on val), so it and the app agree with model.json; the other report
+    folders (other --data or --split, whose data a report does not record) are named as out of date.
+    Returns report/index.html when it was rewritten (None when the run has no report/)."""
+    run_dir = Path(run_dir)
+    index = write_report(run_dir, log=log) if (run_dir / REPORT_DIR / "index.html").is_file() else None
+    others = sorted(p.name for p in run_dir.glob(f"{REPORT_DIR}[-{SPLIT_MARK}]*") if p.is_dir())
+    if others:
+        log(f"{', '.join(others)} still show{'s' * (len(others) == 1)} metrics at the earlier thresholds; "
+            "run `multitag eval` with their --data/--split again to refresh them")
     return index

@@ -74,8 +74,11 @@ def test_upload_slider_gradcam_and_model_card(app_test, tiny_model, image_paths)
     else:
         assert any("multitag.explain" in i.value for i in at.info)
 
-    # the model card lists every class with its threshold
+    # the model card lists every class with its threshold, and names the split of each metrics table
     assert len(at.tabs[1].dataframe[0].value) == len(tiny_model.class_names)
+    captions = [c.value for c in at.tabs[1].caption]
+    assert "Metrics from report/metrics.json: the test split, 40 images" in captions
+    assert any(c.startswith("Metrics from model.json: the val split") for c in captions)
 
 
 def free_port() -> int:

@@ -189,6 +189,52 @@ def test_eval_on_other_data_writes_its_own_report_and_keeps_the_runs(tiny_run, d
     assert run_json(capsys, "eval", str(run), "--data", str(digits_csv))["report"] == str(run / "report" / "index.html")
 
 
+def test_eval_on_val_writes_report_at_val_and_keeps_the_test_report(tiny_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    own = (run / "report" / "index.html").read_text()
+    result = run_json(capsys, "eval", str(run), "--split", "val")
+    assert result["report"] == str(run / "report@val" / "index.html")
+    assert (run / "report" / "index.html").read_text() == own                  # the test report the app shows
+    page = (run / "report@val" / "index.html").read_text()
+    assert "metric (% on val)" in page
+    assert json.loads((run / "report@val" / "metrics.json").read_text())["split"] == "val"
+    assert main(["eval", str(run), "--split", "vall"]) == 2                    # a split name is checked first
+    assert 'unknown split "vall"' in capsys.readouterr().err and not (run / "report@vall").exists()
+
+
+def test_calibrate_brings_model_json_and_the_report_to_the_new_thresholds(tiny_run, digits_csv, tmp_path, capsys):
+    import csv
+    import shutil
+
+    from multitag.api import calibrate
+    from multitag.evaluation import evaluate_run
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "report@val").mkdir()                           # an earlier `eval --split val`: named as out of date
+    with open(tmp_path / "no_d9.csv", "w", newline="") as f:                  # val without d9: other thresholds
+        out = csv.writer(f)
+        out.writerow(["image", "labels", "split"])
+        for r in csv.DictReader(open(digits_csv)):
+            if "d9" not in r["labels"].split():
+                out.writerow([digits_csv.parent / r["image"], r["labels"], r["split"]])
+    logs = []
+    before = json.loads((run / "model.json").read_text())["thresholds"]
+    after = calibrate(run, data=str(tmp_path / "no_d9.csv"), log=logs.append)
+    assert after != before
+    quiet = {"log": lambda *a: None}
+    stored = json.loads((run / "model.json").read_text())["metrics"]["val"]
+    val = evaluate_run(run, data=str(tmp_path / "no_d9.csv"), split="val", **quiet)     # the val fitted on
+    assert stored["calibrated"] == pytest.approx(val["calibrated"])
+    report = json.loads((run / "report" / "metrics.json").read_text())
+    test = evaluate_run(run, split="test", **quiet)                            # still test, at val's thresholds
+    assert report["split"] == "test" and report["calibrated"] == pytest.approx(test["calibrated"])
+    assert any("report@val still shows metrics at the earlier thresholds" in line for line in logs)
+
+
 def test_an_empty_split_names_its_cause_and_the_split_there_is(tiny_run, digits_csv, tmp_path, capsys):
     import csv
 

@@ -14,7 +14,9 @@ from PIL import Image
 
 from multitag import api, plots
 from multitag.cli import main
-from multitag.report import predicted_vs_true, worst_errors, write_report
+from multitag.predict import score_vs_threshold
+from multitag.report import (CAPTION_CHARS, ReportData, _cam_caption, error_caption, predicted_vs_true,
+                             worst_errors, write_report)
 
 QUIET = {"log": lambda *a, **k: None}
 FAST = ["train.epochs=2", "train.batch_size=32", "train.precision=fp32", "train.channels_last=false"]
@@ -142,6 +144,60 @@ def test_predicted_vs_true_counts_only_wrong_predictions():
     d.scores = np.array([[0.9, 0.8, 0.7], [0.2, 0.6, 0.1], [0.1, 0.1, 0.9]])
     assert worst_errors(d, "fp") == [(0, 2), (1, 1)]                      # c at 0.7, then b at 0.6
     assert worst_errors(d, "fn") == [(1, 0)]
+
+
+def fake_report(names: list[str], scores, targets, thresholds, multi_label: bool = True) -> ReportData:
+    """A ReportData over given scores, without a model or images (enough for captions)."""
+    targets = np.asarray(targets, dtype=np.float32)
+    model = SimpleNamespace(multi_label=multi_label, class_names=names, thresholds=np.asarray(thresholds))
+    prepared = SimpleNamespace(table=SimpleNamespace(targets=targets, ignore=np.zeros(targets.shape, bool)))
+    return ReportData(model, prepared, "test", np.arange(len(targets)), np.asarray(scores, dtype=np.float32),
+                      {}, Path("."), [])
+
+
+def test_captions_of_30_classes_list_a_few_true_labels_and_count_the_rest():
+    names = [f"category_{k:02d}" for k in range(30)]
+    targets = np.zeros((1, 30))
+    targets[0, :12] = 1                                                       # 12 true labels
+    d = fake_report(names, np.full((1, 30), 0.1), targets, np.full(30, 0.5))
+    line = error_caption(d, 0, 0).split("\n")[1]
+    assert line.startswith("true: category_00") and line.endswith(" more") and len(line) <= CAPTION_CHARS
+    listed, more = line[len("true: "):].rsplit(" +", 1)
+    assert all(n in names for n in listed.split(", "))                        # whole names, none cut in two
+    assert len(listed.split(", ")) + int(more.split()[0]) == 12
+
+
+def test_score_below_its_threshold_never_reads_as_equal():
+    assert score_vs_threshold(0.0496, 0.0504) == "0.0496 < 0.0504"             # not "0.05 < 0.05"
+    assert score_vs_threshold(0.3449, 0.3451) == "0.34 < 0.35"                 # two decimals where they tell
+    assert score_vs_threshold(0.0504, 0.0504) == "0.05 ≥ 0.05"                 # equal is a label: ≥ is true
+    assert score_vs_threshold(0.5, np.nextafter(0.5, 1)).startswith("0.5 <")   # beyond 12 decimals: repr
+    d = fake_report(["a", "b"], [[0.0496, 0.9]], [[1, 0]], [0.0504, 0.5])
+    assert error_caption(d, 0, 0).startswith("a: 0.0496 < 0.0504\n")         # the false negative
+    assert error_caption(d, 0, 1).startswith("b: 0.90 ≥ 0.50\n")             # the false positive
+
+
+def test_gradcam_captions_say_whether_a_top_class_is_predicted():
+    d = fake_report(["a", "b"], [[0.02, 0.9]], [[0, 1]], [0.3, 0.5])
+    cam = lambda name, score: SimpleNamespace(class_name=name, score=score, heatmap=np.ones((2, 2)))   # noqa: E731
+    assert _cam_caption(d, 0, cam("b", 0.9)) == "b: 0.90 ≥ 0.50 (true)"
+    assert _cam_caption(d, 0, cam("a", 0.02)) == "a: 0.02 < 0.30"              # a top class, not a label
+
+
+def test_label_counts_legend_hides_no_total(tmp_path, monkeypatch):
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, out, tight=True: figures.append(fig) or Path(out))
+    even = np.full(10, 100)                                   # bars of one length: all reach the lower right
+    plots.label_counts([f"d{i}" for i in range(10)], {"train": even, "val": even // 4, "test": even // 4},
+                       tmp_path / "counts.png")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = figures[0]
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    ax = fig.axes[0]
+    legend = ax.get_legend().get_window_extent(renderer)
+    totals = [t.get_window_extent(renderer) for t in ax.texts]
+    assert len(totals) == 10 and not any(legend.overlaps(t) for t in totals)
 
 
 def test_learning_curves_mark_stages(tmp_path):
