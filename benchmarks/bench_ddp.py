@@ -23,11 +23,14 @@ import sys
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
 
 def run(label: str, launcher: list[str], args: list[str], out: Path) -> dict:
     cmd = [*launcher, "-m", "multitag.cli", "train", *args, "--out", str(out)]
     start = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)   # -m multitag from the checkout
     wall = time.perf_counter() - start
     if done.returncode != 0:
         sys.exit(f"{label} failed:\n{done.stderr[-3000:]}")

@@ -100,7 +100,7 @@ def batchnorm_act(bn: nn.BatchNorm2d, x: torch.Tensor, residual: torch.Tensor | 
         return _fused(bn, x, residual, act)
     y = nn.BatchNorm2d.forward(bn, x)
     if residual is not None:
-        y = y + residual
+        y += residual           # in place as timm's blocks add: the sum keeps y's dtype (bf16 under autocast)
     return _LAYER_ACT[act](y)
 
 

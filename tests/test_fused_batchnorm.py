@@ -259,3 +259,23 @@ def test_the_kernel_checks_what_it_is_given():
                                   fb.ACTS["relu"])
     with pytest.raises(RuntimeError, match="unknown activation code"):
         ext.batchnorm_act_forward(cl_bf16(torch.randn(2, 16, 4, 4)), *args, None, 7)
+
+
+def test_a_block_the_kernel_cannot_take_adds_its_shortcut_as_timm_does():
+    """An fp32 shortcut beside a bf16 BatchNorm output (the first block under autocast) is left to the layers'
+    own ops, which add in place like timm's block: the sum stays bf16 (it was promoted to fp32, so every
+    later block ran on fp32 shortcuts and the output differed from timm's)."""
+    import copy
+
+    import timm
+
+    from multitag.layer_tweaks import apply_tweaks
+
+    torch.manual_seed(0)
+    plain = timm.models.resnet.BasicBlock(16, 16).train()
+    kept = copy.deepcopy(plain)
+    assert apply_tweaks(kept, ("fused_batchnorm",)) == 3
+    x = torch.randn(2, 16, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = plain(x), kept(x)
+    assert got.dtype == want.dtype and torch.equal(got, want)

@@ -11,6 +11,12 @@ from multitag.losses import MaskedBCE
 from multitag.models import build_model
 
 
+@pytest.fixture(autouse=True)
+def no_gpu(monkeypatch):
+    """These are the CPU's choices; on a machine with a GPU, device auto would be CUDA."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
 def setup():
     model = build_model("simple_cnn", 4)
     return model, MaskedBCE(), torch.randn(8, 3, 32, 32), torch.randint(0, 2, (8, 4)).float()
@@ -176,3 +182,23 @@ def test_a_cache_file_cut_short_is_measured_again_and_rewritten_whole(tmp_path, 
     rt = runtime.choose_runtime(*setup(), log=lambda *a: None)
     assert rt.channels_last
     assert [v["choice"][1] for v in json.loads((tmp_path / "precision.json").read_text()).values()] == [True]
+
+
+def test_a_slow_warm_up_step_does_not_rule_a_candidate_out(monkeypatch):
+    """On CUDA a candidate's first step loads its kernels and autotunes cuDNN: only timed steps may give up
+    (a bf16 candidate was once 'measured' by its warm-up alone, at 1/28 of its speed)."""
+    import time as time_module
+
+    calls = []
+
+    def loss_after_warm_up(model, loss_fn, x, y, ignore):
+        calls.append(1)
+        if len(calls) == 1:
+            time_module.sleep(0.2)                  # the warm-up: far over give_up_after
+        return model(x).sum()
+
+    monkeypatch.setattr(runtime, "training_loss", loss_after_warm_up)
+    model, loss_fn, x, y = setup()
+    rt = runtime.Runtime(torch.device("cpu"), "fp32", False)
+    seconds = runtime.time_train_step(model, loss_fn, x, y, rt, steps=3, give_up_after=0.1)
+    assert len(calls) == 4 and seconds < 0.1

@@ -16,8 +16,10 @@ GPU_SHARE = 0.25     # the most of the free GPU memory the cached rows may take:
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``x`` on ``device``; CPU → CUDA copies go from pinned memory without blocking the host."""
-    if device.type != "cuda" or x.device == device:
+    if device.type != "cuda":
         return x
+    if x.is_cuda:               # rows of a DeviceCache (cuda:0 is not == cuda, so compare types): no pinning
+        return x.to(device)
     return x.pin_memory().to(device, non_blocking=True)
 
 
