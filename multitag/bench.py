@@ -287,7 +287,7 @@ class DecodeEveryRead:
 
 def multitag_systems(b: Bench, opts: BenchOptions) -> list[System]:
     rows = []
-    for cand in candidates(b.rt.device, opts.threads, available_tweaks(b.model), b.model):   # what choose_runtime measured
+    for cand in candidates(b.rt.device, opts.threads, available_tweaks(b.model, b.rt.device), b.model):   # what choose_runtime measured
         rt = Runtime(b.rt.device, *cand)
         rows.append(engine_system(b, f"multitag, {rt.describe()}" + ("  [chosen]" if rt == b.rt else ""), rt))
     rows.append(engine_system(b, "multitag, unfused optimizer", b.rt, fused=False,

@@ -202,8 +202,12 @@ TWEAKS = {
 }
 
 
-def available_tweaks(model: nn.Module) -> tuple[str, ...]:
-    """The tweaks ``model`` has layers for, in TWEAKS order."""
+def available_tweaks(model: nn.Module, device: torch.device = torch.device("cpu")) -> tuple[str, ...]:
+    """The tweaks ``model`` has layers for, in TWEAKS order. None off the CPU: they remedy CPU kernels
+    (two are no-ops on CUDA tensors, the others work around oneDNN slow spots cuDNN does not have), and
+    measuring them cost a CUDA start-up twice the candidates and a CPU-kernel build."""
+    if device.type != "cpu":
+        return ()
     return tuple(name for name, t in TWEAKS.items()
                  if any(t.selects(m) for m in model.modules()) and not t.unavailable())
 

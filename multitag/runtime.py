@@ -255,7 +255,7 @@ def choose_runtime(model, loss_fn, example, targets, *, device: str = "auto", pr
     if precision not in PRECISIONS:
         raise UserError(f'unknown precision "{precision}"{did_you_mean(precision, PRECISIONS)}.')
     cl = parse_switch(channels_last, "train.channels_last")
-    tweaks = available_tweaks(model)
+    tweaks = available_tweaks(model, dev)
     cands = [cand for cand in candidates(dev, threads, tweaks, model)
              if (precision == "auto" or cand[0] == precision) and (cl is None or cand[1] == cl)]
     if not cands:
