@@ -95,9 +95,9 @@ def test_wrong_architecture_names_counts_and_examples():
         load_pretrained(_fresh("timm/resnet10t", 3, seed=0), state, source="simple.pth", log=None)
     msg = str(e.value)
     n_model = len(_fresh("timm/resnet10t", 3, seed=0).state_dict())
-    assert f"{n_model - 2} missing (e.g. conv1.0.weight" in msg      # fc.* exist in both, with other shapes
-    assert f"{len(state) - 2} unexpected (e.g. features.0.0.weight" in msg
-    assert "simple.pth" in msg and "key map" in msg
+    assert f"only 2 of the model's {n_model} tensors are in the file by name" in msg   # fc.*, of other shapes
+    assert "the file has keys like features.0.0.weight" in msg and "the model expects conv1.0.weight" in msg
+    assert "simple.pth" in msg and "key map" in msg and "weights_prefix" not in msg
 
 
 def test_renamed_backbone_key_is_an_error_and_key_map_fixes_it():
@@ -108,6 +108,90 @@ def test_renamed_backbone_key_is_an_error_and_key_map_fixes_it():
     dst = _fresh("simple_cnn", 3, seed=1)
     load_pretrained(dst, state, key_map=lambda k: k.replace("hidden.", "fc1."), log=None)
     assert _same_outputs(src, dst)
+
+
+# --- the files people have: training checkpoints, wrappers, several models in one file --------
+
+def _timm_checkpoint(path, state, ema=None):
+    """What timm's train.py writes (checkpoint-N.pth.tar / model_best.pth.tar): the weights with the
+    optimizer, the epoch and the argparse.Namespace of its arguments."""
+    import argparse
+
+    ckpt = {"epoch": 7, "arch": "simple_cnn", "state_dict": state, "optimizer": {"state": {}, "param_groups": []},
+            "version": 2, "args": argparse.Namespace(model="simple_cnn", lr=0.1, epochs=10, sched=None)}
+    if ema is not None:
+        ckpt["state_dict_ema"] = ema
+    torch.save(ckpt, path)
+    return path
+
+
+@pytest.mark.parametrize("with_ema", [True, False])
+def test_timm_training_checkpoint_prefers_its_ema_weights(tmp_path, with_ema):
+    raw, ema, dst = (_fresh("simple_cnn", 4, seed=s) for s in (0, 1, 2))
+    path = _timm_checkpoint(tmp_path / "model_best.pth.tar", raw.state_dict(), ema.state_dict() if with_ema else None)
+    lines = []
+    init_from_file(dst, "simple_cnn", path, log=lines.append)
+    assert _same_outputs(ema if with_ema else raw, dst)
+    entry = "'state_dict_ema' entry (EMA)" if with_ema else "'state_dict' entry"
+    assert lines == [f"{path}: weights from its {entry}"]
+
+
+def test_checkpoint_args_of_other_classes_are_still_refused(tmp_path):
+    torch.save({"state_dict": _fresh("simple_cnn", 4, seed=0).state_dict(), "args": _NotATensor()},
+               tmp_path / "w.pth.tar")
+    with pytest.raises(UserError, match=r"weights_only=True\) refused it"):
+        load_state_file(tmp_path / "w.pth.tar")
+
+
+class _Wrapped(torch.nn.Module):
+    """A model whose every key starts with a real module name ("backbone."), which must stay."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = build_model("simple_cnn", 4)
+
+    def forward(self, x):
+        return self.backbone(x)
+
+
+@pytest.mark.parametrize("prefix", ["model.", "model.backbone.", "module.", "_orig_mod."])
+def test_a_prefix_shared_by_every_key_is_dropped_when_the_keys_then_fit(tmp_path, prefix):
+    """LightningModule(self.model=...) saves model.*; a wrapper of the backbone, model.backbone.*."""
+    src, dst = _fresh("simple_cnn", 4, seed=0), _fresh("simple_cnn", 4, seed=1)
+    torch.save({"state_dict": {prefix + k: v for k, v in src.state_dict().items()}, "epoch": 3}, tmp_path / "l.ckpt")
+    lines = []
+    init_from_file(dst, "simple_cnn", tmp_path / "l.ckpt", log=lines.append)
+    assert _same_outputs(src, dst)
+    assert lines == [f"{tmp_path / 'l.ckpt'}: weights from its 'state_dict' entry, prefix '{prefix}' shared by every key removed"]
+
+
+def test_a_real_top_level_module_name_is_not_stripped(tmp_path):
+    torch.manual_seed(0)
+    src = _Wrapped().eval()
+    for prefix in ("", "module."):                           # saved plain, and from DDP
+        torch.manual_seed(1)
+        dst = _Wrapped().eval()
+        save_file({prefix + k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "w.safetensors"))
+        report = init_from_file(dst, "wrapped", tmp_path / "w.safetensors", log=None)
+        assert len(report.loaded) == len(src.state_dict()) and _same_outputs(src, dst)
+
+
+def test_weights_prefix_takes_one_model_of_several(tmp_path):
+    student, teacher = _fresh("simple_cnn", 4, seed=0), _fresh("simple_cnn", 4, seed=1)
+    state = {**{f"student.{k}": v for k, v in student.state_dict().items()},
+             **{f"teacher.{k}": v for k, v in teacher.state_dict().items()}}
+    path = tmp_path / "distill.pth"
+    torch.save(state, path)
+    for prefix, expected in (("student", student), ("teacher.", teacher)):
+        dst = _fresh("simple_cnn", 4, seed=2)
+        init_from_file(dst, "simple_cnn", path, prefix=prefix, log=None)
+        assert _same_outputs(expected, dst)
+    with pytest.raises(UserError, match=r'the file holds this model\'s keys under "student\.", also under '
+                                        r'"teacher\.": set model.weights_prefix=student\.'):
+        init_from_file(_fresh("simple_cnn", 4, seed=2), "simple_cnn", path, log=None)
+    with pytest.raises(UserError, match=r'"studnet\." matches no key of .*distill.pth \(did you mean "student\."\?\); '
+                                        r"its prefixes at that depth are: student\., teacher\.\.$"):
+        init_from_file(_fresh("simple_cnn", 4, seed=2), "simple_cnn", path, prefix="studnet", log=None)
 
 
 class _NotATensor:
