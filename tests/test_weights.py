@@ -272,3 +272,22 @@ def test_missing_weights_package_names_the_pip_command(monkeypatch):
         weights_path(1)
     with pytest.raises(UserError, match="variant 0, 1 or 2"):
         weights_path(3)
+
+
+def test_training_starts_from_one_model_of_a_timm_checkpoint(digits_csv, tmp_path):
+    """End to end: model.weights=<.pth.tar> with model.weights_prefix, through `train` (lr 0 keeps the weights)."""
+    from safetensors.torch import load_file
+
+    from multitag.api import train
+
+    student, teacher = _fresh("simple_cnn", 10, seed=0), _fresh("simple_cnn", 10, seed=1)
+    both = {**{f"student.{k}": v for k, v in student.state_dict().items()},
+            **{f"teacher.{k}": v for k, v in teacher.state_dict().items()}}
+    path = _timm_checkpoint(tmp_path / "checkpoint-9.pth.tar", both, ema=both)
+    logs = []
+    run = train("demo", data=str(digits_csv), out=tmp_path / "r", log=logs.append,
+                overrides=[f"model.weights={path}", "model.weights_prefix=student", "optim.lr=0", "train.epochs=1",
+                           "train.precision=fp32", "train.channels_last=false", "train.report=false"])
+    assert f"{path}: weights from its 'state_dict_ema' entry (EMA), keys under model.weights_prefix 'student'" in logs
+    saved = load_file(str(run / "model.safetensors"))
+    assert all(torch.equal(saved[k], v) for k, v in student.state_dict().items() if k.endswith("weight"))
