@@ -247,6 +247,16 @@ def test_lite0_package_file_via_init_from_file(lite0_imagenet):
     assert _same_outputs(model, lite0_imagenet, size=64)
 
 
+def test_a_ddp_wrapped_lukemelas_file_is_stripped_then_mapped(lite0_imagenet, tmp_path):
+    """The prefix is judged after the key map: module._conv_stem.weight fits as conv_stem.weight."""
+    from multitag.models.efficientnet_lite import weights_path
+
+    torch.save({f"module.{k}": v for k, v in load_state_file(weights_path(0)).items()}, tmp_path / "ddp.pth")
+    model = build_model("efficientnet_lite0", 1000, pretrained=False).eval()
+    report = init_from_file(model, "efficientnet_lite0", tmp_path / "ddp.pth", log=None)
+    assert len(report.loaded) == len(model.state_dict()) and _same_outputs(model, lite0_imagenet, size=64)
+
+
 @pytest.mark.skipif(not VOC_IMAGES.is_dir(), reason="../shared/data/voc2007 not available")
 def test_lite0_recognises_voc_images(lite0_imagenet):
     from multitag.data.decode import load_and_resize
