@@ -129,5 +129,5 @@ def test_a_timm_pretrained_tag_takes_its_normalisation_and_size():
     assert get_spec("timm/inception_v3").mean == get_spec("simple_cnn").mean        # no tag: ImageNet's, as before
     model = build_model("timm/resnet10t.c3_in1k", 3).eval()   # random init: nothing downloaded
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3) and get_spec("timm/resnet10t.c3_in1k").default_size == 176
-    with pytest.raises(UserError, match='no pretrained tag "a1_in1kk" for resnet18 \\(did you mean "resnet18.a1_in1k"\\?\\)'):
+    with pytest.raises(UserError, match='no pretrained tag "a1_in1kk" for resnet18 \\(did you mean "timm/resnet18.a1_in1k"\\?\\)'):
         get_spec("timm/resnet18.a1_in1kk")

@@ -83,7 +83,7 @@ def _timm_spec(arch: str) -> ModelSpec:
         cfg = get_pretrained_cfg(arch)
     except RuntimeError:          # timm: "Invalid pretrained tag"
         tags = timm.list_pretrained(base + ".*")
-        raise UserError(f'timm has no pretrained tag "{tag}" for {base}{did_you_mean(arch, tags)}; '
+        raise UserError(f'timm has no pretrained tag "{tag}" for {base}{did_you_mean(f"timm/{arch}", [f"timm/{t}" for t in tags])}; '
                         "use one that `timm.list_pretrained()` lists, or timm/" + base + " alone.") from None
     return ModelSpec(f"timm/{arch}", build, f"timm architecture {base}, pretrained config {tag}",
                      cfg.input_size[-1], mean=tuple(cfg.mean), std=tuple(cfg.std))

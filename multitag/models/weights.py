@@ -176,8 +176,9 @@ def _mismatch(model_state: Mapping[str, torch.Tensor], state: Mapping[str, torch
     if 2 * found >= len(model_state):           # mostly the right file: list what differs
         what = _problem_summary(report)
     else:
+        theirs, ours = report.unexpected or list(state), report.missing or list(model_state)
         what = (f"only {found} of the model's {len(model_state)} tensors are in the file by name (the file has keys "
-                f"like {', '.join(list(state)[:2])}; the model expects {', '.join(list(model_state)[:2])})")
+                f"like {', '.join(theirs[:2])}; the model expects {', '.join(ours[:2])})")
     prefixes = _prefixes_holding(model_state, state)
     if prefixes:
         also = "".join(f', also under "{p}"' for p in prefixes[1:3])
@@ -187,14 +188,14 @@ def _mismatch(model_state: Mapping[str, torch.Tensor], state: Mapping[str, torch
 
 
 def _prefixes_holding(model_state: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> list[str]:
-    """Prefixes under which the file has at least half of the model's keys, most keys first: "student."
+    """Prefixes under which the file has at least half of the model's keys, most keys first: "student"
     for a file of student.* and teacher.* keys."""
     counts: dict[str, int] = {}
     for key in state:
         parts = key.split(".")
         for i in range(1, len(parts)):
             if ".".join(parts[i:]) in model_state:
-                prefix = ".".join(parts[:i]) + "."
+                prefix = ".".join(parts[:i])         # as model.weights_prefix takes it, no final dot
                 counts[prefix] = counts.get(prefix, 0) + 1
     return sorted((p for p, n in counts.items() if 2 * n >= len(model_state)), key=lambda p: (-counts[p], p))
 
@@ -330,14 +331,14 @@ def _shared_prefixes(keys: Iterable[str]) -> list[str]:
 def take_prefix(state: Mapping[str, torch.Tensor], prefix: str, source: str) -> dict[str, torch.Tensor]:
     """The keys under ``prefix`` (``model.weights_prefix``, e.g. "student." of a distillation checkpoint),
     prefix removed; a prefix no key has is a UserError naming the prefixes the file does have."""
-    prefix = prefix.rstrip(".") + "."
-    taken = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    name = prefix.rstrip(".")
+    taken = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
     if taken:
         return taken
-    depth = prefix.count(".")
-    found = sorted({".".join(k.split(".")[:depth]) + "." for k in state if k.count(".") >= depth})
+    depth = name.count(".") + 1
+    found = sorted({".".join(k.split(".")[:depth]) for k in state if k.count(".") >= depth})
     shown = ", ".join(found[:12]) + (", ..." if len(found) > 12 else "") if found else "none"
-    raise UserError(f'model.weights_prefix "{prefix}" matches no key of {source}{did_you_mean(prefix, found) if found else ""}; '
+    raise UserError(f'model.weights_prefix "{name}" matches no key of {source}{did_you_mean(name, found) if found else ""}; '
                     f"its prefixes at that depth are: {shown}.")
 
 
