@@ -154,15 +154,38 @@ class _Wrapped(torch.nn.Module):
         return self.backbone(x)
 
 
+def _lightning_checkpoint(path, state):
+    """The layout of a Lightning .ckpt: the LightningModule's state dict among the trainer's state."""
+    torch.save({"epoch": 3, "global_step": 120, "pytorch-lightning_version": "2.4.0", "state_dict": state,
+                "loops": {"fit_loop": {"epoch_progress": {"total": {"ready": 4}}}},
+                "callbacks": {"ModelCheckpoint{'monitor': 'val_map'}": {"best_model_score": torch.tensor(0.8),
+                                                                       "best_model_path": "/runs/best.ckpt"}},
+                "optimizer_states": [{"state": {}, "param_groups": [{"lr": 0.001, "params": [0, 1]}]}],
+                "lr_schedulers": [{"last_epoch": 3}], "hparams_name": "kwargs",
+                "hyper_parameters": {"lr": 0.001, "backbone": "simple_cnn", "betas": (0.9, 0.999)}}, path)
+    return path
+
+
 @pytest.mark.parametrize("prefix", ["model.", "model.backbone.", "module.", "_orig_mod."])
 def test_a_prefix_shared_by_every_key_is_dropped_when_the_keys_then_fit(tmp_path, prefix):
     """LightningModule(self.model=...) saves model.*; a wrapper of the backbone, model.backbone.*."""
     src, dst = _fresh("simple_cnn", 4, seed=0), _fresh("simple_cnn", 4, seed=1)
-    torch.save({"state_dict": {prefix + k: v for k, v in src.state_dict().items()}, "epoch": 3}, tmp_path / "l.ckpt")
+    _lightning_checkpoint(tmp_path / "l.ckpt", {prefix + k: v for k, v in src.state_dict().items()})
     lines = []
     init_from_file(dst, "simple_cnn", tmp_path / "l.ckpt", log=lines.append)
     assert _same_outputs(src, dst)
     assert lines == [f"{tmp_path / 'l.ckpt'}: weights from its 'state_dict' entry, prefix '{prefix}' shared by every key removed"]
+
+
+def test_a_lightning_module_with_more_than_the_model_is_told_its_prefix(tmp_path):
+    """self.model plus a loss with a buffer: model. is not shared by every key, so it is named, not guessed."""
+    src, dst = _fresh("simple_cnn", 4, seed=0), _fresh("simple_cnn", 4, seed=1)
+    path = _lightning_checkpoint(tmp_path / "l.ckpt", {**{f"model.{k}": v for k, v in src.state_dict().items()},
+                                                       "criterion.pos_weight": torch.ones(4)})
+    with pytest.raises(UserError, match=r'keys under "model": set model.weights_prefix=model\.$'):
+        init_from_file(dst, "simple_cnn", path, log=None)
+    init_from_file(dst, "simple_cnn", path, prefix="model", log=None)
+    assert _same_outputs(src, dst)
 
 
 def test_a_real_top_level_module_name_is_not_stripped(tmp_path):
