@@ -31,6 +31,7 @@ import yaml
 from multitag.checkpoint import MODEL_META, TRAIN_META, read_json
 from multitag.config import Config, apply_overrides, load_config
 from multitag.config_checks import check_config
+from multitag.data.prepare import require_data
 from multitag.errors import UserError
 from multitag.fileio import atomic_write_text
 
@@ -134,8 +135,7 @@ def variant_config(base: Config, data: str | None, overrides, variant: Variant) 
     cfg = apply_overrides(base, [*overrides, *variant.overrides, "train.report=false"])
     if data is not None:
         cfg.data.path = str(data)
-    if not cfg.data.path:
-        raise UserError("no data given; pass --data PATH.")
+    require_data(cfg.data)
     try:
         check_config(cfg)
     except UserError as e:

@@ -24,6 +24,7 @@ def train(config: str | Config | None = None, data: str | None = None, out: str 
     """
     from multitag import distributed
     from multitag.config_checks import check_config
+    from multitag.data.prepare import require_data
     from multitag.engine import fit, load_run_config
 
     if resume is not None:
@@ -36,6 +37,7 @@ def train(config: str | Config | None = None, data: str | None = None, out: str 
         cfg = _config(config, data, overrides)
         run = Path(out) if out else default_run_dir(cfg)
     check_config(cfg)           # before "run directory:" is said of a run that would not start (fit checks too)
+    require_data(cfg.data)
     t = cfg.train
     with distributed.session(t.device, t.dist_timeout_s, t.dist_setup_timeout_s):   # no-op without torchrun
         run = Path(distributed.broadcast_object(str(run)))     # rank 0's (timestamped) default directory

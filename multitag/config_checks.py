@@ -59,10 +59,22 @@ def check_config(cfg: Config) -> None:
     _check_freeze_patterns(cfg)
     if 0 < cfg.data.image_size < spec.min_size:    # the built model's probe would say it after caching
         raise too_small(cfg.model.name, cfg.data.image_size, spec.min_size)
-    if cfg.model.weights:                      # before minutes of image decoding
-        from multitag.models.weights import check_weights_file
+    _check_weights(cfg)
 
-        check_weights_file(cfg.model.weights)
+
+def _check_weights(cfg: Config) -> None:
+    """The weights settings, before minutes of image decoding: the file exists, a prefix comes with a file,
+    and model.args.pretrained=true has weights to load (nothing is downloaded)."""
+    from multitag.models.registry import configured_args
+    from multitag.models.weights import check_weights_file
+
+    m = cfg.model
+    if m.weights:
+        check_weights_file(m.weights)
+    elif m.weights_prefix:
+        raise UserError("model.weights_prefix selects keys of model.weights, which is not set; give the file with "
+                        "--set model.weights=FILE or leave the prefix empty.")
+    configured_args(m.name, m.args, pretrained=not m.weights)
 
 
 def _check_freeze_patterns(cfg: Config) -> None:

@@ -29,7 +29,7 @@ from multitag.checkpoint import (MODEL_META, MODEL_WEIGHTS, TRAIN_META, TRAIN_ST
 from multitag.config import OPTIMIZERS, SCHEDULES, Config, StageConfig, config_from_dict
 from multitag.config_checks import check_config, unused_settings
 from multitag.data.loader import BatchLoader, describe_oversampling, label_counts, repeat_factors, shard_bounds
-from multitag.data.prepare import PreparedData, prepare
+from multitag.data.prepare import PreparedData, prepare, require_data
 from multitag.data.transforms import BatchAugment, normalize
 from multitag.ema import ModelEMA
 from multitag.errors import UserError, did_you_mean
@@ -351,6 +351,7 @@ def fit(cfg: Config, out_dir: str | Path, *, resume: bool = False, overwrite: bo
     Under torchrun every process calls this; rank 0 alone reads and writes ``out_dir`` (distributed.py).
     """
     check_config(cfg)
+    require_data(cfg.data)          # before config.yaml is written into a run that cannot start
     t = cfg.train
     with distributed.session(t.device, t.dist_timeout_s, t.dist_setup_timeout_s):
         return _fit(cfg, Path(out_dir), resume, overwrite, log, runtime)
@@ -451,7 +452,7 @@ def setup_job(cfg: Config, run: Path, saved: dict | None, log, pinned: dict | No
                         **configured_args(cfg.model.name, args, pretrained=not cfg.model.weights))
     check_input_size(model, cfg.model.name, cfg.data.image_size)
     if cfg.model.weights:
-        init_from_file(model, cfg.model.name, cfg.model.weights, log=log)
+        init_from_file(model, cfg.model.name, cfg.model.weights, prefix=cfg.model.weights_prefix, log=log)
     elif hasattr(model, "init_from_data") and not saved:     # e.g. airbench's patch whitening
         model.init_from_data(init_pixels(data, train_loader.rows, cfg))
     train_rows = train_loader.rows

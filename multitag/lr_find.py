@@ -59,6 +59,7 @@ def lr_find(cfg: Config, out_dir: str | Path, *, start: float = 1e-7, end: float
             stage_index: int = 0, log=print) -> LrFindResult:
     """Run the range test for ``cfg`` (its data in cfg.data.path) into ``out_dir``; see the module doc."""
     from multitag.config_checks import check_config
+    from multitag.data.prepare import require_data
     from multitag.engine import TrainingDiverged, build_optimizer, resolved_config, setup_job, train_step
     from multitag.finetune import apply_freeze, frozen_batchnorm_to_eval, resolve_stages
     from multitag.plots import lr_curve
@@ -66,6 +67,7 @@ def lr_find(cfg: Config, out_dir: str | Path, *, start: float = 1e-7, end: float
 
     check_sweep(start, end, steps)
     check_config(cfg)
+    require_data(cfg.data)          # before out_dir is made
     if distributed.launched():
         raise UserError("lr-find runs in one process; start it without torchrun.")
     stages = resolve_stages(cfg)

@@ -166,3 +166,29 @@ def test_a_missing_weights_file_is_said_before_any_work(tmp_path):
 def test_a_key_in_the_wrong_section_names_the_section_that_has_it():
     with pytest.raises(UserError, match='"train.lr" \\(did you mean "optim.lr" or "stages.N.lr"\\?\\)'):
         load_config("demo", ["train.lr=1e-3"])
+
+
+@pytest.mark.parametrize("settings, match", [
+    (["model.name=timm/resnet18", "model.args.pretrained=true"], "no packaged pretrained weights.*model.weights=FILE"),
+    (["model.weights_prefix=student."], "model.weights_prefix selects keys of model.weights, which is not set"),
+    (["model.name=timm/resnet_nonexistent_xyz"], "unknown timm architecture"),
+])
+def test_weights_and_model_settings_are_checked_before_any_work(settings, match):
+    with pytest.raises(UserError, match=match):
+        check_config(load_config("demo", settings))
+
+
+def test_model_args_pretrained_true_with_a_weights_file_passes(tmp_path):
+    """The file is the pretrained weights: true is what the user means, not a request to download."""
+    weights = tmp_path / "r18.pth"
+    torch.save({"x": torch.zeros(1)}, weights)
+    check_config(load_config("demo", ["model.name=timm/resnet18", "model.args.pretrained=true",
+                                      f"model.weights={weights}", "model.weights_prefix=model."]))
+
+
+def test_training_without_data_writes_nothing(tmp_path, capsys):
+    """`multitag train demo` without --data used to write RUN_DIR/config.yaml before saying so."""
+    assert main(["train", "demo", "--out", str(tmp_path / "run")]) != 0
+    captured = capsys.readouterr()
+    assert "no data given; pass --data PATH" in captured.err and "run directory" not in captured.out
+    assert not (tmp_path / "run").exists()

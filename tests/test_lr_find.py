@@ -68,3 +68,9 @@ def test_cli_sweeps_one_stage_of_a_staged_recipe(digits_csv, tmp_path, capsys):
 def test_bad_sweeps_are_one_sentence(digits_csv, tmp_path, kwargs, fragment):
     with pytest.raises(UserError, match=fragment):
         lr_find("demo", data=str(digits_csv), out=tmp_path / "lr", overrides=FAST, log=lambda *a: None, **kwargs)
+
+
+def test_no_data_is_said_before_the_folder_is_made(tmp_path):
+    with pytest.raises(UserError, match="no data given; pass --data PATH"):
+        lr_find("demo", out=tmp_path / "lr", overrides=FAST, log=lambda *a: None)
+    assert not (tmp_path / "lr").exists()

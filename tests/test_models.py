@@ -106,3 +106,28 @@ def test_train_takes_model_args_pretrained(digits_csv, tmp_path):
     from multitag.predict import load
 
     assert load(run).predict([torch.zeros(3, 32, 32, dtype=torch.uint8)])[0].scores     # reloads too
+
+
+def test_a_timm_name_without_timm_prefix_suggests_it():
+    with pytest.raises(UserError, match='unknown model "resnet18" \\(did you mean "timm/resnet18"\\?\\)'):
+        build_model("resnet18", 3)
+    with pytest.raises(UserError, match='unknown model "resnet18.a1_in1k" \\(did you mean "timm/resnet18.a1_in1k"\\?\\)'):
+        build_model("resnet18.a1_in1k", 3)
+    with pytest.raises(UserError, match='did you mean "simple_cnn"'):      # not a timm name: the closest of ours
+        build_model("simple_cn", 3)
+
+
+def test_a_timm_pretrained_tag_takes_its_normalisation_and_size():
+    from multitag.config import load_config
+    from multitag.engine import resolved_config
+    from multitag.models.registry import get_spec
+
+    spec = get_spec("timm/inception_v3.tf_in1k")          # TF weights: inputs in [-1, 1], 299 px
+    assert (spec.mean, spec.std, spec.default_size) == ((0.5,) * 3, (0.5,) * 3, 299)
+    cfg = resolved_config(load_config("demo", ["model.name=timm/inception_v3.tf_in1k", "data.mean=[]", "data.std=[]"]))
+    assert cfg.data.mean == (0.5,) * 3 and cfg.data.std == (0.5,) * 3
+    assert get_spec("timm/inception_v3").mean == get_spec("simple_cnn").mean        # no tag: ImageNet's, as before
+    model = build_model("timm/resnet10t.c3_in1k", 3).eval()   # random init: nothing downloaded
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3) and get_spec("timm/resnet10t.c3_in1k").default_size == 176
+    with pytest.raises(UserError, match='no pretrained tag "a1_in1kk" for resnet18 \\(did you mean "timm/resnet18.a1_in1k"\\?\\)'):
+        get_spec("timm/resnet18.a1_in1kk")

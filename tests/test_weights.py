@@ -95,9 +95,9 @@ def test_wrong_architecture_names_counts_and_examples():
         load_pretrained(_fresh("timm/resnet10t", 3, seed=0), state, source="simple.pth", log=None)
     msg = str(e.value)
     n_model = len(_fresh("timm/resnet10t", 3, seed=0).state_dict())
-    assert f"{n_model - 2} missing (e.g. conv1.0.weight" in msg      # fc.* exist in both, with other shapes
-    assert f"{len(state) - 2} unexpected (e.g. features.0.0.weight" in msg
-    assert "simple.pth" in msg and "key map" in msg
+    assert f"only 2 of the model's {n_model} tensors are in the file by name" in msg   # fc.*, of other shapes
+    assert "the file has keys like features.0.0.weight" in msg and "the model expects conv1.0.weight" in msg
+    assert "simple.pth" in msg and "key map" in msg and "weights_prefix" not in msg
 
 
 def test_renamed_backbone_key_is_an_error_and_key_map_fixes_it():
@@ -108,6 +108,113 @@ def test_renamed_backbone_key_is_an_error_and_key_map_fixes_it():
     dst = _fresh("simple_cnn", 3, seed=1)
     load_pretrained(dst, state, key_map=lambda k: k.replace("hidden.", "fc1."), log=None)
     assert _same_outputs(src, dst)
+
+
+# --- the files people have: training checkpoints, wrappers, several models in one file --------
+
+def _timm_checkpoint(path, state, ema=None):
+    """What timm's train.py writes (checkpoint-N.pth.tar / model_best.pth.tar): the weights with the
+    optimizer, the epoch and the argparse.Namespace of its arguments."""
+    import argparse
+
+    ckpt = {"epoch": 7, "arch": "simple_cnn", "state_dict": state, "optimizer": {"state": {}, "param_groups": []},
+            "version": 2, "args": argparse.Namespace(model="simple_cnn", lr=0.1, epochs=10, sched=None)}
+    if ema is not None:
+        ckpt["state_dict_ema"] = ema
+    torch.save(ckpt, path)
+    return path
+
+
+@pytest.mark.parametrize("with_ema", [True, False])
+def test_timm_training_checkpoint_prefers_its_ema_weights(tmp_path, with_ema):
+    raw, ema, dst = (_fresh("simple_cnn", 4, seed=s) for s in (0, 1, 2))
+    path = _timm_checkpoint(tmp_path / "model_best.pth.tar", raw.state_dict(), ema.state_dict() if with_ema else None)
+    lines = []
+    init_from_file(dst, "simple_cnn", path, log=lines.append)
+    assert _same_outputs(ema if with_ema else raw, dst)
+    entry = "'state_dict_ema' entry (EMA)" if with_ema else "'state_dict' entry"
+    assert lines == [f"{path}: weights from its {entry}"]
+
+
+def test_checkpoint_args_of_other_classes_are_still_refused(tmp_path):
+    torch.save({"state_dict": _fresh("simple_cnn", 4, seed=0).state_dict(), "args": _NotATensor()},
+               tmp_path / "w.pth.tar")
+    with pytest.raises(UserError, match=r"weights_only=True\) refused it"):
+        load_state_file(tmp_path / "w.pth.tar")
+
+
+class _Wrapped(torch.nn.Module):
+    """A model whose every key starts with a real module name ("backbone."), which must stay."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = build_model("simple_cnn", 4)
+
+    def forward(self, x):
+        return self.backbone(x)
+
+
+def _lightning_checkpoint(path, state):
+    """The layout of a Lightning .ckpt: the LightningModule's state dict among the trainer's state."""
+    torch.save({"epoch": 3, "global_step": 120, "pytorch-lightning_version": "2.4.0", "state_dict": state,
+                "loops": {"fit_loop": {"epoch_progress": {"total": {"ready": 4}}}},
+                "callbacks": {"ModelCheckpoint{'monitor': 'val_map'}": {"best_model_score": torch.tensor(0.8),
+                                                                       "best_model_path": "/runs/best.ckpt"}},
+                "optimizer_states": [{"state": {}, "param_groups": [{"lr": 0.001, "params": [0, 1]}]}],
+                "lr_schedulers": [{"last_epoch": 3}], "hparams_name": "kwargs",
+                "hyper_parameters": {"lr": 0.001, "backbone": "simple_cnn", "betas": (0.9, 0.999)}}, path)
+    return path
+
+
+@pytest.mark.parametrize("prefix", ["model.", "model.backbone.", "module.", "_orig_mod."])
+def test_a_prefix_shared_by_every_key_is_dropped_when_the_keys_then_fit(tmp_path, prefix):
+    """LightningModule(self.model=...) saves model.*; a wrapper of the backbone, model.backbone.*."""
+    src, dst = _fresh("simple_cnn", 4, seed=0), _fresh("simple_cnn", 4, seed=1)
+    _lightning_checkpoint(tmp_path / "l.ckpt", {prefix + k: v for k, v in src.state_dict().items()})
+    lines = []
+    init_from_file(dst, "simple_cnn", tmp_path / "l.ckpt", log=lines.append)
+    assert _same_outputs(src, dst)
+    assert lines == [f"{tmp_path / 'l.ckpt'}: weights from its 'state_dict' entry, prefix '{prefix}' shared by every key removed"]
+
+
+def test_a_lightning_module_with_more_than_the_model_is_told_its_prefix(tmp_path):
+    """self.model plus a loss with a buffer: model. is not shared by every key, so it is named, not guessed."""
+    src, dst = _fresh("simple_cnn", 4, seed=0), _fresh("simple_cnn", 4, seed=1)
+    path = _lightning_checkpoint(tmp_path / "l.ckpt", {**{f"model.{k}": v for k, v in src.state_dict().items()},
+                                                       "criterion.pos_weight": torch.ones(4)})
+    with pytest.raises(UserError, match=r'keys under "model": set model.weights_prefix=model\.$'):
+        init_from_file(dst, "simple_cnn", path, log=None)
+    init_from_file(dst, "simple_cnn", path, prefix="model", log=None)
+    assert _same_outputs(src, dst)
+
+
+def test_a_real_top_level_module_name_is_not_stripped(tmp_path):
+    torch.manual_seed(0)
+    src = _Wrapped().eval()
+    for prefix in ("", "module."):                           # saved plain, and from DDP
+        torch.manual_seed(1)
+        dst = _Wrapped().eval()
+        save_file({prefix + k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "w.safetensors"))
+        report = init_from_file(dst, "wrapped", tmp_path / "w.safetensors", log=None)
+        assert len(report.loaded) == len(src.state_dict()) and _same_outputs(src, dst)
+
+
+def test_weights_prefix_takes_one_model_of_several(tmp_path):
+    student, teacher = _fresh("simple_cnn", 4, seed=0), _fresh("simple_cnn", 4, seed=1)
+    state = {**{f"student.{k}": v for k, v in student.state_dict().items()},
+             **{f"teacher.{k}": v for k, v in teacher.state_dict().items()}}
+    path = tmp_path / "distill.pth"
+    torch.save(state, path)
+    for prefix, expected in (("student", student), ("teacher.", teacher)):
+        dst = _fresh("simple_cnn", 4, seed=2)
+        init_from_file(dst, "simple_cnn", path, prefix=prefix, log=None)
+        assert _same_outputs(expected, dst)
+    with pytest.raises(UserError, match=r'the file holds this model\'s keys under "student", also under '
+                                        r'"teacher": set model.weights_prefix=student\.$'):
+        init_from_file(_fresh("simple_cnn", 4, seed=2), "simple_cnn", path, log=None)
+    with pytest.raises(UserError, match=r'"studnet" matches no key of .*distill.pth \(did you mean "student"\?\); '
+                                        r"its prefixes at that depth are: student, teacher\.$"):
+        init_from_file(_fresh("simple_cnn", 4, seed=2), "simple_cnn", path, prefix="studnet", log=None)
 
 
 class _NotATensor:
@@ -163,6 +270,16 @@ def test_lite0_package_file_via_init_from_file(lite0_imagenet):
     assert _same_outputs(model, lite0_imagenet, size=64)
 
 
+def test_a_ddp_wrapped_lukemelas_file_is_stripped_then_mapped(lite0_imagenet, tmp_path):
+    """The prefix is judged after the key map: module._conv_stem.weight fits as conv_stem.weight."""
+    from multitag.models.efficientnet_lite import weights_path
+
+    torch.save({f"module.{k}": v for k, v in load_state_file(weights_path(0)).items()}, tmp_path / "ddp.pth")
+    model = build_model("efficientnet_lite0", 1000, pretrained=False).eval()
+    report = init_from_file(model, "efficientnet_lite0", tmp_path / "ddp.pth", log=None)
+    assert len(report.loaded) == len(model.state_dict()) and _same_outputs(model, lite0_imagenet, size=64)
+
+
 @pytest.mark.skipif(not VOC_IMAGES.is_dir(), reason="../shared/data/voc2007 not available")
 def test_lite0_recognises_voc_images(lite0_imagenet):
     from multitag.data.decode import load_and_resize
@@ -188,3 +305,22 @@ def test_missing_weights_package_names_the_pip_command(monkeypatch):
         weights_path(1)
     with pytest.raises(UserError, match="variant 0, 1 or 2"):
         weights_path(3)
+
+
+def test_training_starts_from_one_model_of_a_timm_checkpoint(digits_csv, tmp_path):
+    """End to end: model.weights=<.pth.tar> with model.weights_prefix, through `train` (lr 0 keeps the weights)."""
+    from safetensors.torch import load_file
+
+    from multitag.api import train
+
+    student, teacher = _fresh("simple_cnn", 10, seed=0), _fresh("simple_cnn", 10, seed=1)
+    both = {**{f"student.{k}": v for k, v in student.state_dict().items()},
+            **{f"teacher.{k}": v for k, v in teacher.state_dict().items()}}
+    path = _timm_checkpoint(tmp_path / "checkpoint-9.pth.tar", both, ema=both)
+    logs = []
+    run = train("demo", data=str(digits_csv), out=tmp_path / "r", log=logs.append,
+                overrides=[f"model.weights={path}", "model.weights_prefix=student", "optim.lr=0", "train.epochs=1",
+                           "train.precision=fp32", "train.channels_last=false", "train.report=false"])
+    assert f"{path}: weights from its 'state_dict_ema' entry (EMA), keys under model.weights_prefix 'student'" in logs
+    saved = load_file(str(run / "model.safetensors"))
+    assert all(torch.equal(saved[k], v) for k, v in student.state_dict().items() if k.endswith("weight"))

@@ -72,9 +72,14 @@ def note_case_twins(class_names: list[str], log=print) -> None:
             "write them alike in the annotations to merge them")
 
 
-def load_table(cfg: DataConfig, classes: list[str] | None = None) -> LabelTable:
+def require_data(cfg: DataConfig) -> None:
+    """A UserError when no data path is set: checked before a run directory is named or written."""
     if not cfg.path:
         raise UserError("no data given; pass --data PATH (a CSV, COCO JSON, VOC/YOLO folder or a folder per class).")
+
+
+def load_table(cfg: DataConfig, classes: list[str] | None = None) -> LabelTable:
+    require_data(cfg)
     return read_table(cfg.path, cfg.format, classes=classes, on_missing=cfg.on_bad_image,
                       image_root=cfg.image_root or None)
 

@@ -1,7 +1,9 @@
 """Model registry: name → builder. Every model returns logits and has forward_features / forward_head.
 
 ``timm/<arch>`` builds any timm architecture (random init; weights come from a local file,
-never downloaded).
+never downloaded); ``timm/<arch>.<tag>`` (timm's pretrained tag, e.g. ``timm/resnet18.a1_in1k``)
+also takes that tag's input normalisation and size from timm's pretrained config, which timm
+knows offline.
 """
 from __future__ import annotations
 
@@ -50,10 +52,41 @@ def get_spec(name: str) -> ModelSpec:
     if name in _REGISTRY:
         return _REGISTRY[name]
     if name.startswith("timm/"):
-        return ModelSpec(name, lambda num_classes, **kw: _build_timm(name[5:], num_classes, **kw),
-                         f"timm architecture {name[5:]}", 224)
-    raise UserError(f'unknown model "{name}"{did_you_mean(name, model_names())}; '
+        return _timm_spec(name[5:])
+    raise UserError(f'unknown model "{name}"{_did_you_mean_model(name)}; '
                     'run `multitag models` to list them or use timm/<architecture>.')
+
+
+def _did_you_mean_model(name: str) -> str:
+    """"timm/<name>" where timm has that architecture (multitag names timm's models timm/...), else the
+    closest registered name."""
+    import timm
+
+    if timm.is_model(name):
+        return f' (did you mean "timm/{name}"?)'
+    return did_you_mean(name, model_names())
+
+
+def _timm_spec(arch: str) -> ModelSpec:
+    """The spec of timm architecture ``arch`` ("resnet18"), or of one of its pretrained tags
+    ("resnet18.a1_in1k"): random init either way, with a tag's mean, std and input size."""
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    base, _, tag = arch.partition(".")
+    if not timm.is_model(base):
+        raise UserError(f'unknown timm architecture "{base}"{did_you_mean(base, timm.list_models())}.')
+    build = lambda num_classes, **kw: _build_timm(arch, num_classes, **kw)      # noqa: E731
+    if not tag:
+        return ModelSpec(f"timm/{arch}", build, f"timm architecture {arch}", 224)
+    try:
+        cfg = get_pretrained_cfg(arch)
+    except RuntimeError:          # timm: "Invalid pretrained tag"
+        tags = timm.list_pretrained(base + ".*")
+        raise UserError(f'timm has no pretrained tag "{tag}" for {base}{did_you_mean(f"timm/{arch}", [f"timm/{t}" for t in tags])}; '
+                        "use one that `timm.list_pretrained()` lists, or timm/" + base + " alone.") from None
+    return ModelSpec(f"timm/{arch}", build, f"timm architecture {base}, pretrained config {tag}",
+                     cfg.input_size[-1], mean=tuple(cfg.mean), std=tuple(cfg.std))
 
 
 def build_model(name: str, num_classes: int, *, pretrained: bool = True, **args) -> nn.Module:
@@ -71,14 +104,15 @@ def build_model(name: str, num_classes: int, *, pretrained: bool = True, **args)
 def configured_args(name: str, args: dict, pretrained: bool) -> dict:
     """``model.args`` as build_model's keywords, with ``pretrained`` = the caller's choice AND the user's
     ``model.args.pretrained`` (timm's spelling) where given: false skips packaged weights, true is
-    refused for a model that has none, since nothing is ever downloaded."""
+    refused for a model that has none unless the weights come from a file (``pretrained`` False),
+    since nothing is ever downloaded."""
     args = dict(args)
     if "pretrained" not in args:
         return {**args, "pretrained": pretrained}
     asked = args.pop("pretrained")
     if asked not in (True, False):
         raise UserError(f"model.args.pretrained must be true or false, not {asked!r}.")
-    if asked and not get_spec(name).pretrained:
+    if asked and pretrained and not get_spec(name).pretrained:      # pretrained=False: the weights come from a file
         raise UserError(f'model "{name}" has no packaged pretrained weights and nothing is downloaded; '
                         "give a local weights file with --set model.weights=FILE.")
     return {**args, "pretrained": pretrained and asked}
@@ -124,12 +158,11 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def _build_timm(arch: str, num_classes: int, **kw) -> nn.Module:
+    """timm's ``arch`` (get_spec has checked the name), random init: pretrained=False never downloads."""
     import timm
 
     from multitag.models.resnet_stem import relu_after_pool
 
-    if arch not in timm.list_models():
-        raise UserError(f'unknown timm architecture "{arch}"{did_you_mean(arch, timm.list_models())}.')
     return relu_after_pool(timm.create_model(arch, pretrained=False, num_classes=num_classes, **kw))
 
 
