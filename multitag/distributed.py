@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from multitag.errors import UserError
+from multitag.machine import usable_cores
 
 _SETUP_GROUP = None     # gloo group with the long setup timeout, set by session()
 _LAUNCHER_PID = "MULTITAG_LAUNCHER_PID"   # set by launch_local for the processes it starts
@@ -163,8 +164,7 @@ def cpu_threads(configured: int) -> int:
     processes on this machine (2 processes on 2 cores: 1 each; more would oversubscribe)."""
     if configured > 0:
         return configured
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // launched_world().local_size)
+    return max(1, usable_cores() // launched_world().local_size)
 
 
 # --- collectives (identity for a single process) -------------------------------------------------

@@ -85,6 +85,23 @@ def test_worker_counts_agree(images, cache_dir, tmp_path):
     np.testing.assert_array_equal(one.array, two.array)
 
 
+def test_a_build_decodes_on_every_usable_core_up_to_the_cap(images, cache_dir, monkeypatch):
+    """The decode threads follow the cores this process may use (they were a fixed 2, so a 16-core host
+    built its cache at this 2-core machine's speed), capped where more threads would queue for the GIL."""
+    pools = []
+
+    class Spy(cache_mod.ThreadPoolExecutor):
+        def __init__(self, max_workers):
+            pools.append(max_workers)
+            super().__init__(max_workers)
+
+    monkeypatch.setattr(cache_mod, "ThreadPoolExecutor", Spy)
+    for cores, size in ((64, S), (3, S + 1), (1, S + 2)):
+        monkeypatch.setattr(cache_mod, "usable_cores", lambda cores=cores: cores)
+        build_cache(images, size, cache_dir, progress=False)
+    assert pools == [cache_mod.MAX_DECODE_WORKERS, 3, 1]
+
+
 def test_second_build_reuses_without_decoding(images, cache_dir, monkeypatch):
     first = build_cache(images, S, cache_dir, progress=False)
     mtime = first.path.stat().st_mtime_ns

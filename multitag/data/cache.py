@@ -47,6 +47,7 @@ from multitag.data.decode import PREPROCESS_VERSION, BadImageError, DatasetImage
 from multitag.config import PRUNE_AFTER_DAYS, cache_root
 from multitag.errors import UserError, did_you_mean
 from multitag.fileio import DiskFullError, atomic_write_text, is_disk_full
+from multitag.machine import usable_cores
 
 CACHE_FORMAT_VERSION = 1
 ON_BAD_IMAGE = ("error", "skip")
@@ -112,13 +113,24 @@ class ImageCache:
         self.array = _open_readonly(self.path, shape)
 
 
+# Decoding threads at most: PIL's JPEG decode and the resize release the GIL, the per-image Python around
+# them does not, so past a dozen threads they mostly queue for it. It was a fixed 2: the 16-core host of a
+# GPU machine decoded CIFAR-10 at 4,121 img/s, as this 2-core machine does (benchmarks/RESULTS.md).
+MAX_DECODE_WORKERS = 16
+
+
+def decode_workers() -> int:
+    """Threads for building a cache: one per usable core, at most MAX_DECODE_WORKERS."""
+    return max(1, min(usable_cores(), MAX_DECODE_WORKERS))
+
+
 def build_cache(
     paths: Sequence[str],
     size: int,
     cache_dir: str | os.PathLike,
     *,
     on_bad_image: str = "error",
-    num_workers: int = 2,
+    num_workers: int | None = None,
     progress: bool = True,
 ) -> ImageCache:
     """Decode and resize every image once into ``cache_dir``, or reuse the cache built before.
@@ -127,6 +139,7 @@ def build_cache(
     on_bad_image="skip":  unreadable images get all-zero rows, valid=False and an entry in
                           ``bad``; one summary line goes to stderr and the full list to
                           <key16>_<size>.bad_images.txt beside the cache.
+    num_workers: decoding threads, default decode_workers() (one per usable core, at most 16).
     """
     if on_bad_image not in ON_BAD_IMAGE:
         hint = did_you_mean(on_bad_image, ON_BAD_IMAGE)
@@ -145,7 +158,7 @@ def build_cache(
     stem = f"{key[:16]}_{size}"
     cache = _load(cache_dir / f"{stem}.u8", cache_dir / f"{stem}.json", key, (len(paths), size, size, 3))
     if cache is None:
-        cache = _build(paths, size, cache_dir, stem, key, on_bad_image, num_workers, progress)
+        cache = _build(paths, size, cache_dir, stem, key, on_bad_image, num_workers or decode_workers(), progress)
         _hint_if_large(cache_dir)
     _report_bad(cache, len(paths), on_bad_image)
     return cache
