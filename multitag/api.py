@@ -71,9 +71,11 @@ def lr_find(config: str | Config | None = None, data: str | None = None, out: st
     """The learning-rate range test of a training config (see multitag/lr_find.py); returns an
     LrFindResult whose ``setting`` is the --set to train with. Writes lr_find.csv and lr_find.png to
     ``out`` (default runs/<recipe>-lr-find-<time>)."""
+    from multitag.data.prepare import require_data
     from multitag.lr_find import lr_find as sweep
 
     cfg = _config(config, data, overrides)
+    require_data(cfg.data)      # before its folder is named, as train does
     out = Path(out) if out else default_run_dir(cfg, "lr-find")
     log(f"lr-find folder: {out}")
     return sweep(cfg, out, start=start, end=end, steps=steps, stage_index=stage, log=log)

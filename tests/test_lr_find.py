@@ -71,6 +71,7 @@ def test_bad_sweeps_are_one_sentence(digits_csv, tmp_path, kwargs, fragment):
 
 
 def test_no_data_is_said_before_the_folder_is_made(tmp_path):
+    logs = []
     with pytest.raises(UserError, match="no data given; pass --data PATH"):
-        lr_find("demo", out=tmp_path / "lr", overrides=FAST, log=lambda *a: None)
-    assert not (tmp_path / "lr").exists()
+        lr_find("demo", out=tmp_path / "lr", overrides=FAST, log=logs.append)
+    assert not (tmp_path / "lr").exists() and logs == []       # no "lr-find folder: ..." of a sweep that never ran
