@@ -254,3 +254,34 @@ def test_static_int8_quantises_an_unfolded_batchnorm_per_channel_without_warning
     axes = [a.i for n in graph.node if n.op_type == "DequantizeLinear" and n.output[0] in bn_scales
             for a in n.attribute if a.name == "axis"]
     assert bn_scales and axes == [0] * len(bn_scales)
+
+
+def readme_snippet(start="<!-- onnx-without-multitag:start -->", end="<!-- onnx-without-multitag:end -->") -> str:
+    """The README's "Using model.onnx without multitag" code, between its marker comments."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    block = text[text.index(start) + len(start):text.index(end)].strip()
+    assert block.startswith("```python\n") and block.endswith("\n```"), block[:40]
+    return block.removeprefix("```python\n").removesuffix("```")
+
+
+def test_the_readme_snippet_predicts_what_multitag_predicts(exported, test_images, tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    run, _ = exported
+    script = tmp_path / "use_onnx.py"
+    script.write_text(readme_snippet())
+    images = list(test_images)
+    for i, size in enumerate([(70, 45), (23, 51)]):      # other sizes than the model's 32 px: the resize counts
+        images.append(str(tmp_path / f"resized_{i}.png"))
+        Image.open(test_images[i]).resize(size, Image.NEAREST).save(images[-1])
+    expected = load(run).predict(images)
+    assert any(p.labels for p in expected)
+    for image, prediction in zip(images, expected):
+        out = subprocess.run([sys.executable, str(script), str(run / ONNX_MODEL), image], capture_output=True,
+                             text=True, check=True, cwd=tmp_path)
+        assert out.stdout.split() == prediction.labels, (image, out.stderr)
