@@ -9,7 +9,8 @@ and thresholds from model.json and runs the network on one backend:
                when asked for by name, since its accuracy cost is measured, not zero
 
 ``backend="auto"`` picks onnx when model.onnx exists and ONNX Runtime can use the chosen device
-(a CPU-only onnxruntime must not turn a GPU run into a CPU one), else torch. Either way the images
+(a CPU-only onnxruntime must not turn a GPU run into a CPU one), else torch; an exported file whose
+sha256 is not the one model.json recorded at export is refused on every choice. Either way the images
 go through the same decode → squash-resize → normalise as in training, and the same per-class
 thresholds decide the labels, so the backends differ only by float rounding.
 """
