@@ -94,8 +94,9 @@ def export_onnx(run_dir: str | Path, int8: bool = False, log=print, data: str | 
     digest = weights_digest(model.run_dir)
     onnx_path = model.run_dir / ONNX_MODEL
     if missing:
-        log(f"the run's data {missing} is not there (moved or deleted?): checking ONNX Runtime against PyTorch on "
-            f"{PARITY_IMAGES} synthetic images (seeded random pixels) instead; pass --data PATH to check on real images")
+        log(f"the run's data {missing} is not there (moved or deleted?): checking ONNX Runtime against PyTorch "
+            f"on {PARITY_IMAGES} synthetic images (seeded random pixels) instead; pass --data PATH to check on "
+            "real images")
         checked, source = synthetic_images(model, PARITY_IMAGES), "synthetic"
     else:
         checked, source = check_images(model, prepared, "val", PARITY_IMAGES), "run"
@@ -212,20 +213,20 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def onnx_metadata(model: Model) -> dict[str, str]:
     """The metadata_props of an exported file, each value a string (JSON for lists and booleans).
     The graph takes normalised input: normalisation is not in it, so mean/std and the resize are stated."""
-    s = model.input_size
+    s, activation = model.input_size, "sigmoid" if model.multi_label else "softmax"
     if model.multi_label:
         decision = "sigmoid(logits) per class; a class is a label where its score >= its threshold"
     else:
         decision = "softmax(logits); the label is the top class (thresholds unused)"
     return {
         "class_names": json.dumps(model.class_names),
-        "thresholds": json.dumps([float(t) for t in model.thresholds]),
+        "thresholds": json.dumps([float(t) for t in model.thresholds]),     # float32: what predict compares with
         "multi_label": json.dumps(model.multi_label),
-        "activation": "sigmoid" if model.multi_label else "softmax",
+        "activation": activation,
         "decision": decision,
         "input_size": str(s),
         "input": f'"images": float32 (batch, 3, {s}, {s}), NCHW, RGB, normalised (normalisation is not in the graph)',
-        "output": f'"logits": float32 (batch, {len(model.class_names)}), before {"sigmoid" if model.multi_label else "softmax"}',
+        "output": f'"logits": float32 (batch, {len(model.class_names)}), before the {activation}',
         "preprocessing": (f"decode, apply the EXIF orientation, convert to RGB (alpha dropped), resize to {s}x{s} "
                           "ignoring the aspect ratio (no crop, no padding) with antialiased bilinear interpolation, "
                           "divide by 255, then (x - mean) / std per channel"),

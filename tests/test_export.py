@@ -57,7 +57,8 @@ def test_parity_recorded_in_model_json(exported):
 def test_each_exported_file_describes_itself_in_its_metadata(exported, name):
     run, _ = exported
     meta = json.loads((run / "model.json").read_text())
-    props = ort.InferenceSession(str(run / name), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
+    session = ort.InferenceSession(str(run / name), providers=["CPUExecutionProvider"])
+    props = session.get_modelmeta().custom_metadata_map
     assert json.loads(props["class_names"]) == meta["class_names"]
     np.testing.assert_allclose(json.loads(props["thresholds"]), meta["thresholds"], rtol=1e-6)
     assert json.loads(props["multi_label"]) is True and props["activation"] == "sigmoid"
