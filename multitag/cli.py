@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8-method", default="static", choices=["static", "dynamic"],
                    help="static (default: QDQ calibrated on 64 train images; fast) or dynamic "
                         "(ORT dynamic quantisation; slower than fp32 on convolutions here)")
-    p.add_argument("--data", help="dataset whose images the checks use (default: the run's own)")
+    p.add_argument("--data", help="dataset whose images the checks use (default: the run's own; when that is "
+                   "gone, the fp32 parity check runs on synthetic images and --int8 is refused)")
     _add_json(p)
 
     p = sub.add_parser("serve", help="HTTP prediction service (FastAPI): POST /predict, GET /labels, GET /health")

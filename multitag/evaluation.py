@@ -16,6 +16,7 @@ from multitag.config import DataConfig, data_config_from_dict
 from multitag.data.loader import BatchLoader
 from multitag.data.prepare import SPLIT_FILE, PreparedData, check_split_name, prepare
 from multitag.errors import UserError
+from multitag.export import refresh_metadata
 from multitag.predict import SCORING_BATCH, Model, load
 from multitag.summary import evaluate_scores
 
@@ -124,4 +125,6 @@ def calibrate_run(run_dir: str | Path, data: str | None = None, log=print) -> li
     val = evaluate_scores(scores, t.targets[rows], t.ignore[rows], True, thresholds, t.class_names)
     model.meta["metrics"] = {**(model.meta.get("metrics") or {}), "val": val}
     write_json(model.run_dir / MODEL_META, model.meta)
+    for name in refresh_metadata(model):      # exported files carry the thresholds in their metadata too
+        log(f"rewrote the thresholds in {model.run_dir / name}'s metadata")
     return thresholds

@@ -5,9 +5,14 @@
     model.int8.onnx   (--int8) the same network quantised to int8, with its accuracy cost
                       measured on the run's validation split.
 
+Each file describes itself in its metadata_props (``onnx_metadata``: class names, thresholds,
+sigmoid or softmax, input size, mean/std and the preprocessing, multitag version, run name), so it
+can be used without multitag (README, "Using model.onnx without multitag").
+
 What was checked goes into model.json under "export", together with the sha256 of the weights
-it was exported from, so that the predictor refuses an ONNX file that no longer matches
-model.safetensors (a run resumed or retrained after export).
+it was exported from and of the file itself, so that the predictor refuses an ONNX file that no
+longer matches model.safetensors (a run resumed or retrained after export) or that was changed
+after it was written. ``calibrate`` rewrites the metadata (and the sha256) when the thresholds move.
 
 Decisions
 - Exporter: torch's TorchScript-based exporter (``dynamo=False``). It handles every model here,
@@ -16,6 +21,10 @@ Decisions
 - Parity: PyTorch and ONNX Runtime logits on up to 64 validation images of the run (decoded by
   the same cache as training), as one batch and once more at batch 1 (so the dynamic axis is
   exercised too); above 1e-3 max abs difference the export fails and no file is left behind.
+  When the run's data is gone (moved, deleted, another machine) and no --data is given, the fp32
+  check runs on 64 seeded random images instead and says so; parity is a property of the graph,
+  not of the data. --int8 needs real images (calibration and its measured cost), so it is refused
+  then, naming the missing path and --data.
 - int8 is *static* QDQ quantisation by default (per-channel int8 weights, uint8 activations,
   ranges calibrated on 64 training images). ORT's dynamic quantisation, which the issue named,
   does quantise the convolutions (as ConvInteger) but recomputes activation ranges per call and
@@ -27,6 +36,7 @@ Decisions
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import warnings
@@ -36,11 +46,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from multitag import __version__
 from multitag.checkpoint import MODEL_META, write_json
 from multitag.fileio import atomic_write
 from multitag.errors import UserError, did_you_mean
 from multitag.models.registry import get_spec
-from multitag.predict import ONNX_INT8_MODEL, ONNX_MODEL, Model, OnnxBackend, load, weights_digest
+from multitag.predict import (ONNX_INT8_MODEL, ONNX_MODEL, Model, OnnxBackend, file_digest, load,
+                              weights_digest)
 
 OPSET = 17
 PARITY_TOLERANCE = 1e-3        # max abs logit difference, PyTorch vs ONNX Runtime (fp32)
@@ -48,6 +60,11 @@ PARITY_IMAGES = 64
 CALIBRATION_IMAGES = 64
 INT8_METHODS = ("static", "dynamic")
 _QUANTISED_CONVS = ("QLinearConv", "ConvInteger")   # what a quantised Conv becomes in ORT's graph
+# ORT's QDQ quantiser asks for a BatchNormalization's scale per channel on axis 1, the channel axis of
+# the activation, but the scale is 1-D (C,): it logged "Axis 1 is out-of-range for weight ..." through
+# the root logger (configuring it as a side effect) and fell back to one scale for the whole tensor. A BN
+# stays unfolded where it follows a pool (airbench's conv → pool → BN). Axis 0 is the scale's channels.
+PER_CHANNEL_AXES = {"QDQOpTypePerChannelSupportToAxis": {"BatchNormalization": 0}}
 
 
 def export_onnx(run_dir: str | Path, int8: bool = False, log=print, data: str | None = None,
@@ -66,15 +83,26 @@ def export_onnx(run_dir: str | Path, int8: bool = False, log=print, data: str | 
     if not get_spec(name).exportable:       # said before any image is read
         raise UserError(f"the {name} model cannot be exported to ONNX (its beam search is a loop of "
                         "data-dependent length); use it with the torch backend.")
-    prepared = prepare_for(model, data, log)
+    missing = None if data else missing_run_data(model)
+    if missing and int8:
+        raise UserError(f"the run's data {missing} is not there (moved or deleted?), and --int8 calibrates on its "
+                        "training images and measures its cost on the val images; pass --data PATH where the "
+                        "data is now, or export without --int8.")
+    prepared = None if missing else prepare_for(model, data, log)
     if int8:
         int8_check_rows(prepared)       # refused now, not after model.onnx was written without its record
     digest = weights_digest(model.run_dir)
     onnx_path = model.run_dir / ONNX_MODEL
-    checked = check_images(model, prepared, "val", PARITY_IMAGES)
-    record = {**write_onnx(model, onnx_path, checked), "weights_sha256": digest}
+    if missing:
+        log(f"the run's data {missing} is not there (moved or deleted?): checking ONNX Runtime against PyTorch "
+            f"on {PARITY_IMAGES} synthetic images (seeded random pixels) instead; pass --data PATH to check on "
+            "real images")
+        checked, source = synthetic_images(model, PARITY_IMAGES), "synthetic"
+    else:
+        checked, source = check_images(model, prepared, "val", PARITY_IMAGES), "run"
+    record = {**write_onnx(model, onnx_path, checked), "check_images": source, "weights_sha256": digest}
     log(f"wrote {onnx_path}: max |logit difference| vs PyTorch {record['max_abs_diff']:.2e} "
-        f"on {record['images']} images of the run")
+        f"on {record['images']} {'synthetic images' if missing else 'images of the run'}")
     # An earlier int8 export of these same weights stays valid; records of other weights are dropped.
     export = {k: v for k, v in model.meta.get("export", {}).items() if v.get("weights_sha256") == digest}
     export["onnx"] = record
@@ -108,17 +136,39 @@ def _normalised(model: Model, prepared, rows) -> torch.Tensor:
     return normalize(prepared.cache.get_batch(rows), model.mean, model.std)
 
 
+def missing_run_data(model: Model) -> str | None:
+    """The run's own data path (or image root) when it no longer exists, else None."""
+    from multitag.evaluation import data_config_for
+
+    cfg = data_config_for(model, None)
+    for path in (cfg.path, cfg.image_root):
+        if path and not Path(path).expanduser().exists():
+            return os.path.abspath(Path(path).expanduser())
+    return None
+
+
+def synthetic_images(model: Model, n: int) -> torch.Tensor:
+    """``n`` normalised (n, 3, S, S) images of seeded uniform random pixels: a parity check needs no real data."""
+    from multitag.data.transforms import normalize
+
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (n, 3, model.input_size, model.input_size), generator=g, dtype=torch.uint8)
+    return normalize(pixels, model.mean, model.std)
+
+
 def write_onnx(model: Model, path: Path, images: torch.Tensor) -> dict:
-    """Export ``model.network`` to ``path`` and check it on ``images``; the file appears only if it passes."""
+    """Export ``model.network`` to ``path`` with its metadata and check it on ``images``; the file appears
+    only if it passes."""
     result = {}
 
     def export_and_check(tmp: str) -> None:
         _torch_export(model.network, tmp, model.input_size)
+        stamp_metadata(tmp, onnx_metadata(model))
         result.update(parity(model, tmp, images))
 
     atomic_write(path, export_and_check)
-    return {"file": path.name, "opset": OPSET, "exporter": f"torch {torch.__version__} (TorchScript)",
-            "onnxruntime": _ort_version(), **result}
+    return {"file": path.name, "sha256": file_digest(path), "opset": OPSET,
+            "exporter": f"torch {torch.__version__} (TorchScript)", "onnxruntime": _ort_version(), **result}
 
 
 def _ort_version() -> str:
@@ -158,13 +208,70 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max())
 
 
+# --- self-description: what a user needs to run an exported file without multitag -----------------
+
+def onnx_metadata(model: Model) -> dict[str, str]:
+    """The metadata_props of an exported file, each value a string (JSON for lists and booleans).
+    The graph takes normalised input: normalisation is not in it, so mean/std and the resize are stated."""
+    s, activation = model.input_size, "sigmoid" if model.multi_label else "softmax"
+    if model.multi_label:
+        decision = "sigmoid(logits) per class; a class is a label where its score >= its threshold"
+    else:
+        decision = "softmax(logits); the label is the top class (thresholds unused)"
+    return {
+        "class_names": json.dumps(model.class_names),
+        "thresholds": json.dumps([float(t) for t in model.thresholds]),     # float32: what predict compares with
+        "multi_label": json.dumps(model.multi_label),
+        "activation": activation,
+        "decision": decision,
+        "input_size": str(s),
+        "input": f'"images": float32 (batch, 3, {s}, {s}), NCHW, RGB, normalised (normalisation is not in the graph)',
+        "output": f'"logits": float32 (batch, {len(model.class_names)}), before the {activation}',
+        "preprocessing": (f"decode, apply the EXIF orientation, convert to RGB (alpha dropped), resize to {s}x{s} "
+                          "ignoring the aspect ratio (no crop, no padding) with antialiased bilinear interpolation, "
+                          "divide by 255, then (x - mean) / std per channel"),
+        "mean": json.dumps(model.mean),
+        "std": json.dumps(model.std),
+        "multitag_version": __version__,
+        "run_name": model.run_dir.resolve().name,
+    }
+
+
+def stamp_metadata(path: str | Path, metadata: dict[str, str], out: str | Path | None = None) -> None:
+    """Replace the metadata_props of the ONNX file at ``path``, in place or into ``out``."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    onnx.helper.set_model_props(proto, metadata)
+    onnx.save(proto, str(out or path))
+
+
+def refresh_metadata(model: Model) -> list[str]:
+    """Rewrite the metadata of the run's exported files after model.json changed (calibrate's thresholds),
+    with their new sha256 in model.json. Only files that still belong to the run: a stale or changed one
+    is left for the predictor to refuse. Returns the file names rewritten."""
+    rewritten = []
+    for key, path in model.current_exports().items():
+        atomic_write(path, lambda tmp: stamp_metadata(path, onnx_metadata(model), out=tmp))
+        model.meta["export"][key]["sha256"] = file_digest(path)
+        rewritten.append(path.name)
+    if rewritten:
+        write_json(model.run_dir / MODEL_META, model.meta)
+    return rewritten
+
+
 # --- int8 -----------------------------------------------------------------------------------------
 
 def write_int8(model: Model, onnx_path: Path, int8_path: Path, prepared, method: str, log=print) -> dict:
     """Quantise model.onnx to ``int8_path`` and measure what it costs on the validation split."""
     calibration = check_images(model, prepared, "train", CALIBRATION_IMAGES, seed=0) if method == "static" else None
-    atomic_write(int8_path, lambda tmp: quantize(onnx_path, tmp, calibration))
-    record = {"file": int8_path.name, "method": method,
+
+    def quantize_and_stamp(tmp: str) -> None:
+        quantize(onnx_path, tmp, calibration)
+        stamp_metadata(tmp, onnx_metadata(model))
+
+    atomic_write(int8_path, quantize_and_stamp)
+    record = {"file": int8_path.name, "sha256": file_digest(int8_path), "method": method,
               **({"calibration_images": len(calibration)} if calibration is not None else {}),
               **quantised_convs(onnx_path, int8_path), **int8_accuracy(model, onnx_path, int8_path, prepared)}
     log(f"wrote {int8_path}: {record['convs_quantised']} of {record['convs']} convolutions run in int8; "
@@ -188,7 +295,7 @@ def quantize(onnx_path: Path, out_path: str | Path, calibration: torch.Tensor | 
         else:
             quantize_static(pre, str(out_path), _CalibrationReader(calibration), quant_format=QuantFormat.QDQ,
                             per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            nodes_to_exclude=shape_arithmetic_nodes(pre))
+                            nodes_to_exclude=shape_arithmetic_nodes(pre), extra_options=PER_CHANNEL_AXES)
 
 
 def shape_arithmetic_nodes(onnx_path: str | Path) -> list[str]:

@@ -9,7 +9,8 @@ and thresholds from model.json and runs the network on one backend:
                when asked for by name, since its accuracy cost is measured, not zero
 
 ``backend="auto"`` picks onnx when model.onnx exists and ONNX Runtime can use the chosen device
-(a CPU-only onnxruntime must not turn a GPU run into a CPU one), else torch. Either way the images
+(a CPU-only onnxruntime must not turn a GPU run into a CPU one), else torch; an exported file whose
+sha256 is not the one model.json recorded at export is refused on every choice. Either way the images
 go through the same decode → squash-resize → normalise as in training, and the same per-class
 thresholds decide the labels, so the backends differ only by float rounding.
 """
@@ -100,13 +101,18 @@ def as_image_list(images) -> list:
     return list(images)
 
 
-def weights_digest(run_dir: str | Path) -> str:
-    """sha256 of the run's model.safetensors: ties an exported ONNX file to the weights it came from."""
+def file_digest(path: str | Path) -> str:
+    """sha256 (hex) of a file, read 1 MiB at a time."""
     h = hashlib.sha256()
-    with open(Path(run_dir) / MODEL_WEIGHTS, "rb") as f:
+    with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def weights_digest(run_dir: str | Path) -> str:
+    """sha256 of the run's model.safetensors: ties an exported ONNX file to the weights it came from."""
+    return file_digest(Path(run_dir) / MODEL_WEIGHTS)
 
 
 # --- backends: a normalised float32 batch (B, 3, S, S) → logits (B, C) float32 on the CPU ----------
@@ -287,6 +293,8 @@ class Model:
             problem = self._onnx_problem(backend) if backend != "torch" else None
             if problem:
                 raise UserError(problem)
+            if backend != "torch":
+                self._check_unchanged(backend)
             return backend
         if not (self.run_dir / ONNX_MODEL).exists() or not onnx_can_use(self.runtime.device):
             return "torch"
@@ -295,7 +303,11 @@ class Model:
             # eval, report and explain load runs this way too; they must keep working after a resume
             warnings.warn(f"{problem} Using the torch backend.", stacklevel=3)
             return "torch"
+        self._check_unchanged("onnx")
         return "onnx"
+
+    def _export_record(self, backend: str) -> dict:
+        return (self.meta.get("export") or {}).get(_EXPORT_KEYS[backend], {})
 
     def _onnx_problem(self, backend: str) -> str | None:
         """Why model.onnx / model.int8.onnx cannot be used (missing, or exported from other weights
@@ -307,16 +319,36 @@ class Model:
         redo = f"`multitag export {self.run_dir}{' --int8' if backend == 'onnx-int8' else ''}`"
         if not path.exists():
             return f"{path} does not exist; run {redo} first, or use the torch backend."
-        record = (self.meta.get("export") or {}).get(_EXPORT_KEYS[backend], {})
+        record = self._export_record(backend)
         if not (self.run_dir / MODEL_WEIGHTS).is_file():   # nothing to tie the export to
             return f"{self.run_dir / MODEL_WEIGHTS} is missing, so {path} cannot be checked; restore the run."
         if record.get("weights_sha256") != weights_digest(self.run_dir):
             return f"{path} was not exported from the current {MODEL_WEIGHTS}; run {redo} again, or delete it."
+        if "sha256" not in record:       # exported before multitag recorded the file's own digest
+            return f"{MODEL_META} records no sha256 of {path}, so it cannot be checked; run {redo} again."
         outside = files_outside(path, self.run_dir)
         if outside:
             return (f"{path} reads {outside[0]}, outside {self.run_dir}; ONNX files are loaded only from the run "
                     f"directory: run {redo} again, or use the torch backend.")
         return None
+
+    def current_exports(self) -> dict[str, Path]:
+        """The exported files that are there, come from model.safetensors and are unchanged since:
+        {their record's key in model.json "export" ("onnx", "int8"): path}."""
+        return {_EXPORT_KEYS[b]: self.run_dir / name for b, name in _ONNX_FILES.items()
+                if (self.run_dir / name).exists() and not self._onnx_problem(b)
+                and self._export_record(b).get("sha256") == file_digest(self.run_dir / name)}
+
+    def _check_unchanged(self, backend: str) -> None:
+        """Refuse an exported file whose bytes are not those `multitag export` recorded (edited, damaged or
+        replaced since). Unlike a stale export (a resumed run), no multitag step does that, so ``auto``
+        refuses it too rather than quietly running the torch backend beside a file that is not the run's."""
+        path, recorded = self.run_dir / _ONNX_FILES[backend], str(self._export_record(backend).get("sha256"))
+        actual = file_digest(path)
+        if actual != recorded:
+            raise UserError(f"{path} does not match the run's {MODEL_META} (sha256 {actual[:12]}…, recorded "
+                            f"{recorded[:12]}…); export again with multitag export {self.run_dir}"
+                            f"{' --int8' if backend == 'onnx-int8' else ''}.")
 
     def _open_onnx(self, backend: str) -> OnnxBackend:
         path = self.run_dir / _ONNX_FILES[backend]
@@ -552,4 +584,4 @@ def _files_under(folder: Path) -> list[str]:
 
 
 __all__ = ["Model", "Predictor", "Prediction", "load", "expand_images", "write_predictions", "BadImageError", "BACKENDS",
-           "ONNX_MODEL", "ONNX_INT8_MODEL", "weights_digest"]
+           "ONNX_MODEL", "ONNX_INT8_MODEL", "weights_digest", "file_digest"]

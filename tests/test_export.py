@@ -8,10 +8,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
+import multitag
 from multitag import api
 from multitag.errors import UserError
-from multitag.export import export_onnx
-from multitag.predict import ONNX_INT8_MODEL, ONNX_MODEL, load
+from multitag.export import export_onnx, stamp_metadata
+from multitag.predict import ONNX_INT8_MODEL, ONNX_MODEL, file_digest, load
 
 FAST = ["train.epochs=1", "train.batch_size=32", "train.precision=fp32"]
 RUN_FILES = ("model.json", "model.safetensors", "split.csv")
@@ -49,6 +50,72 @@ def test_parity_recorded_in_model_json(exported):
     record = json.loads((run / "model.json").read_text())["export"]["onnx"]
     assert record["max_abs_diff"] == result["max_abs_diff"] < 1e-3
     assert record["opset"] >= 17 and record["images"] == 40      # the 40 val images of the run
+    assert record["check_images"] == "run" and record["sha256"] == file_digest(run / ONNX_MODEL)
+
+
+@pytest.mark.parametrize("name", [ONNX_MODEL, ONNX_INT8_MODEL])
+def test_each_exported_file_describes_itself_in_its_metadata(exported, name):
+    run, _ = exported
+    meta = json.loads((run / "model.json").read_text())
+    session = ort.InferenceSession(str(run / name), providers=["CPUExecutionProvider"])
+    props = session.get_modelmeta().custom_metadata_map
+    assert json.loads(props["class_names"]) == meta["class_names"]
+    np.testing.assert_allclose(json.loads(props["thresholds"]), meta["thresholds"], rtol=1e-6)
+    assert json.loads(props["multi_label"]) is True and props["activation"] == "sigmoid"
+    assert int(props["input_size"]) == meta["input_size"] == 32
+    assert json.loads(props["mean"]) == meta["mean"] and json.loads(props["std"]) == meta["std"]
+    assert "normalisation is not in the graph" in props["input"] and "no crop" in props["preprocessing"]
+    assert props["multitag_version"] == multitag.__version__ and props["run_name"] == run.name
+
+
+def test_a_changed_onnx_file_is_refused_in_one_sentence(exported, tmp_path):
+    run = copy_run(exported[0], tmp_path / "run")
+    for name in (ONNX_MODEL, ONNX_INT8_MODEL):
+        stamp_metadata(exported[0] / name, {"edited": "yes"}, out=run / name)     # still a valid model
+    with pytest.raises(UserError, match=r"model.onnx does not match the run's model.json \(sha256 .*\); "
+                                        r"export again with multitag export .*run\.$"):
+        load(run)                                    # auto refuses too: no quiet fallback to torch
+    with pytest.raises(UserError, match=r"model.int8.onnx does not match .* --int8\.$"):
+        load(run, backend="onnx-int8")
+    assert load(run, backend="torch").backend == "torch"
+
+
+def test_calibrate_rewrites_the_thresholds_in_the_exported_metadata(trained, tmp_path):
+    run = copy_run(trained, tmp_path / "run")
+    meta = json.loads((run / "model.json").read_text())
+    (run / "model.json").write_text(json.dumps({**meta, "thresholds": None}))     # as before a calibration
+    export_onnx(run, log=lambda *a: None)
+    api.calibrate(run, log=lambda *a: None)
+    thresholds = json.loads((run / "model.json").read_text())["thresholds"]
+    props = ort.InferenceSession(str(run / ONNX_MODEL), providers=["CPUExecutionProvider"]).get_modelmeta()
+    assert thresholds != [0.5] * 10
+    np.testing.assert_allclose(json.loads(props.custom_metadata_map["thresholds"]), thresholds, rtol=1e-6)
+    assert load(run).backend == "onnx"               # its new sha256 is recorded
+
+
+def moved_data(run):
+    """The run as on a machine where its training data is not (model.json names a path that is gone)."""
+    meta = json.loads((run / "model.json").read_text())
+    meta["recipe"]["data"]["path"] = str(run.parent / "moved" / "labels.csv")
+    (run / "model.json").write_text(json.dumps(meta))
+    return run
+
+
+def test_export_after_the_data_moved_checks_parity_on_synthetic_images(trained, tmp_path):
+    run = moved_data(copy_run(trained, tmp_path / "run"))
+    said = []
+    result = export_onnx(run, log=said.append)
+    assert result["check_images"] == "synthetic" and result["images"] == 64 and result["max_abs_diff"] < 1e-3
+    assert any("moved" in line and "synthetic" in line and "--data PATH" in line for line in said)
+    assert load(run).backend == "onnx"
+
+
+def test_int8_export_after_the_data_moved_names_the_path_and_the_flag(trained, tmp_path):
+    run = moved_data(copy_run(trained, tmp_path / "run"))
+    with pytest.raises(UserError, match=r"run's data .*moved.labels.csv is not there .*pass --data PATH .*"
+                                        r"or export without --int8"):
+        export_onnx(run, int8=True, log=lambda *a: None)
+    assert not (run / ONNX_MODEL).exists()
 
 
 def test_dynamic_batch(exported, test_images):
@@ -167,3 +234,55 @@ def test_static_int8_keeps_shape_arithmetic_in_float(tmp_path):
     x = images[16:].numpy()
     a, b = fp32.run(None, {"images": x})[0], int8.run(None, {"images": x})[0]
     assert a.shape == b.shape and np.isfinite(b).all()
+
+
+def test_static_int8_quantises_an_unfolded_batchnorm_per_channel_without_warnings(tmp_path, caplog):
+    """airbench's BatchNorms follow a pool, so they stay unfolded; ORT asked for their 1-D scale on axis 1
+    and logged "Axis 1 is out-of-range for weight ..." through the root logger."""
+    import onnx
+
+    from multitag.export import _torch_export, quantize
+    from multitag.models import build_model
+
+    torch.manual_seed(0)
+    path = tmp_path / "m.onnx"
+    _torch_export(build_model("airbench", 3).eval(), str(path), 32)
+    with caplog.at_level("WARNING"):
+        quantize(path, tmp_path / "q.onnx", calibration=torch.randn(16, 3, 32, 32))
+    assert not [r for r in caplog.records if "out-of-range" in r.getMessage()]
+    graph = onnx.load(str(tmp_path / "q.onnx")).graph
+    bn_scales = {n.input[1] for n in graph.node if n.op_type == "BatchNormalization"}
+    axes = [a.i for n in graph.node if n.op_type == "DequantizeLinear" and n.output[0] in bn_scales
+            for a in n.attribute if a.name == "axis"]
+    assert bn_scales and axes == [0] * len(bn_scales)
+
+
+def readme_snippet(start="<!-- onnx-without-multitag:start -->", end="<!-- onnx-without-multitag:end -->") -> str:
+    """The README's "Using model.onnx without multitag" code, between its marker comments."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    block = text[text.index(start) + len(start):text.index(end)].strip()
+    assert block.startswith("```python\n") and block.endswith("\n```"), block[:40]
+    return block.removeprefix("```python\n").removesuffix("```")
+
+
+def test_the_readme_snippet_predicts_what_multitag_predicts(exported, test_images, tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    run, _ = exported
+    script = tmp_path / "use_onnx.py"
+    script.write_text(readme_snippet())
+    images = list(test_images)
+    for i, size in enumerate([(70, 45), (23, 51)]):      # other sizes than the model's 32 px: the resize counts
+        images.append(str(tmp_path / f"resized_{i}.png"))
+        Image.open(test_images[i]).resize(size, Image.NEAREST).save(images[-1])
+    expected = load(run).predict(images)
+    assert any(p.labels for p in expected)
+    for image, prediction in zip(images, expected):
+        out = subprocess.run([sys.executable, str(script), str(run / ONNX_MODEL), image], capture_output=True,
+                             text=True, check=True, cwd=tmp_path)
+        assert out.stdout.split() == prediction.labels, (image, out.stderr)

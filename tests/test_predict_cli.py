@@ -2,6 +2,7 @@
 import csv
 import io
 import json
+import re
 import shutil
 
 import pytest
@@ -183,6 +184,21 @@ def test_a_stale_onnx_warning_is_one_line_and_cuda_asked_on_a_cpu_names_the_opti
     rc, out, err = predict(capsys, run, folder / "a.png", "--device", "cuda")
     assert rc == 2 and "device=cuda was asked for but no CUDA GPU is visible; use device=auto or cpu" in err
     assert "train.device" not in err
+
+
+def test_a_changed_model_onnx_is_refused_in_one_line(trained, folder, tmp_path, capsys):
+    from multitag.export import export_onnx
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    export_onnx(run, log=lambda *a: None)
+    with open(run / "model.onnx", "ab") as f:        # edited after the export
+        f.write(b"\0")
+    rc, out, err = predict(capsys, run, folder / "a.png")
+    assert rc == 2 and out == ""
+    assert re.fullmatch(rf"multitag predict: error: {re.escape(str(run / 'model.onnx'))} does not match the run's "
+                        r"model.json \(sha256 [0-9a-f]{12}…, recorded [0-9a-f]{12}…\); "
+                        rf"export again with multitag export {re.escape(str(run))}\.\n", err), err
 
 
 @pytest.mark.parametrize("port", ["99999", "-1", "http"])

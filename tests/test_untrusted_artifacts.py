@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from multitag.checkpoint import MODEL_META, MODEL_WEIGHTS
 from multitag.errors import UserError
-from multitag.predict import ONNX_MODEL, load, weights_digest
+from multitag.predict import ONNX_MODEL, file_digest, load, weights_digest
 
 RUN_FILES = (MODEL_META, MODEL_WEIGHTS)
 
@@ -80,8 +80,10 @@ def _as_directory(name: str) -> Callable[[Path], None]:
 
 
 def _onnx_record(run: Path) -> None:
-    """model.json's export record, matching the weights: so only the ONNX file itself can be wrong."""
-    edit_meta(lambda m: m.__setitem__("export", {"onnx": {"weights_sha256": weights_digest(run)}}))(run)
+    """model.json's export record, matching the weights and the file: so only the ONNX file's content can
+    be wrong."""
+    record = {"weights_sha256": weights_digest(run), "sha256": file_digest(run / ONNX_MODEL)}
+    edit_meta(lambda m: m.__setitem__("export", {"onnx": record}))(run)
 
 
 def _onnx_with_external_data(location: str) -> Callable[[Path], None]:
@@ -114,6 +116,13 @@ def _onnx_link_outside(run: Path) -> None:
 def _onnx_truncated(run: Path) -> None:
     _onnx_with_external_data("w.bin")(run)
     (run / ONNX_MODEL).write_bytes((run / ONNX_MODEL).read_bytes()[:25])
+    _onnx_record(run)           # truncated by whoever wrote it: the check is ONNX Runtime's, not the sha256
+
+
+def _onnx_changed(run: Path) -> None:
+    """model.onnx edited after its export was recorded (one byte added)."""
+    _onnx_with_external_data("w.bin")(run)
+    (run / ONNX_MODEL).write_bytes((run / ONNX_MODEL).read_bytes() + b"\x00")
 
 
 class Case(NamedTuple):
@@ -176,6 +185,8 @@ ARTIFACT_CASES: list[Case] = [
     Case("model.onnx truncated", _onnx_truncated, "cannot be loaded by ONNX Runtime", file=ONNX_MODEL, backend="onnx"),
     Case("model.onnx without model.safetensors", lambda run: (_onnx_truncated(run), (run / MODEL_WEIGHTS).unlink()),
          "is missing, so", file=MODEL_WEIGHTS, backend="onnx"),
+    Case("model.onnx changed after its export", _onnx_changed, "does not match the run's model.json (sha256",
+         file=ONNX_MODEL, backend="auto"),      # refused on auto too, not replaced by the torch backend
 ]
 
 
