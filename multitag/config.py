@@ -151,10 +151,19 @@ class AugConfig:
     trivial_augment: bool | None = None  # one random TrivialAugmentWide op per image (uint8, before the rest)
     alternate_flip: bool | None = None  # with hflip: each image mirrored on every other epoch (airbench) rather
                                       # than by a fresh coin each epoch
+    # Batch mixing, as timm's Mixup in "batch" mode (data/mixing.py): after the augmentations above, a
+    # batch is mixed with probability mix_prob, image i with a partner, by one λ for the whole batch; the
+    # targets mix by the same λ (soft targets). Off in every preset.
+    mixup: float | None = None        # MixUp (Zhang et al. 2018): Beta(α, α) for λ; x = λ·x + (1-λ)·x_partner; 0 = off
+    cutmix: float | None = None       # CutMix (Yun et al. 2019): Beta(α, α); a box of area 1-λ pasted from the
+                                      # partner, λ then recomputed from the box clipped to the image; 0 = off
+    mix_prob: float | None = None     # chance that a batch is mixed (with mixup or cutmix on)
+    mix_switch_prob: float | None = None  # with both on: chance of CutMix for a mixed batch, else MixUp
 
 
 _NO_AUG = {"hflip": False, "scale": (1.0, 1.0), "ratio": (0.75, 1.3333), "rotate": 0.0, "translate": 0.0,
-           "color_jitter": 0.0, "erasing": 0.0, "trivial_augment": False, "alternate_flip": False}
+           "color_jitter": 0.0, "erasing": 0.0, "trivial_augment": False, "alternate_flip": False,
+           "mixup": 0.0, "cutmix": 0.0, "mix_prob": 1.0, "mix_switch_prob": 0.5}
 # Named augmentation recipes: every AugConfig field except `preset`. "light" is what multitag did
 # before presets existed; "standard" is the Inception-ResNet reference's flip/crop/±15°/jitter;
 # "strong" is timm-style crop + flip + TrivialAugment + erasing (TA has its own colour and rotation ops).

@@ -46,6 +46,7 @@ def check_config(cfg: Config) -> None:
     if any(not 0 <= b < 1 for b in cfg.optim.betas):
         raise _out_of_range("optim.betas", list(cfg.optim.betas), "two numbers in [0, 1)")
     _check_ranges_of_aug(cfg)
+    _check_mixing(cfg, spec)
     check_fractions(cfg.data.split_fractions)
     parse_switch(cfg.train.channels_last, "train.channels_last")
     if not cfg.stages and cfg.train.epochs < 1:
@@ -184,8 +185,12 @@ STAGE_RANGES = (
 def _check_ranges_of_aug(cfg: Config) -> None:
     """The augmentation fields that are set (None = the preset's value, which is valid)."""
     aug = cfg.aug
+    probability = (lambda v: 0 <= v <= 1, "in [0, 1]")
     for key, test, must in (("rotate", _nonneg, "0 or more degrees"), ("translate", _fraction, "in [0, 1)"),
-                            ("color_jitter", _nonneg, "0 or more"), ("erasing", lambda v: 0 <= v <= 1, "in [0, 1]")):
+                            ("color_jitter", _nonneg, "0 or more"), ("erasing", *probability),
+                            ("mixup", _nonneg, "0 (off) or a Beta α above 0, e.g. 0.2"),
+                            ("cutmix", _nonneg, "0 (off) or a Beta α above 0, e.g. 1.0"),
+                            ("mix_prob", *probability), ("mix_switch_prob", *probability)):
         value = getattr(aug, key)
         if value is not None and not _holds(test, value):
             raise _out_of_range(f"aug.{key}", value, must)
@@ -198,6 +203,32 @@ def _check_ranges_of_aug(cfg: Config) -> None:
         if not (lo_ok(lo) and lo <= hi and (key != "scale" or hi <= 1)):
             raise _out_of_range(f"aug.{key}", list(value), "[low, high] with 0 < low ≤ high"
                                 + (" ≤ 1 (a fraction of the image area)" if key == "scale" else ""))
+
+
+def _check_mixing(cfg: Config, spec) -> None:
+    """aug.mixup / aug.cutmix: a model they can train, a batch they can pair, and their probabilities
+    set only where they do something."""
+    from multitag.config import resolve_aug
+    from multitag.distributed import launched_world
+
+    aug, resolved = cfg.aug, resolve_aug(cfg.aug)
+    mixup, cutmix = resolved.mixup > 0, resolved.cutmix > 0
+    for key, applies, needs in (("mix_prob", mixup or cutmix, "aug.mixup or aug.cutmix is on"),
+                                ("mix_switch_prob", mixup and cutmix, "both aug.mixup and aug.cutmix are on")):
+        if getattr(aug, key) is not None and not applies:
+            raise UserError(f"aug.{key} applies only when {needs}; turn them on (e.g. aug.mixup=0.2 "
+                            f"aug.cutmix=1.0) or leave aug.{key} unset.")
+    if not (mixup or cutmix):
+        return
+    if spec.own_loss:
+        raise UserError(f"aug.mixup and aug.cutmix do not apply to {cfg.model.name}, which trains on label sequences "
+                        "(a mixed image has no sequence to emit); set both to 0.")
+    procs, batch = launched_world().size, cfg.train.batch_size
+    if batch % (2 * procs):
+        step = math.lcm(2 * procs, procs * cfg.train.accumulate)     # pairs, and an even split (micro_batch_size)
+        raise UserError(f"aug.mixup/aug.cutmix mix neighbouring images of each process's share of the batch, so "
+                        f"train.batch_size={batch} must be a multiple of 2 × {procs} process(es); use e.g. "
+                        f"{max(step, round(batch / step) * step)}.")
 
 
 def _check_tuple(key: str, value: tuple, size: int, allow_empty: bool = False) -> None:

@@ -30,6 +30,7 @@ from multitag.config import OPTIMIZERS, SCHEDULES, Config, StageConfig, config_f
 from multitag.config_checks import check_config, unused_settings
 from multitag.data.loader import BatchLoader, describe_oversampling, label_counts, repeat_factors, shard_bounds
 from multitag.data.prepare import PreparedData, prepare, require_data
+from multitag.data.mixing import BatchMix
 from multitag.data.transforms import BatchAugment, normalize
 from multitag.ema import ModelEMA
 from multitag.errors import UserError, did_you_mean
@@ -166,12 +167,14 @@ def make_loaders(cfg: Config, data: PreparedData, log=print) -> tuple[BatchLoade
         targets, ignore = t.targets[rows], t.ignore[rows]
         repeats = repeat_factors(targets, ignore, cfg.data.oversample_to, cfg.data.oversample_max_repeat)
         log(describe_oversampling(t.class_names, *label_counts(targets, ignore, repeats), repeats))
-    augment = BatchAugment(cfg.aug, mean, std)
+    augment, mix = BatchAugment(cfg.aug, mean, std), BatchMix.of(cfg.aug)
     log(f"augmentation: {augment.describe()}")
+    if mix is not None:
+        log(f"mixing: {mix.describe()}")
     micro_batch_size(cfg)                     # the global batch must split evenly over processes and steps
     shard = (distributed.world().rank, distributed.world().size)
     train = BatchLoader(data.cache, rows, batch_size=cfg.train.batch_size, shuffle=True, repeats=repeats,
-                        augment=augment, drop_last=True, shard=shard, **common)
+                        augment=augment, mix=mix, drop_last=True, shard=shard, **common)
     val = BatchLoader(data.cache, data.rows("val"), batch_size=cfg.train.eval_batch_size, shard=shard, **common)
     return train, val
 
@@ -228,7 +231,7 @@ def train_one_epoch(model, loader: BatchLoader, loss_fn, optimizer, scheduler, p
         batches = track(batches, len(loader), f"epoch {epoch + 1}")
     for i, batch in enumerate(batches):
         lr = max(g["lr"] for g in optimizer.param_groups)      # the head's LR when backbone LRs are lower
-        loss = train_step(model, ddp, loss_fn, batch, loader, rt, cfg, optimizer, (epoch, i))
+        loss = train_step(model, ddp, loss_fn, batch, rt, cfg, optimizer, (epoch, i))
         if scheduler is not None and per_batch:
             scheduler.step()
         size = len(batch.index if batch.whole is None else batch.whole)      # the global batch
@@ -237,19 +240,19 @@ def train_one_epoch(model, loader: BatchLoader, loss_fn, optimizer, scheduler, p
     return distributed.all_sum(total) / max(count, 1), lr
 
 
-def train_step(model, ddp, loss_fn, batch, loader: BatchLoader, rt: Runtime, cfg: Config, optimizer,
+def train_step(model, ddp, loss_fn, batch, rt: Runtime, cfg: Config, optimizer,
                where: tuple[int, int]) -> float:
     """One optimizer step on one global batch (gradients accumulated, clipped); returns its loss share.
     ``where``: (epoch, batch) for the divergence message."""
     optimizer.zero_grad(set_to_none=True)
-    loss = accumulate_gradients(model, ddp, loss_fn, batch, loader, rt, cfg.train.accumulate, where)
+    loss = accumulate_gradients(model, ddp, loss_fn, batch, rt, cfg.train.accumulate, where)
     if cfg.train.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
     optimizer.step()
     return loss
 
 
-def accumulate_gradients(model, ddp, loss_fn, batch, loader: BatchLoader, rt: Runtime, steps: int,
+def accumulate_gradients(model, ddp, loss_fn, batch, rt: Runtime, steps: int,
                          where: tuple[int, int]) -> float:
     """Forward + backward of this process's part of one global batch, in ``steps`` micro-batches;
     returns this process's share of the global batch's loss (the shares sum to it over processes).
@@ -259,8 +262,7 @@ def accumulate_gradients(model, ddp, loss_fn, batch, loader: BatchLoader, rt: Ru
     summed gradient is exactly the global batch's; in one process with one step the weight is 1.
     Only the last micro-batch synchronises gradients (no_sync before it).
     """
-    whole = torch.from_numpy(batch.index if batch.whole is None else batch.whole)
-    total = loss_count(model, loss_fn, loader.targets[whole], loader.ignore[whole])
+    total = loss_count(model, loss_fn, *batch.whole_labels())
     n, procs, share = len(batch.index), distributed.world().size, 0.0
     for k in range(steps):
         lo, hi = shard_bounds(n, k, steps)
@@ -456,7 +458,8 @@ def setup_job(cfg: Config, run: Path, saved: dict | None, log, pinned: dict | No
     elif hasattr(model, "init_from_data") and not saved:     # e.g. airbench's patch whitening
         model.init_from_data(init_pixels(data, train_loader.rows, cfg))
     train_rows = train_loader.rows
-    loss_fn = build_loss(cfg.train, t.multi_label, t.targets[train_rows], t.ignore[train_rows])
+    loss_fn = build_loss(cfg.train, t.multi_label, t.targets[train_rows], t.ignore[train_rows],
+                         soft_targets=BatchMix.of(cfg.aug) is not None)
     if getattr(loss_fn, "pos_weight", None) is not None:      # class_weights=balanced: shown, like oversampling
         log(describe_pos_weight(t.class_names, loss_fn.pos_weight))
     if saved or pinned:   # the choice made at the start of the run (or of a sibling), so both compute alike

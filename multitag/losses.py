@@ -3,6 +3,12 @@
 logits (B, C); targets (B, C) in {0, 1}; ignore (B, C) bool — ignored pairs contribute nothing.
 Multi-label: BCE (optionally with a balanced pos_weight), focal, asymmetric (ASL); single-label:
 cross-entropy with label smoothing. Parameters keep their papers' names.
+
+Mixed batches (aug.mixup / aug.cutmix) bring soft targets y = λ·y_a + (1-λ)·y_b. Every loss here is
+linear in the target (y · positive term + (1 - y) · negative term; cross-entropy's Σ y_c · log p_c),
+so the loss of the soft target is exactly λ·L(y_a) + (1-λ)·L(y_b): the mixed loss of Zhang et al.'s
+reference code (and of timm's SoftTargetCrossEntropy), for focal and ASL as much as for BCE. What
+focal and ASL give up is what they give up on 0/1 targets too: their minimum is not at p = y.
 """
 from __future__ import annotations
 
@@ -108,14 +114,21 @@ class AsymmetricLoss(_SigmoidLoss):
 
 
 class SmoothedCE(nn.Module):
-    """Softmax cross-entropy for single-label data (one positive per row), with label smoothing."""
+    """Softmax cross-entropy for single-label data (one positive per row), with label smoothing.
 
-    def __init__(self, label_smoothing: float = 0.0):
+    ``soft_targets`` (batch mixing on): targets are class probabilities (B, C), mixes of two one-hots;
+    torch smooths them as y·(1-ε) + ε/C, which equals mixing the two smoothed one-hots (smoothing is
+    affine), as timm's mixup_target composes them. Off, the class index form is kept: the same loss,
+    but not bit for bit, and runs without mixing stay exactly as they were.
+    """
+
+    def __init__(self, label_smoothing: float = 0.0, soft_targets: bool = False):
         super().__init__()
-        self.label_smoothing = label_smoothing
+        self.label_smoothing, self.soft_targets = label_smoothing, soft_targets
 
     def forward(self, logits, targets, ignore):
-        return F.cross_entropy(logits.float(), targets.argmax(1), label_smoothing=self.label_smoothing)
+        target = targets if self.soft_targets else targets.argmax(1)
+        return F.cross_entropy(logits.float(), target, label_smoothing=self.label_smoothing)
 
 
 SIGMOID_LOSSES = ("bce", "focal", "asl")
@@ -153,9 +166,10 @@ def check_loss_name(name: str) -> None:
         raise UserError(f'unknown train.loss "{name}"{did_you_mean(name, LOSSES)}.')
 
 
-def build_loss(train: TrainConfig, multi_label: bool, targets=None, ignore=None) -> nn.Module:
+def build_loss(train: TrainConfig, multi_label: bool, targets=None, ignore=None, soft_targets: bool = False) -> nn.Module:
     """The training loss named by ``train.loss`` with its ``train.*`` parameters; class_weights="balanced"
-    needs the training rows' targets/ignore to count positives."""
+    needs the training rows' targets/ignore to count positives; ``soft_targets``: batches are mixed
+    (aug.mixup / aug.cutmix), which only cross-entropy needs to know (the sigmoid losses take any y)."""
     name = train.loss
     check_loss_name(name)
     if name == "auto":
@@ -172,7 +186,7 @@ def build_loss(train: TrainConfig, multi_label: bool, targets=None, ignore=None)
         if train.class_weights != "none":
             raise UserError("train.class_weights applies to the multi-label losses (bce, focal, asl); for "
                             "single-label data use data.oversample_to to rebalance.")
-        return SmoothedCE(train.label_smoothing)
+        return SmoothedCE(train.label_smoothing, soft_targets)
     pos_weight = balanced_pos_weight(targets, ignore) if train.class_weights == "balanced" else None
     if name == "bce":
         return MaskedBCE(pos_weight)

@@ -97,7 +97,7 @@ def lr_find(cfg: Config, out_dir: str | Path, *, start: float = 1e-7, end: float
         for group, ratio in zip(optimizer.param_groups, ratios):
             group["lr"] = lr * ratio
         try:
-            losses.append(train_step(model, None, job.loss_fn, batch, loader, job.rt, cfg, optimizer, (0, step)))
+            losses.append(train_step(model, None, job.loss_fn, batch, job.rt, cfg, optimizer, (0, step)))
         except TrainingDiverged:               # a non-finite loss: the curve ends here
             break
         average = SMOOTHING * average + (1 - SMOOTHING) * losses[-1]

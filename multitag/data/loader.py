@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from multitag.data.device_cache import DeviceCache, to_device
+from multitag.data.mixing import BatchMix, mix_labels, partners
 from multitag.data.transforms import Part, alternating_flip, normalize
 from multitag.errors import UserError
 
@@ -19,10 +20,16 @@ from multitag.errors import UserError
 @dataclass
 class Batch:
     images: torch.Tensor      # (B, 3, S, S) float32, normalised
-    targets: torch.Tensor     # (B, C) float32 in {0, 1}
+    targets: torch.Tensor     # (B, C) float32 in {0, 1}; in [0, 1] when mixed (aug.mixup / aug.cutmix)
     ignore: torch.Tensor      # (B, C) bool
     index: np.ndarray         # (B,) rows of the table
     whole: np.ndarray | None = None  # (B_global,) rows of the whole batch when this is one process's part
+    whole_targets: torch.Tensor | None = None   # (B_global, C) targets and ignore of the whole batch, as
+    whole_ignore: torch.Tensor | None = None    # trained on (mixed too), when this is one process's part
+
+    def whole_labels(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(targets, ignore) of the whole global batch: what the batch's loss averages over."""
+        return (self.targets, self.ignore) if self.whole is None else (self.whole_targets, self.whole_ignore)
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -114,6 +121,7 @@ class BatchLoader:
     cache:   object with ``get_batch(indices) -> uint8 (B, 3, S, S)`` (data/cache.py's ImageCache).
     augment: callable (uint8 batch, generator, Part | None, mirror flags | None) → normalised float batch,
              or None for evaluation (transforms.BatchAugment).
+    mix:     MixUp / CutMix after ``augment`` (data/mixing.py), or None; training only.
     shard:   (rank, world) in distributed training. Every rank draws the same epoch order and the
              same global batches of ``batch_size`` (all randomness comes from (seed, epoch)), then
              takes its contiguous share of each; augmentation draws are made for the whole batch
@@ -122,13 +130,14 @@ class BatchLoader:
 
     def __init__(self, cache, rows: np.ndarray, targets: np.ndarray, ignore: np.ndarray, *,
                  batch_size: int, mean, std, augment: Callable | None = None, shuffle: bool = False,
-                 drop_last: bool = False, repeats: np.ndarray | None = None, shard: tuple[int, int] = (0, 1)):
+                 drop_last: bool = False, repeats: np.ndarray | None = None, shard: tuple[int, int] = (0, 1),
+                 mix: BatchMix | None = None):
         self.cache, self.rows = cache, np.asarray(rows)
         self.repeats = repeats            # (len(rows),) oversampling factors, or None
         self.targets = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.float32))
         self.ignore = torch.from_numpy(np.ascontiguousarray(ignore, dtype=bool))
         self.batch_size, self.mean, self.std = batch_size, mean, std
-        self.augment, self.shuffle = augment, shuffle
+        self.augment, self.shuffle, self.mix = augment, shuffle, mix
         self.shard = shard
         # Dropping a last tiny batch keeps BatchNorm statistics sane in training.
         self.drop_last = drop_last and self.epoch_size > batch_size
@@ -172,13 +181,32 @@ class BatchLoader:
             # one its own classes, and BatchNorm statistics that carry the labels.
             index = order[k * self.batch_size:(k + 1) * self.batch_size]
             whole, part = None, None
+            parts = [shard_bounds(len(index), rank, self.shard[1]) for rank in range(self.shard[1])]
             if self.shard[1] > 1:     # this rank's images [lo, hi) of the global batch (B/world of them)
-                lo, hi = shard_bounds(len(index), *self.shard)
+                lo, hi = parts[self.shard[0]]
                 whole, index, part = index, index[lo:hi], Part(lo, hi, len(index))
             pixels = to_device(read_rows(self.cache, index), self.device)     # uint8 (B, 3, S, S)
             if not self.augment:
                 images = normalize(pixels, self.mean, self.std)
             else:
                 images = self.augment(pixels, g, part, self._alternating_flip(index, epoch, seed))
-            t = torch.from_numpy(index)
-            yield Batch(images, self.targets[t], self.ignore[t], index, whole)
+            t = torch.from_numpy(index if whole is None else whole)
+            targets, ignore = self.targets[t], self.ignore[t]                   # (B_global, C)
+            if self.mix is not None:      # after the augmentations, with the next number of the same generator
+                images, targets, ignore = self._mixed(images, targets, ignore, g, parts)
+            if whole is None:
+                yield Batch(images, targets, ignore, index)
+            else:
+                yield Batch(images, targets[part.start:part.stop], ignore[part.start:part.stop], index, whole,
+                            targets, ignore)
+
+    def _mixed(self, images: torch.Tensor, targets: torch.Tensor, ignore: torch.Tensor, g: torch.Generator,
+               parts: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This process's images (b, 3, S, S) and the whole batch's labels (B_global, C), mixed per one draw."""
+        draw = self.mix.draw(g, *images.shape[-2:])
+        if draw is None:
+            return images, targets, ignore
+        partner = partners(parts)                       # (B_global,) within each process's part
+        lo, hi = parts[self.shard[0]]
+        return (self.mix.images(images, draw, partner[lo:hi] - lo),
+                *mix_labels(targets, ignore, draw.lam, partner))
