@@ -15,7 +15,7 @@ from multitag.data.loader import BatchLoader, shard_bounds
 from multitag.data.mixing import BatchMix, MixDraw, cutmix_box, mix_labels, partners
 from multitag.engine import accumulate_gradients
 from multitag.errors import UserError
-from multitag.losses import AsymmetricLoss, FocalLoss, MaskedBCE, SmoothedCE
+from multitag.losses import AsymmetricLoss, FocalLoss, MaskedBCE, SmoothedCE, loss_count
 from multitag.runtime import Runtime
 
 MIX = AugConfig(mixup=0.4, cutmix=1.0)
@@ -126,6 +126,20 @@ def test_accumulated_micro_batches_give_the_batch_gradient():
         accumulate_gradients(net, None, MaskedBCE(), batch, rt, steps, (0, 0))
         for a, b in zip(net.parameters(), whole.parameters()):
             torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_process_losses_weighted_by_their_counts_give_the_mixed_batch_loss():
+    """DDP's weighting (engine.accumulate_gradients): each process's mixed loss × its count / the whole
+    batch's count (of the mixed ignore mask, which every process knows) sums to the 1-process loss."""
+    loss, model = MaskedBCE(), torch.nn.Identity()
+    logits = torch.randn(8, 5, generator=torch.Generator().manual_seed(0))
+    single = list(_loader((0, 1)).iterate(epoch=2, seed=1))
+    ranks = [list(_loader((r, 2)).iterate(epoch=2, seed=1)) for r in range(2)]
+    for k, batch in enumerate(single):
+        parts = [(r[k], logits[lo:lo + len(r[k].index)]) for r, lo in zip(ranks, (0, 4))]
+        total = sum(loss_count(model, loss, b.targets, b.ignore) / loss_count(model, loss, *b.whole_labels())
+                    * loss(x, b.targets, b.ignore) for b, x in parts)
+        torch.testing.assert_close(total, loss(logits, batch.targets, batch.ignore))
 
 
 def test_sigmoid_losses_of_soft_targets_are_the_mixed_losses():
