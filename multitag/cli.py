@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a run to ONNX (with a parity check against PyTorch)")
     p.add_argument("run_dir")
-    p.add_argument("--onnx", action="store_true", default=True, help="write model.onnx (default)")
+    # model.onnx is always written; --onnx is still accepted (it was documented) but no longer offered
+    p.add_argument("--onnx", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--int8", action="store_true",
                    help="also write model.int8.onnx and measure its accuracy cost on the val split")
     p.add_argument("--int8-method", default="static", choices=["static", "dynamic"],
