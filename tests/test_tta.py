@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from model_checks import assert_training_sees_one_view
 from multitag.errors import UserError
 from multitag.models import build_model
 
@@ -21,11 +22,7 @@ def test_eval_logits_are_the_mean_of_the_image_and_its_mirror(name):
         got = flipped(x)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         assert torch.equal(flipped(x.flip(3)), got)                            # mirror images score alike
-    flipped.train(), plain.train()
-    torch.manual_seed(1)
-    a = plain(x)
-    torch.manual_seed(1)
-    assert torch.equal(flipped(x), a)                                         # training sees one view
+    assert_training_sees_one_view(plain, flipped, x)
 
 
 def test_tta_flip_is_checked():
