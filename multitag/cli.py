@@ -13,7 +13,7 @@ import warnings
 
 from multitag import allocator, openmp
 from multitag.config import PRUNE_AFTER_DAYS
-from multitag.errors import UserError
+from multitag.errors import UserError, counted
 
 
 
@@ -290,10 +290,6 @@ def cmd_calibrate(args):
     return {"thresholds": thresholds}
 
 
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
 def _predict_format(args) -> str:
     """--json, else --format, else from the --out suffix (.json → json, anything else csv), else text.
     --json with another --format is refused; a --format unlike the --out suffix is said, then obeyed."""
@@ -322,7 +318,7 @@ def cmd_predict(args):
     model = load(args.run_dir, device=args.device, backend=args.backend)
     check_top_k(args.top_k, len(model.class_names), "--top-k")
     paths = expand_images(args.images)
-    print(f"predicting {_count(len(paths), 'file')} on the {model.backend} backend ({model.runtime.device})",
+    print(f"predicting {counted(len(paths), 'file')} on the {model.backend} backend ({model.runtime.device})",
           file=sys.stderr)
     preds = list(model.predict_each(paths, threshold=threshold, top_k=args.top_k, batch_size=args.batch_size,
                                     progress=True))
@@ -336,9 +332,9 @@ def cmd_predict(args):
         write_predictions(preds, model.class_names, fmt, sys.stdout)
     failed = sum(p.error is not None for p in preds)
     if failed == len(preds):
-        raise UserError(f"none of the {_count(failed, 'file')} could be read as an image (reasons in the output).")
+        raise UserError(f"none of the {counted(failed, 'file')} could be read as an image (reasons in the output).")
     if failed:
-        print(f"multitag predict: {failed} of {_count(len(preds), 'file')} could not be read; "
+        print(f"multitag predict: {failed} of {counted(len(preds), 'file')} could not be read; "
               "they are listed in the output with the reason", file=sys.stderr)
     # returns None: the predictions were printed above in the asked-for format, not by main()
 

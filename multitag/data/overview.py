@@ -25,6 +25,7 @@ from multitag.data.cache import common_folder
 from multitag.data.decode import BadImageError, ImageTooLargeError, read_checked
 from multitag.data.prepare import load_table, log_table_notes, resolve_split
 from multitag.data.table import SPLITS, LabelTable
+from multitag.errors import counted
 from multitag.progress import track
 
 SHOWN = 10      # entries of one kind of problem listed on screen; the dict (--json) holds them all
@@ -218,12 +219,12 @@ def problem_lines(result: dict) -> list[str]:
         if found:
             fate = "train leaves them out (data.on_bad_image=skip)" if skip else \
                 "train stops at the first; --set data.on_bad_image=skip leaves them out"
-            lines.append(f"{_count(len(found), noun)} ({fate}):")
+            lines.append(f"{counted(len(found), noun)} ({fate}):")
             lines += [f"  {p['path']}: {p['reason']}" for p in found[:SHOWN]] + _more(found)
     groups = problems["duplicates"]
     if groups:
         across = sum(g["across_splits"] for g in groups)
-        lines.append(f"{_count(len(groups), 'group')} of identical files (same bytes)"
+        lines.append(f"{counted(len(groups), 'group')} of identical files (same bytes)"
                      + (f", {across} across splits: a val or test copy of an image from another split "
                         "inflates its scores (leakage)" if across else "")
                      + ":")
@@ -232,7 +233,7 @@ def problem_lines(result: dict) -> list[str]:
             lines.append(f"  {' = '.join(g['paths'])} ({', '.join(g['splits'])}{labels})")
         lines += _more(groups)
     n = result["problem_count"]
-    lines.append(f"{_count(n, 'problem')} found (exit status 1)" if n else "no problems found")
+    lines.append(f"{counted(n, 'problem')} found (exit status 1)" if n else "no problems found")
     return lines
 
 
@@ -240,5 +241,3 @@ def _more(items: list) -> list[str]:
     return [f"  ... and {len(items) - SHOWN} more (--json lists all)"] if len(items) > SHOWN else []
 
 
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
