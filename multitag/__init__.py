@@ -8,7 +8,7 @@
 __version__ = "0.1.0"
 
 _API = {"train": "multitag.api", "evaluate": "multitag.api", "calibrate": "multitag.api", "demo": "multitag.api",
-        "lr_find": "multitag.api", "load": "multitag.predict"}
+        "lr_find": "multitag.api", "inspect_data": "multitag.api", "load": "multitag.predict"}
 
 
 def __getattr__(name: str):
@@ -20,4 +20,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'multitag' has no attribute {name!r}")
 
 
-__all__ = ["train", "load", "evaluate", "calibrate", "lr_find", "demo", "__version__"]
+__all__ = ["train", "load", "evaluate", "calibrate", "lr_find", "inspect_data", "demo", "__version__"]

@@ -1,5 +1,5 @@
 """The Python API: ``multitag.train``, ``multitag.load``, ``multitag.evaluate``, ``multitag.calibrate``,
-``multitag.lr_find``, ``multitag.demo``."""
+``multitag.lr_find``, ``multitag.inspect_data``, ``multitag.demo``."""
 from __future__ import annotations
 
 import time
@@ -79,6 +79,44 @@ def lr_find(config: str | Config | None = None, data: str | None = None, out: st
     out = Path(out) if out else default_run_dir(cfg, "lr-find")
     log(f"lr-find folder: {out}")
     return sweep(cfg, out, start=start, end=end, steps=steps, stage_index=stage, log=log)
+
+
+def inspect_data(data: str, config: str | Config | None = None, overrides: list[str] | tuple = (), *,
+                 plot: str | Path | None = None, log=print) -> dict:
+    """What train would make of the dataset at ``data`` under a recipe's data settings and ``overrides``
+    (format, classes, split, positives per class and split, problems such as missing, unreadable or
+    duplicate files; see multitag/data/overview.py), without training or caching. ``plot``: a folder
+    for label_counts.png and labels_per_image.png (multi-label), named under "plots"."""
+    from multitag.data.overview import survey
+    from multitag.fileio import check_writable
+
+    cfg = _config(config, data, overrides)
+    if plot is not None:
+        check_writable(plot, directory=True)      # before the pass over every image, not after it
+    other = [o for o in overrides if not str(o).strip().startswith("data.")]
+    if other:
+        log(f"note: only data.* settings change how the data is read; {', '.join(other)} do not")
+    result = survey(cfg.data, log=log)
+    if plot is not None:
+        result["plots"] = _plot_survey(result, Path(plot))
+    return result
+
+
+def _plot_survey(result: dict, folder: Path) -> dict:
+    """The report's label figures of a data survey, written to ``folder``: {name: path}."""
+    import numpy as np
+
+    from multitag import plots
+    from multitag.data.table import SPLITS
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows, names = result["per_class"], [r["name"] for r in result["per_class"]]
+    by_split = {s: np.array([r[s] for r in rows]) for s in SPLITS if result["split"][s]}
+    written = {"label_counts": plots.label_counts(names, by_split, folder / "label_counts.png")}
+    if result["multi_label"]:        # as in the report: single-label images carry one label each
+        written["labels_per_image"] = plots.labels_per_image(np.array(result["labels_per_image"]),
+                                                             folder / "labels_per_image.png")
+    return {k: str(v) for k, v in written.items()}
 
 
 def evaluate(run_dir: str | Path, data: str | None = None, split: str = "test", log=print) -> dict:

@@ -13,7 +13,7 @@ import warnings
 
 from multitag import allocator, openmp
 from multitag.config import PRUNE_AFTER_DAYS
-from multitag.errors import UserError
+from multitag.errors import UserError, counted
 
 
 
@@ -21,11 +21,18 @@ def _add_json(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
 
 
+DATA_HELP = "dataset: CSV, COCO JSON, VOC/YOLO folder or folder per class"
+
+
+def _add_set(p: argparse.ArgumentParser, set_help: str | None = None) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+
+
 def _add_recipe(p: argparse.ArgumentParser, set_help: str) -> None:
     """The recipe, --data and --set arguments that train, lr-find and ablate share."""
     p.add_argument("config", nargs="?", help="recipe name (see `multitag recipes`) or a YAML config file")
-    p.add_argument("--data", help="dataset: CSV, COCO JSON, VOC/YOLO folder or folder per class")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+    p.add_argument("--data", help=DATA_HELP)
+    _add_set(p, set_help)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--end", type=float, default=10.0, help="last learning rate (default 10)")
     p.add_argument("--steps", type=int, default=100, help="training batches to sweep over (default 100)")
     p.add_argument("--stage", type=int, default=0, help="stage of a staged recipe to sweep (0-based, default 0)")
+    _add_json(p)
+
+    p = sub.add_parser("data", help="look at a dataset as train would read it: classes, split, counts, problems",
+                       description="Reads PATH as `multitag train` would (format, classes, split, difficult pairs) "
+                                   "and reads every image's header and bytes once: no training, no image cache.",
+                       epilog="exit status: 0 when no problems were found, 1 when some were (missing, unreadable "
+                              "or oversized images, identical files), 2 on an error (e.g. no such PATH)")
+    p.add_argument("path", metavar="PATH", help=DATA_HELP)
+    p.add_argument("--recipe", dest="config", metavar="RECIPE",
+                   help="recipe name or YAML config whose data settings apply (default: the defaults)")
+    _add_set(p, "override a data setting, as for train, e.g. --set data.format=voc (repeatable)")
+    p.add_argument("--plot", metavar="DIR", help="write label_counts.png and labels_per_image.png to DIR")
     _add_json(p)
 
     p = sub.add_parser("eval", help="metrics of a run on a split: at 0.5, calibrated thresholds and top-3")
@@ -99,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a run to ONNX (with a parity check against PyTorch)")
     p.add_argument("run_dir")
-    p.add_argument("--onnx", action="store_true", default=True, help="write model.onnx (default)")
+    # model.onnx is always written; --onnx is still accepted (it was documented) but no longer offered
+    p.add_argument("--onnx", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--int8", action="store_true",
                    help="also write model.int8.onnx and measure its accuracy cost on the val split")
     p.add_argument("--int8-method", default="static", choices=["static", "dynamic"],
@@ -168,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train, calibrate, evaluate and predict on built-in digit mosaics (no download)")
     p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _add_set(p)
     _add_json(p)
     return parser
 
@@ -219,6 +239,20 @@ def cmd_lr_find(args):
     return asdict(result)
 
 
+def cmd_data(args):
+    from multitag import api
+
+    result = api.inspect_data(args.path, config=args.config, overrides=args.overrides, plot=args.plot,
+                              log=_log_for(args))
+    if not args.json:
+        from multitag.data.overview import print_survey
+
+        print_survey(result)
+        for path in result.get("plots", {}).values():
+            print(f"wrote {path}")
+    return result
+
+
 def _train_argv(args) -> list[str]:
     """The `multitag train` arguments of ``args`` without --nproc, for the processes torchrun starts."""
     argv = [args.config] if args.config else []
@@ -256,10 +290,6 @@ def cmd_calibrate(args):
     return {"thresholds": thresholds}
 
 
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
 def _predict_format(args) -> str:
     """--json, else --format, else from the --out suffix (.json → json, anything else csv), else text.
     --json with another --format is refused; a --format unlike the --out suffix is said, then obeyed."""
@@ -288,7 +318,7 @@ def cmd_predict(args):
     model = load(args.run_dir, device=args.device, backend=args.backend)
     check_top_k(args.top_k, len(model.class_names), "--top-k")
     paths = expand_images(args.images)
-    print(f"predicting {_count(len(paths), 'file')} on the {model.backend} backend ({model.runtime.device})",
+    print(f"predicting {counted(len(paths), 'file')} on the {model.backend} backend ({model.runtime.device})",
           file=sys.stderr)
     preds = list(model.predict_each(paths, threshold=threshold, top_k=args.top_k, batch_size=args.batch_size,
                                     progress=True))
@@ -302,9 +332,9 @@ def cmd_predict(args):
         write_predictions(preds, model.class_names, fmt, sys.stdout)
     failed = sum(p.error is not None for p in preds)
     if failed == len(preds):
-        raise UserError(f"none of the {_count(failed, 'file')} could be read as an image (reasons in the output).")
+        raise UserError(f"none of the {counted(failed, 'file')} could be read as an image (reasons in the output).")
     if failed:
-        print(f"multitag predict: {failed} of {_count(len(preds), 'file')} could not be read; "
+        print(f"multitag predict: {failed} of {counted(len(preds), 'file')} could not be read; "
               "they are listed in the output with the reason", file=sys.stderr)
     # returns None: the predictions were printed above in the asked-for format, not by main()
 
@@ -465,7 +495,7 @@ def cmd_app(args):
 HANDLERS = {"report": cmd_report, "explain": cmd_explain, "export": cmd_export, "serve": cmd_serve, "app": cmd_app,
             "train": cmd_train, "eval": cmd_eval, "calibrate": cmd_calibrate, "predict": cmd_predict,
             "models": cmd_models, "bench": cmd_bench, "recipes": cmd_recipes, "demo": cmd_demo, "ablate": cmd_ablate,
-            "cache": cmd_cache, "lr-find": cmd_lr_find}
+            "cache": cmd_cache, "lr-find": cmd_lr_find, "data": cmd_data}
 
 
 def _resume_hint(args) -> str:
@@ -583,7 +613,12 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.flush()
         except BrokenPipeError:      # `... --json | head`: the reader has what it wanted
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error at exit
-    return 0
+    return _exit_status(args.command, result)
+
+
+def _exit_status(command: str, result) -> int:
+    """0, or 1 where `multitag data` found problems in the data (so CI can gate on it); errors are 2."""
+    return 1 if command == "data" and result["problem_count"] else 0
 
 
 if __name__ == "__main__":

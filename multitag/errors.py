@@ -37,3 +37,8 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
         return f' (did you mean "{best}"?)'
     shown = ", ".join(sorted(map(str, choices))[:12])
     return f" (valid: {shown}{', ...' if len(choices) > 12 else ''})"
+
+
+def counted(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless n is 1 ("1 file", "3 files"), for messages."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"

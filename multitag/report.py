@@ -23,6 +23,7 @@ from multitag import plots
 from multitag.checkpoint import MODEL_META, read_json, write_json
 from multitag.errors import UserError
 from multitag.data.decode import decode_image
+from multitag.data.overview import positives_by_split
 from multitag.data.prepare import PreparedData, check_split_name
 from multitag.evaluation import Scored, prepare_for, score_run
 from multitag.explain import explain_images
@@ -341,9 +342,8 @@ def label_stats_section(d: ReportData) -> str:
     """Label counts per class and split, label co-occurrence and labels per image, over all usable images."""
     p, t = d.prepared, d.prepared.table
     rows = p.rows("all")
-    positive = (t.targets[rows] > 0.5) & ~t.ignore[rows]                     # (M, C)
-    splits = p.split[rows]
-    by_split = {str(s or "no split"): positive[splits == s].sum(0) for s in dict.fromkeys(splits)}
+    positive = t.positives(rows)                                             # (M, C)
+    by_split = positives_by_split(positive, p.split[rows])
     parts = [_figure(d.figure(plots.label_counts(d.class_names, by_split, d.out / "label_counts.png")),
                      f"Images per class in the data ({len(rows)} usable images), by split.")]
     if d.model.multi_label:

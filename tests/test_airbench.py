@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from model_checks import assert_training_sees_one_view
 from multitag.api import evaluate, train
 from multitag.checkpoint import MODEL_WEIGHTS, TRAIN_META
 from multitag.config import AugConfig
@@ -165,11 +166,7 @@ def test_translate_tta_weighs_the_unshifted_and_two_one_pixel_shifted_views():
         want = flip(x) / 2 + flip(padded[..., :32, :32]) / 4 + flip(padded[..., 2:, 2:]) / 4
         assert torch.allclose(both(x), want, atol=1e-5)
         assert not torch.allclose(both(x), flip(x), atol=1e-3)
-    both.train(), flip.train()
-    torch.manual_seed(1)
-    a = flip(x)
-    torch.manual_seed(1)
-    assert torch.allclose(both(x), a)                             # training sees one view
+    assert_training_sees_one_view(flip, both, x)
 
 
 def test_lookahead_pulls_back_every_k_steps_with_a_rising_decay():

@@ -231,3 +231,12 @@ def test_bench_cifar_speed_script_runs_tiny(tiny_cifar, tmp_path):
     assert "multitag eval --split test accuracy" in out
     report = out.splitlines()[-(5 + len(rows)):]            # run, header, one line per epoch, two targets, eval
     assert report[0].startswith("run ") and run_script("bench_cifar_speed.py", "--run", str(run)).stdout.splitlines()[1:] == report
+
+
+def test_tta_gain_script_scores_a_run_both_ways(tiny_run):
+    """benchmarks/tta_gain.py: the same weights scored with one view and with flip TTA, the run untouched."""
+    before = (tiny_run / "model.json").read_text()
+    out = run_script("tta_gain.py", str(tiny_run), timeout=180).stdout
+    rows = [line for line in out.splitlines() if line.startswith(("| one view", "| flip TTA"))]
+    assert len(rows) == 2 and "mAP" in out
+    assert (tiny_run / "model.json").read_text() == before

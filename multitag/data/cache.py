@@ -228,7 +228,7 @@ def _build(paths: list[str], size: int, cache_dir: Path, stem: str, key: str,
         tmp_meta.write_text(json.dumps({
             "format_version": CACHE_FORMAT_VERSION, "preprocess_version": PREPROCESS_VERSION,
             "key": key, "shape": list(shape), "layout": "NHWC uint8",
-            "bad": [list(b) for b in bad], "source": _common_folder(paths),
+            "bad": [list(b) for b in bad], "source": common_folder(paths),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }))
         os.replace(tmp_data, data_path)
@@ -245,7 +245,7 @@ def _build(paths: list[str], size: int, cache_dir: Path, stem: str, key: str,
     return _make_cache(data_path, shape, bad, key)
 
 
-def _common_folder(paths: list[str]) -> str:
+def common_folder(paths: list[str]) -> str:
     """The folder all the images are under (shown by `multitag cache`); "" when they share none."""
     try:
         return os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths]) if paths else ""

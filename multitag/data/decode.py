@@ -164,14 +164,22 @@ def decode_image(source: PathOrBytes, name: str | None = None, max_pixels: int |
     Raises BadImageError for a missing, unreadable, corrupt or truncated file, and its
     subclass ImageTooLargeError for one over the pixel limit; never another exception.
     """
-    data, name = _read_source(source, name)
-    check_pixels(data, name, max_pixels)  # before the decoders allocate anything
+    data, name = read_checked(source, name, max_pixels)  # before the decoders allocate anything
     if _torchvision_can_decode(data):
         try:
             return _decode_torchvision(data)
         except RuntimeError:
             pass  # PIL decides below: it reads some files libjpeg refuses, else it says why
     return _decode_pil(data, name)
+
+
+def read_checked(source: PathOrBytes, name: str | None = None, max_pixels: int | None = None) -> tuple[bytes, str]:
+    """(encoded bytes, name for messages) of a path or bytes whose header passed the checks decode_image
+    makes before decoding (it exists, is not empty, is an image PIL parses, within ``max_pixels``); no
+    pixel is decoded. Raises what decode_image raises for those: BadImageError, ImageTooLargeError."""
+    data, name = _read_source(source, name)
+    check_pixels(data, name, max_pixels)
+    return data, name
 
 
 def _read_source(source: PathOrBytes, name: str | None) -> tuple[bytes, str]:

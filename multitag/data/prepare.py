@@ -72,6 +72,13 @@ def note_case_twins(class_names: list[str], log=print) -> None:
             "write them alike in the annotations to merge them")
 
 
+def log_table_notes(table: LabelTable, log=print) -> None:
+    """What the reader noticed (e.g. a split lacking a class) and labels that differ only in case."""
+    note_case_twins(table.class_names, log)
+    for note in table.extra.get("notes", []):
+        log(f"note: {note}")
+
+
 def require_data(cfg: DataConfig) -> None:
     """A UserError when no data path is set: checked before a run directory is named or written."""
     if not cfg.path:
@@ -108,9 +115,7 @@ def prepare(cfg: DataConfig, run_dir: Path | None = None, *, classes: list[str] 
     """``split`` given (the other ranks of a distributed run, from rank 0): used as is, no split.csv."""
     table = load_table(cfg, classes)
     if classes is None:
-        note_case_twins(table.class_names, log)
-        for note in table.extra.get("notes", []):      # what the reader noticed, e.g. a split lacking a class
-            log(f"note: {note}")
+        log_table_notes(table, log)
     if split is not None and len(split) != len(table):
         raise UserError(f"{cfg.path} lists {len(table)} images on this machine but {len(split)} on rank 0; "
                         "every machine must see the same data (same files, same paths).")

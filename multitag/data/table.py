@@ -61,6 +61,11 @@ class LabelTable:
             extra=dict(self.extra),
         )
 
+    def positives(self, rows=None) -> np.ndarray:
+        """(M, C) bool: class present and not ignored, in ``rows`` (default all): what training counts."""
+        rows = slice(None) if rows is None else rows
+        return (self.targets[rows] > 0.5) & ~self.ignore[rows]
+
     def labels_of(self, i: int) -> list[str]:
         """Class names present in row i."""
         return [self.class_names[j] for j in np.flatnonzero(self.targets[i] > 0.5)]

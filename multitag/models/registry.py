@@ -32,6 +32,7 @@ class ModelSpec:
     own_loss: bool = False       # trains on its own objective (sequence_loss), not train.loss
     exportable: bool = True      # ONNX can express it (the CNN-RNN's beam search cannot be traced)
     min_size: int = 1            # smallest input side, where known without building (checked before caching)
+    own_tta: bool = False        # the builder takes tta_flip itself (airbench); else build_model adds it (tta.py)
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -95,10 +96,26 @@ def build_model(name: str, num_classes: int, *, pretrained: bool = True, **args)
     spec = get_spec(name)
     if spec.pretrained and not pretrained:
         args = {**args, "pretrained": False}
+    flip = False if spec.own_tta else _tta_flip(spec, args.pop("tta_flip", False))
     try:
-        return spec.builder(num_classes=num_classes, **args)
+        model = spec.builder(num_classes=num_classes, **args)
     except TypeError as e:
         raise UserError(f'model "{name}" does not accept these model.args ({e}); check the spelling.') from None
+    if flip:
+        from multitag.models.tta import with_flip_tta
+
+        model = with_flip_tta(model)
+    return model
+
+
+def _tta_flip(spec: ModelSpec, value) -> bool:
+    """``model.args.tta_flip`` checked: a boolean, and not for a model that decodes label sequences."""
+    if value not in (True, False):
+        raise UserError(f"model.args.tta_flip must be true or false, not {value!r}.")
+    if value and spec.own_loss:
+        raise UserError(f'model "{spec.name}" decodes its labels by beam search, which a flip average of its '
+                        "scores would not reach; remove model.args.tta_flip.")
+    return value
 
 
 def configured_args(name: str, args: dict, pretrained: bool) -> dict:
@@ -173,7 +190,8 @@ def simple_cnn(num_classes: int, **kw) -> nn.Module:
     return SimpleCNN(num_classes, **kw)
 
 
-@register("airbench", "airbench94 CIFAR speed-run net: whitening 2x2 conv + conv groups 64-256-256, GELU (≈2.0 M)", 32)
+@register("airbench", "airbench94 CIFAR speed-run net: whitening 2x2 conv + conv groups 64-256-256, GELU (≈2.0 M)", 32,
+          own_tta=True)
 def airbench(num_classes: int, **kw) -> nn.Module:
     from multitag.models.airbench import AirbenchNet
 
