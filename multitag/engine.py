@@ -625,7 +625,8 @@ def feature_stage(job: Job, stage: StageConfig):
     for images in (job.train_loader, job.val_loader):
         plain = BatchLoader(job.data.cache, images.rows, t.targets, t.ignore, batch_size=job.cfg.train.eval_batch_size,
                             mean=mean, std=std)
-        feats = head_inputs(job.model, (b.images for b in plain.iterate()), job.rt)      # (N, F)
+        feats = head_inputs(job.model, (b.images for b in plain.iterate()), job.rt,       # (N, F)
+                            own_view=images is job.train_loader)
         loaders.append(BatchLoader(FeatureTable(images.rows, feats), images.rows, t.targets, t.ignore,
                                    batch_size=images.batch_size, mean=mean, std=std, augment=_as_is,
                                    shuffle=images.shuffle, drop_last=images.drop_last, repeats=images.repeats,
