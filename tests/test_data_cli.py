@@ -165,3 +165,23 @@ def test_real_voc2007(capsys):
     assert (result["split"]["train"], result["split"]["val"], result["split"]["test"]) == (2500, 2508, 0)
     assert result["num_classes"] == 20 and result["images"]["readable"] == 5008
     assert sum(r["ignored"] for r in result["per_class"]) > 0 and result["unlabelled"] == 0
+
+
+def test_headers_are_read_on_as_many_threads_as_the_cache_decodes_with(tmp_path, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import multitag.data.cache as cache
+    from multitag.data import overview
+
+    threads = []
+
+    class Pool(ThreadPoolExecutor):
+        def __init__(self, workers):
+            threads.append(workers)
+            super().__init__(workers)
+
+    monkeypatch.setattr(cache, "usable_cores", lambda: 5)
+    monkeypatch.setattr(overview, "ThreadPoolExecutor", Pool)
+    write_png(tmp_path / "a.png", 0)
+    assert [kind for kind, _, _ in overview.check_files([str(tmp_path / "a.png")])] == [""]
+    assert threads == [5]

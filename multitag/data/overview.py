@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from multitag.config import DataConfig
-from multitag.data.cache import common_folder
+from multitag.data.cache import common_folder, decode_workers
 from multitag.data.decode import BadImageError, ImageTooLargeError, read_checked
 from multitag.data.prepare import load_table, log_table_notes, resolve_split
 from multitag.data.table import SPLITS, LabelTable
@@ -82,9 +82,10 @@ def check_file(path: str) -> tuple[str, str, str]:
     return "", "", hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-def check_files(paths: list[str], workers: int = 2) -> list[tuple[str, str, str]]:
-    """check_file of every path, in order, with a progress bar (reading and hashing release the GIL)."""
-    with ThreadPoolExecutor(workers) as pool:
+def check_files(paths: list[str]) -> list[tuple[str, str, str]]:
+    """check_file of every path, in order, with a progress bar (reading and hashing release the GIL), on
+    as many threads as the cache decodes with."""
+    with ThreadPoolExecutor(decode_workers()) as pool:
         return list(track(pool.map(check_file, paths), len(paths), "reading image headers"))
 
 
