@@ -96,7 +96,7 @@ def build_model(name: str, num_classes: int, *, pretrained: bool = True, **args)
     spec = get_spec(name)
     if spec.pretrained and not pretrained:
         args = {**args, "pretrained": False}
-    flip = False if spec.own_tta else _tta_flip(spec, args.pop("tta_flip", False))
+    flip = False if spec.own_tta else check_tta_flip(spec, args.pop("tta_flip", False))
     try:
         model = spec.builder(num_classes=num_classes, **args)
     except TypeError as e:
@@ -108,8 +108,9 @@ def build_model(name: str, num_classes: int, *, pretrained: bool = True, **args)
     return model
 
 
-def _tta_flip(spec: ModelSpec, value) -> bool:
-    """``model.args.tta_flip`` checked: a boolean, and not for a model that decodes label sequences."""
+def check_tta_flip(spec: ModelSpec, value) -> bool:
+    """``model.args.tta_flip`` checked (by check_config too, before any work): a boolean, and not for a model
+    that decodes label sequences."""
     if value not in (True, False):
         raise UserError(f"model.args.tta_flip must be true or false, not {value!r}.")
     if value and spec.own_loss:
