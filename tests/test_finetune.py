@@ -157,3 +157,22 @@ def test_head_inputs_of_test_time_views():
     net.tta_translate = True
     with pytest.raises(UserError, match="3 test-time views"):
         head_inputs(net, [x], rt)
+
+
+def test_head_inputs_keep_their_shape():
+    """A linear head applied per token gets (B, T, F): cached as such, not flattened."""
+    from torch import nn
+
+    from multitag.finetune import head_inputs
+    from multitag.runtime import Runtime
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):                                   # (B, 3, H, W) → (B, 4, 3) tokens → (B, 4, 2)
+            return self.fc(x.flatten(2)[..., :4].transpose(1, 2))
+
+    x = torch.randn(5, 3, 8, 8)
+    assert head_inputs(Tokens(), [x], Runtime(torch.device("cpu"), "fp32", False)).shape == (5, 4, 3)
