@@ -98,11 +98,11 @@ def export_onnx(run_dir: str | Path, int8: bool = False, log=print, data: str | 
             f"on {PARITY_IMAGES} synthetic images (seeded random pixels) instead; pass --data PATH to check on "
             "real images")
         checked, source = synthetic_images(model, PARITY_IMAGES), "synthetic"
-    else:
-        checked, source = check_images(model, prepared, "val", PARITY_IMAGES), "run"
+    else:       # "data": the images of --data, which need not be the run's
+        checked, source = check_images(model, prepared, "val", PARITY_IMAGES), "data" if data else "run"
     record = {**write_onnx(model, onnx_path, checked), "check_images": source, "weights_sha256": digest}
-    log(f"wrote {onnx_path}: max |logit difference| vs PyTorch {record['max_abs_diff']:.2e} "
-        f"on {record['images']} {'synthetic images' if missing else 'images of the run'}")
+    of = {"synthetic": "synthetic images", "run": "images of the run", "data": f"images of {data}"}[source]
+    log(f"wrote {onnx_path}: max |logit difference| vs PyTorch {record['max_abs_diff']:.2e} on {record['images']} {of}")
     # An earlier int8 export of these same weights stays valid; records of other weights are dropped.
     export = {k: v for k, v in model.meta.get("export", {}).items() if v.get("weights_sha256") == digest}
     export["onnx"] = record

@@ -110,6 +110,12 @@ def test_export_after_the_data_moved_checks_parity_on_synthetic_images(trained, 
     assert load(run).backend == "onnx"
 
 
+def test_export_on_other_data_says_so(trained, digits_csv, tmp_path):
+    run, said = copy_run(trained, tmp_path / "run"), []
+    assert export_onnx(run, data=str(digits_csv), log=said.append)["check_images"] == "data"
+    assert any(f"images of {digits_csv}" in line for line in said)
+
+
 def test_int8_export_after_the_data_moved_names_the_path_and_the_flag(trained, tmp_path):
     run = moved_data(copy_run(trained, tmp_path / "run"))
     with pytest.raises(UserError, match=r"run's data .*moved.labels.csv is not there .*pass --data PATH .*"
