@@ -157,6 +157,14 @@ def test_errors_and_help(tmp_path, capsys):
     assert "exit status: 0 when no problems were found, 1 when some were" in " ".join(helptext.split())
 
 
+def test_too_few_images_after_the_missing_ones_names_them(tmp_path, capsys):
+    """One of three listed images is there: the split cannot be made, and the missing files are why."""
+    write_png(tmp_path / "a.png", 0)
+    csv_path = write_csv(tmp_path / "labels.csv", ["image", "labels"], [["a.png", "cat"], ["b.png", "dog"], ["c.png", "cat"]])
+    assert main(["data", str(csv_path)]) == 2
+    assert f"has 1 image(s) (2 more listed files missing, e.g. {tmp_path / 'b.png'}); a train and a val" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(not (SHARED_DATA / "voc2007" / "labels.csv").exists(), reason="../shared/data/voc2007 not present")
 def test_real_voc2007(capsys):
     assert main(["data", str(SHARED_DATA / "voc2007"), "--json"]) == 0
