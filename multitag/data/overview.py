@@ -185,7 +185,7 @@ def print_survey(result: dict, console=None) -> None:
     console.print(class_table(result))
     hist = result["labels_per_image"]
     if result["multi_label"]:
-        say("labels per image: " + ", ".join(f"{v} image{'s' * (v != 1)} with {k}" for k, v in enumerate(hist) if v))
+        say("labels per image: " + ", ".join(f"{counted(v, 'image')} with {k}" for k, v in enumerate(hist) if v))
     for line in result["warnings"]:
         say(f"warning: {line}")
     for line in result["notes"]:
