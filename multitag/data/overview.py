@@ -149,7 +149,12 @@ def warnings_of(result: dict) -> list[str]:
             text = consequence[s].format(them="it" if one else "them", their="its" if one else "their")
             lines.append(f"no {s} {what} of {_names(names)}: {text}")
     sizes = result["split"]
-    if not sizes["val"]:
+    refused = "train stops with \"no usable {} images after the split\""      # engine.setup_job / check_no_val
+    if not sizes["train"]:
+        lines.append("no readable train images: " + refused.format("train"))
+    if not sizes["val"] and sizes["fractions"][1] > 0:       # the split gave val rows, none readable
+        lines.append("no readable val images: " + refused.format("val"))
+    elif not sizes["val"]:                                   # data.split_fractions val 0: a final fit on all
         lines.append("no val split: train keeps the last epoch" + (" and thresholds stay at 0.5" if multi else ""))
     if not sizes["test"]:
         lines.append("no test split: the report is on the val split, and `multitag eval` needs --split val")
