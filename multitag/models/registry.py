@@ -2,8 +2,9 @@
 
 ``timm/<arch>`` builds any timm architecture (random init; weights come from a local file,
 never downloaded); ``timm/<arch>.<tag>`` (timm's pretrained tag, e.g. ``timm/resnet18.a1_in1k``)
-also takes that tag's input normalisation and size from timm's pretrained config, which timm
-knows offline.
+also takes that tag's input normalisation from timm's pretrained config, which timm knows offline
+(and its input size as the spec's default_size, which `multitag models` counts at; the images stay at
+data.image_size).
 """
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ def _did_you_mean_model(name: str) -> str:
 
 def _timm_spec(arch: str) -> ModelSpec:
     """The spec of timm architecture ``arch`` ("resnet18"), or of one of its pretrained tags
-    ("resnet18.a1_in1k"): random init either way, with a tag's mean, std and input size."""
+    ("resnet18.a1_in1k"): random init either way, with a tag's mean, std and (default_size) input size."""
     import timm
     from timm.models import get_pretrained_cfg
 
