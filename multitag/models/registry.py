@@ -3,7 +3,7 @@
 ``timm/<arch>`` builds any timm architecture (random init; weights come from a local file,
 never downloaded); ``timm/<arch>.<tag>`` (timm's pretrained tag, e.g. ``timm/resnet18.a1_in1k``)
 also takes that tag's input normalisation from timm's pretrained config, which timm knows offline
-(and its input size as the spec's default_size, which `multitag models` counts at; the images stay at
+(and its input size as the spec's default_size, for the input-size probe; the images stay at
 data.image_size).
 """
 from __future__ import annotations
