@@ -659,6 +659,12 @@ def finish(job: Job, state: TrainState) -> Path:
     meta["metrics"] = {"val": evaluate_scores(val["scores"], targets, ignore, t.multi_label, meta["thresholds"],
                                               t.class_names)}
     write_json(job.run / MODEL_META, meta)
+    # Resumed without a better epoch: the exported files still hold these weights, but the old thresholds.
+    if t.multi_label and meta.get("export"):
+        from multitag.export import refresh_metadata
+        from multitag.predict import load
+
+        refresh_metadata(load(job.run, device="cpu", backend="torch"), job.log)
     monitor = monitor_name(t.multi_label)
     # The epoch is picked on val scored as it trained (bf16 autocast where chosen, as timm validates under
     # AMP); model.json's val metrics are fp32, as predict scores. Both are said where they differ.

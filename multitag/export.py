@@ -246,15 +246,17 @@ def stamp_metadata(path: str | Path, metadata: dict[str, str], out: str | Path |
     onnx.save(proto, str(out or path))
 
 
-def refresh_metadata(model: Model) -> list[str]:
-    """Rewrite the metadata of the run's exported files after model.json changed (calibrate's thresholds),
-    with their new sha256 in model.json. Only files that still belong to the run: a stale or changed one
-    is left for the predictor to refuse. Returns the file names rewritten."""
+def refresh_metadata(model: Model, log=print) -> list[str]:
+    """Rewrite the metadata of the run's exported files after model.json's thresholds changed (calibrate, or
+    a resumed run's finish that kept the exported weights), with their new sha256 in model.json. Only files
+    that still belong to the run: a stale or changed one is left for the predictor to refuse. Returns the
+    file names rewritten."""
     rewritten = []
     for key, path in model.current_exports().items():
         atomic_write(path, lambda tmp: stamp_metadata(path, onnx_metadata(model), out=tmp))
         model.meta["export"][key]["sha256"] = file_digest(path)
         rewritten.append(path.name)
+        log(f"rewrote the thresholds in {path}'s metadata")
     if rewritten:
         write_json(model.run_dir / MODEL_META, model.meta)
     return rewritten
