@@ -148,7 +148,7 @@ def head_inputs(model: nn.Module, batches, rt, own_view: bool = False) -> torch.
 def _views_mean(f: torch.Tensor, b: int) -> torch.Tensor:
     """(B, F) mean of the (V·B, F) head inputs of V equally weighted views: one view, or an image and its mirror."""
     views = len(f) // b
-    if views > 2:      # airbench's tta_translate (3 views, 6 with the flip) weighs them unequally: no mean gives its logits
+    if views > 2:      # airbench's tta_translate (3 views, 6 with the flip) weighs them unequally: no mean fits
         raise UserError(f"cache_features cannot score this model's {views} test-time views on cached features "
                         "(only an image and its mirror); set model.args.tta_translate=false or cache_features: false.")
     return f.view(views, b, *f.shape[1:]).mean(0)
