@@ -350,7 +350,7 @@ def cmd_models(args):
             print(f"{r['name']:<{width}}{r['parameters']:>11,} params {gflops:>7} GFLOPs @{r['input_size']}px, "
                   f"10 classes   {r['description']}")
         print(f"{'timm/<arch>':<{width}}any timm architecture, e.g. timm/resnet34 (weights from a local file via model.weights);"
-              " timm/<arch>.<tag> (e.g. timm/resnet18.a1_in1k) also takes that tag's mean, std and input size")
+              " timm/<arch>.<tag> (e.g. timm/resnet18.a1_in1k) also takes that tag's mean and std")
     return rows
 
 

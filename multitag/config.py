@@ -60,7 +60,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "simple_cnn"          # `multitag models` lists the names; timm/<arch> for any timm model, timm/<arch>.<tag>
-                                      # with that pretrained tag's mean/std/size (e.g. timm/resnet18.a1_in1k)
+                                      # with that pretrained tag's mean/std (e.g. timm/resnet18.a1_in1k)
     args: dict = field(default_factory=dict)  # extra keyword arguments of the model builder
     weights: str = ""                 # local .safetensors / .pth / .pth.tar / .ckpt file to initialise from (no downloads)
     weights_prefix: str = ""          # take only the file's keys under this prefix (e.g. "student." of a file that

@@ -21,7 +21,7 @@ def check_config(cfg: Config) -> None:
     from multitag.data.formats import FORMATS
     from multitag.data.split import check_fractions
     from multitag.losses import CLASS_WEIGHTS, LOSSES, SIGMOID_LOSSES
-    from multitag.models.registry import get_spec, too_small
+    from multitag.models.registry import check_tta_flip, get_spec, too_small
     from multitag.runtime import parse_switch
 
     spec = get_spec(cfg.model.name)
@@ -58,6 +58,8 @@ def check_config(cfg: Config) -> None:
             if not _holds(test, getattr(stage, field)):
                 raise _out_of_range(f"stages.{i}.{field}", getattr(stage, field), must)
     _check_freeze_patterns(cfg)
+    if not spec.own_tta:                           # airbench takes its tta_flip itself
+        check_tta_flip(spec, cfg.model.args.get("tta_flip", False))
     if 0 < cfg.data.image_size < spec.min_size:    # the built model's probe would say it after caching
         raise too_small(cfg.model.name, cfg.data.image_size, spec.min_size)
     _check_weights(cfg)

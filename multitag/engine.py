@@ -625,7 +625,8 @@ def feature_stage(job: Job, stage: StageConfig):
     for images in (job.train_loader, job.val_loader):
         plain = BatchLoader(job.data.cache, images.rows, t.targets, t.ignore, batch_size=job.cfg.train.eval_batch_size,
                             mean=mean, std=std)
-        feats = head_inputs(job.model, (b.images for b in plain.iterate()), job.rt)      # (N, F)
+        feats = head_inputs(job.model, (b.images for b in plain.iterate()), job.rt,       # (N, F)
+                            own_view=images is job.train_loader)
         loaders.append(BatchLoader(FeatureTable(images.rows, feats), images.rows, t.targets, t.ignore,
                                    batch_size=images.batch_size, mean=mean, std=std, augment=_as_is,
                                    shuffle=images.shuffle, drop_last=images.drop_last, repeats=images.repeats,
@@ -658,6 +659,12 @@ def finish(job: Job, state: TrainState) -> Path:
     meta["metrics"] = {"val": evaluate_scores(val["scores"], targets, ignore, t.multi_label, meta["thresholds"],
                                               t.class_names)}
     write_json(job.run / MODEL_META, meta)
+    # Resumed without a better epoch: the exported files still hold these weights, but the old thresholds.
+    if t.multi_label and meta.get("export"):
+        from multitag.export import refresh_metadata
+        from multitag.predict import load
+
+        refresh_metadata(load(job.run, device="cpu", backend="torch"), job.log)
     monitor = monitor_name(t.multi_label)
     # The epoch is picked on val scored as it trained (bf16 autocast where chosen, as timm validates under
     # AMP); model.json's val metrics are fp32, as predict scores. Both are said where they differ.

@@ -125,6 +125,5 @@ def calibrate_run(run_dir: str | Path, data: str | None = None, log=print) -> li
     val = evaluate_scores(scores, t.targets[rows], t.ignore[rows], True, thresholds, t.class_names)
     model.meta["metrics"] = {**(model.meta.get("metrics") or {}), "val": val}
     write_json(model.run_dir / MODEL_META, model.meta)
-    for name in refresh_metadata(model):      # exported files carry the thresholds in their metadata too
-        log(f"rewrote the thresholds in {model.run_dir / name}'s metadata")
+    refresh_metadata(model, log)      # exported files carry the thresholds in their metadata too
     return thresholds

@@ -98,11 +98,11 @@ def export_onnx(run_dir: str | Path, int8: bool = False, log=print, data: str | 
             f"on {PARITY_IMAGES} synthetic images (seeded random pixels) instead; pass --data PATH to check on "
             "real images")
         checked, source = synthetic_images(model, PARITY_IMAGES), "synthetic"
-    else:
-        checked, source = check_images(model, prepared, "val", PARITY_IMAGES), "run"
+    else:       # "data": the images of --data, which need not be the run's
+        checked, source = check_images(model, prepared, "val", PARITY_IMAGES), "data" if data else "run"
     record = {**write_onnx(model, onnx_path, checked), "check_images": source, "weights_sha256": digest}
-    log(f"wrote {onnx_path}: max |logit difference| vs PyTorch {record['max_abs_diff']:.2e} "
-        f"on {record['images']} {'synthetic images' if missing else 'images of the run'}")
+    of = {"synthetic": "synthetic images", "run": "images of the run", "data": f"images of {data}"}[source]
+    log(f"wrote {onnx_path}: max |logit difference| vs PyTorch {record['max_abs_diff']:.2e} on {record['images']} {of}")
     # An earlier int8 export of these same weights stays valid; records of other weights are dropped.
     export = {k: v for k, v in model.meta.get("export", {}).items() if v.get("weights_sha256") == digest}
     export["onnx"] = record
@@ -246,15 +246,17 @@ def stamp_metadata(path: str | Path, metadata: dict[str, str], out: str | Path |
     onnx.save(proto, str(out or path))
 
 
-def refresh_metadata(model: Model) -> list[str]:
-    """Rewrite the metadata of the run's exported files after model.json changed (calibrate's thresholds),
-    with their new sha256 in model.json. Only files that still belong to the run: a stale or changed one
-    is left for the predictor to refuse. Returns the file names rewritten."""
+def refresh_metadata(model: Model, log=print) -> list[str]:
+    """Rewrite the metadata of the run's exported files after model.json's thresholds changed (calibrate, or
+    a resumed run's finish that kept the exported weights), with their new sha256 in model.json. Only files
+    that still belong to the run: a stale or changed one is left for the predictor to refuse. Returns the
+    file names rewritten."""
     rewritten = []
     for key, path in model.current_exports().items():
         atomic_write(path, lambda tmp: stamp_metadata(path, onnx_metadata(model), out=tmp))
         model.meta["export"][key]["sha256"] = file_digest(path)
         rewritten.append(path.name)
+        log(f"rewrote the thresholds in {path}'s metadata")
     if rewritten:
         write_json(model.run_dir / MODEL_META, model.meta)
     return rewritten

@@ -120,19 +120,38 @@ class FeatureTable:
 
 
 @torch.no_grad()
-def head_inputs(model: nn.Module, batches, rt) -> torch.Tensor:
-    """(N, F) float32: what the classifier head receives, for eval-mode forward passes of the batches."""
+def head_inputs(model: nn.Module, batches, rt, own_view: bool = False) -> torch.Tensor:
+    """(N, F) float32: what the classifier head receives, for eval-mode forward passes of the batches.
+
+    A model with flip TTA (model.args.tta_flip) runs its head on the images, then on their mirrors
+    ((2B, F) per batch): the mean of the two is returned, on which the linear head gives exactly the
+    flip-averaged logits that validation scores; ``own_view``: each image's own features instead, as
+    its training forward (no flip) sees them.
+    """
     head = head_module(model)
     captured: list[torch.Tensor] = []
     hook = head.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0].float().cpu()))
     model.eval()
+    features = []
     try:
         for x in batches:
             with rt.autocast():
                 model(rt.prepare_input(x))
+            f = torch.cat(captured)            # (V·B, F): V views of the batch, the images' own first
+            captured.clear()
+            features.append(f[:len(x)] if own_view else _views_mean(f, len(x)))
     finally:
         hook.remove()
-    return torch.cat(captured)
+    return torch.cat(features)
+
+
+def _views_mean(f: torch.Tensor, b: int) -> torch.Tensor:
+    """(B, F) mean of the (V·B, F) head inputs of V equally weighted views: one view, or an image and its mirror."""
+    views = len(f) // b
+    if views > 2:      # airbench's tta_translate (3 views, 6 with the flip) weighs them unequally: no mean fits
+        raise UserError(f"cache_features cannot score this model's {views} test-time views on cached features "
+                        "(only an image and its mirror); set model.args.tta_translate=false or cache_features: false.")
+    return f.view(views, b, *f.shape[1:]).mean(0)
 
 
 def check_feature_cache(model: nn.Module, stage: StageConfig) -> nn.Linear:

@@ -157,6 +157,30 @@ def test_errors_and_help(tmp_path, capsys):
     assert "exit status: 0 when no problems were found, 1 when some were" in " ".join(helptext.split())
 
 
+def test_too_few_images_after_the_missing_ones_names_them(tmp_path, capsys):
+    """One of three listed images is there: the split cannot be made, and the missing files are why."""
+    write_png(tmp_path / "a.png", 0)
+    csv_path = write_csv(tmp_path / "labels.csv", ["image", "labels"], [["a.png", "cat"], ["b.png", "dog"], ["c.png", "cat"]])
+    assert main(["data", str(csv_path)]) == 2
+    assert f"has 1 image(s) (2 more listed files missing, e.g. {tmp_path / 'b.png'}); a train and a val" in capsys.readouterr().err
+
+
+def test_a_split_with_no_readable_image_is_what_train_refuses(tmp_path, capsys):
+    """val's only image is unreadable: train stops for want of val images, it does not 'keep the last epoch'."""
+    for name in ("a.png", "b.png", "c.png"):
+        write_png(tmp_path / name, len(name) + ord(name[0]))
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    rows = [["a.png", "cat", "train"], ["b.png", "dog", "train"], ["c.png", "cat dog", "test"], ["bad.png", "dog", "val"]]
+    csv_path = write_csv(tmp_path / "labels.csv", ["image", "labels", "split"], rows)
+    assert main(["data", str(csv_path), "--json"]) == 1
+    warnings = json.loads(capsys.readouterr().out)["warnings"]
+    assert 'no readable val images: train stops with "no usable val images after the split"' in warnings
+    assert not any("keeps the last epoch" in w for w in warnings)
+    with pytest.raises(multitag.errors.UserError, match="no usable val images after the split"):
+        multitag.train("demo", data=str(csv_path), out=tmp_path / "run", overrides=["data.on_bad_image=skip"],
+                       log=lambda *a: None)
+
+
 @pytest.mark.skipif(not (SHARED_DATA / "voc2007" / "labels.csv").exists(), reason="../shared/data/voc2007 not present")
 def test_real_voc2007(capsys):
     assert main(["data", str(SHARED_DATA / "voc2007"), "--json"]) == 0
@@ -165,3 +189,23 @@ def test_real_voc2007(capsys):
     assert (result["split"]["train"], result["split"]["val"], result["split"]["test"]) == (2500, 2508, 0)
     assert result["num_classes"] == 20 and result["images"]["readable"] == 5008
     assert sum(r["ignored"] for r in result["per_class"]) > 0 and result["unlabelled"] == 0
+
+
+def test_headers_are_read_on_as_many_threads_as_the_cache_decodes_with(tmp_path, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import multitag.data.cache as cache
+    from multitag.data import overview
+
+    threads = []
+
+    class Pool(ThreadPoolExecutor):
+        def __init__(self, workers):
+            threads.append(workers)
+            super().__init__(workers)
+
+    monkeypatch.setattr(cache, "usable_cores", lambda: 5)
+    monkeypatch.setattr(overview, "ThreadPoolExecutor", Pool)
+    write_png(tmp_path / "a.png", 0)
+    assert [kind for kind, _, _ in overview.check_files([str(tmp_path / "a.png")])] == [""]
+    assert threads == [5]

@@ -93,6 +93,22 @@ def test_calibrate_rewrites_the_thresholds_in_the_exported_metadata(trained, tmp
     assert load(run).backend == "onnx"               # its new sha256 is recorded
 
 
+def test_a_resumed_run_that_keeps_its_weights_restamps_the_thresholds(digits_csv, tmp_path):
+    """Exported mid-run (no thresholds yet: 0.5 in the metadata), resumed, no better epoch: the weights and the
+    export stay, finish() calibrates, and the file's metadata follows as after `multitag calibrate`."""
+    run = api.train("demo", data=digits_csv, out=tmp_path / "run", overrides=FAST + ["train.report=false"],
+                    log=lambda *a: None)
+    meta = json.loads((run / "model.json").read_text())
+    (run / "model.json").write_text(json.dumps({**meta, "thresholds": None}))     # as model.json is mid-run
+    export_onnx(run, log=lambda *a: None)
+    api.train(resume=run, log=lambda *a: None)
+    thresholds = json.loads((run / "model.json").read_text())["thresholds"]
+    props = ort.InferenceSession(str(run / ONNX_MODEL), providers=["CPUExecutionProvider"]).get_modelmeta()
+    assert thresholds != [0.5] * 10
+    np.testing.assert_allclose(json.loads(props.custom_metadata_map["thresholds"]), thresholds, rtol=1e-6)
+    assert load(run).backend == "onnx"
+
+
 def moved_data(run):
     """The run as on a machine where its training data is not (model.json names a path that is gone)."""
     meta = json.loads((run / "model.json").read_text())
@@ -108,6 +124,12 @@ def test_export_after_the_data_moved_checks_parity_on_synthetic_images(trained, 
     assert result["check_images"] == "synthetic" and result["images"] == 64 and result["max_abs_diff"] < 1e-3
     assert any("moved" in line and "synthetic" in line and "--data PATH" in line for line in said)
     assert load(run).backend == "onnx"
+
+
+def test_export_on_other_data_says_so(trained, digits_csv, tmp_path):
+    run, said = copy_run(trained, tmp_path / "run"), []
+    assert export_onnx(run, data=str(digits_csv), log=said.append)["check_images"] == "data"
+    assert any(f"images of {digits_csv}" in line for line in said)
 
 
 def test_int8_export_after_the_data_moved_names_the_path_and_the_flag(trained, tmp_path):

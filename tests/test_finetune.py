@@ -114,10 +114,13 @@ def test_resume_across_stage_boundary(digits_csv, tmp_path, monkeypatch):
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
 
 
-def test_cached_feature_head_stage_matches_full_model(digits_csv, tmp_path):
+@pytest.mark.parametrize("tta", [[], ["model.args.tta_flip=true"]], ids=["one view", "flip TTA"])
+def test_cached_feature_head_stage_matches_full_model(digits_csv, tmp_path, tta):
     """Training the head on features computed once is the same model: the val mAP measured on
-    features during training equals the full network's on images afterwards."""
-    over = BASE + ["stages=[{name: probe, epochs: 3, lr: 0.01, freeze: [backbone], cache_features: true}]"]
+    features during training equals the full network's on images afterwards (with flip TTA too: the
+    val features are the mean of each image's and its mirror's, which the linear head turns into the
+    flip-averaged logits; the train features are each image's own, as its training forward sees it)."""
+    over = BASE + tta + ["stages=[{name: probe, epochs: 3, lr: 0.01, freeze: [backbone], cache_features: true}]"]
     logs = []
     run = train("demo", data=digits_csv, out=tmp_path / "probe", overrides=over, log=logs.append)
     assert any("computed once" in line for line in logs)
@@ -135,3 +138,41 @@ def test_cached_features_need_a_frozen_backbone(digits_csv, tmp_path):
     over = BASE + ["stages=[{name: bad, epochs: 1, cache_features: true}]"]
     with pytest.raises(UserError, match="cache_features needs a frozen backbone"):
         train("demo", data=digits_csv, out=tmp_path / "bad", overrides=over, log=lambda *a: None)
+
+
+def test_head_inputs_of_test_time_views():
+    """The cached val features of airbench's own tta_flip give its flip-averaged logits through the head, and
+    its train features are each image's own; the unequally weighted tta_translate views cannot be cached,
+    which is said rather than averaged wrongly."""
+    from multitag.finetune import head_inputs
+    from multitag.runtime import Runtime
+
+    rt, x = Runtime(torch.device("cpu"), "fp32", False), torch.randn(3, 3, 32, 32)
+    net = build_model("airbench", 4, tta_flip=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(net.fc(head_inputs(net, [x], rt)) * net.logit_scale, net(x))
+        own = head_inputs(net, [x], rt, own_view=True)
+        net.tta_flip = False
+        torch.testing.assert_close(own, head_inputs(net, [x], rt))
+    net.tta_translate = True
+    with pytest.raises(UserError, match="3 test-time views"):
+        head_inputs(net, [x], rt)
+
+
+def test_head_inputs_keep_their_shape():
+    """A linear head applied per token gets (B, T, F): cached as such, not flattened."""
+    from torch import nn
+
+    from multitag.finetune import head_inputs
+    from multitag.runtime import Runtime
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):                                   # (B, 3, H, W) → (B, 4, 3) tokens → (B, 4, 2)
+            return self.fc(x.flatten(2)[..., :4].transpose(1, 2))
+
+    x = torch.randn(5, 3, 8, 8)
+    assert head_inputs(Tokens(), [x], Runtime(torch.device("cpu"), "fp32", False)).shape == (5, 4, 3)

@@ -54,3 +54,17 @@ def test_a_run_trained_with_tta_flip_predicts_and_exports_with_it(digits_csv, tm
     c, d = onnx_model.predict([image, mirror])
     assert c.scores == pytest.approx(d.scores, abs=1e-5)
     assert np.allclose(list(c.scores.values()), list(a.scores.values()), atol=1e-4)
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["model.args.tta_flip=both"], "tta_flip must be true or false"),
+    (["model.name=cnn_rnn", "model.args.backbone=simple_cnn", "model.args.tta_flip=true"], "beam search"),
+])
+def test_tta_flip_is_checked_before_any_work(sets, message):
+    """check_config says it, before the image cache is built, not the model builder after it."""
+    from multitag.config import load_config
+    from multitag.config_checks import check_config
+
+    with pytest.raises(UserError, match=message):
+        check_config(load_config("demo", sets))
+    check_config(load_config("demo", ["model.name=airbench", "model.args.tta_flip=true"]))   # its own flip

@@ -217,6 +217,18 @@ def test_weights_prefix_takes_one_model_of_several(tmp_path):
         init_from_file(_fresh("simple_cnn", 4, seed=2), "simple_cnn", path, prefix="studnet", log=None)
 
 
+def test_weights_prefix_takes_one_model_of_a_nested_file(tmp_path):
+    """{"student": state dict, "teacher": state dict}: the nested models are told and taken as student.*."""
+    student, teacher = _fresh("simple_cnn", 4, seed=0), _fresh("simple_cnn", 4, seed=1)
+    path = tmp_path / "distill.pth"
+    torch.save({"student": student.state_dict(), "teacher": teacher.state_dict(), "epoch": 3}, path)
+    dst = _fresh("simple_cnn", 4, seed=2)
+    init_from_file(dst, "simple_cnn", path, prefix="student", log=None)
+    assert _same_outputs(student, dst)
+    with pytest.raises(UserError, match=r'keys under "student", also under "teacher": set model.weights_prefix=student\.$'):
+        init_from_file(_fresh("simple_cnn", 4, seed=2), "simple_cnn", path, log=None)
+
+
 class _NotATensor:
     pass
 

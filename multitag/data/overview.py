@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from multitag.config import DataConfig
-from multitag.data.cache import common_folder
+from multitag.data.cache import common_folder, decode_workers
 from multitag.data.decode import BadImageError, ImageTooLargeError, read_checked
 from multitag.data.prepare import load_table, log_table_notes, resolve_split
 from multitag.data.table import SPLITS, LabelTable
@@ -82,9 +82,10 @@ def check_file(path: str) -> tuple[str, str, str]:
     return "", "", hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-def check_files(paths: list[str], workers: int = 2) -> list[tuple[str, str, str]]:
-    """check_file of every path, in order, with a progress bar (reading and hashing release the GIL)."""
-    with ThreadPoolExecutor(workers) as pool:
+def check_files(paths: list[str]) -> list[tuple[str, str, str]]:
+    """check_file of every path, in order, with a progress bar (reading and hashing release the GIL), on
+    as many threads as the cache decodes with."""
+    with ThreadPoolExecutor(decode_workers()) as pool:
         return list(track(pool.map(check_file, paths), len(paths), "reading image headers"))
 
 
@@ -148,7 +149,12 @@ def warnings_of(result: dict) -> list[str]:
             text = consequence[s].format(them="it" if one else "them", their="its" if one else "their")
             lines.append(f"no {s} {what} of {_names(names)}: {text}")
     sizes = result["split"]
-    if not sizes["val"]:
+    refused = "train stops with \"no usable {} images after the split\""      # engine.setup_job / check_no_val
+    if not sizes["train"]:
+        lines.append("no readable train images: " + refused.format("train"))
+    if not sizes["val"] and sizes["fractions"][1] > 0:       # the split gave val rows, none readable
+        lines.append("no readable val images: " + refused.format("val"))
+    elif not sizes["val"]:                                   # data.split_fractions val 0: a final fit on all
         lines.append("no val split: train keeps the last epoch" + (" and thresholds stay at 0.5" if multi else ""))
     if not sizes["test"]:
         lines.append("no test split: the report is on the val split, and `multitag eval` needs --split val")
@@ -184,7 +190,7 @@ def print_survey(result: dict, console=None) -> None:
     console.print(class_table(result))
     hist = result["labels_per_image"]
     if result["multi_label"]:
-        say("labels per image: " + ", ".join(f"{v} image{'s' * (v != 1)} with {k}" for k, v in enumerate(hist) if v))
+        say("labels per image: " + ", ".join(f"{counted(v, 'image')} with {k}" for k, v in enumerate(hist) if v))
     for line in result["warnings"]:
         say(f"warning: {line}")
     for line in result["notes"]:

@@ -31,7 +31,7 @@ import numpy as np
 
 from multitag.data.formats import normalize_split
 from multitag.data.table import SPLITS, LabelTable
-from multitag.errors import UserError
+from multitag.errors import UserError, counted
 from multitag.fileio import atomic_write
 
 Log = Callable[[str], None]
@@ -55,8 +55,10 @@ def assign_split(table: LabelTable, fractions: tuple[float, float, float] = DEFA
                        "(only a split without val rows takes its val share from it)")
         return _complete_given_split(table, f_val / (f_train + f_val), rng, log)
     n = len(table)
-    if n < 2:
-        raise UserError(f"{table.source} has {n} image(s); a train and a val split need at least 2")
+    if n < 2:       # missing files left out (data.on_bad_image=skip) are often why: said, or the fix is unclear
+        skipped = table.extra.get("skipped", [])
+        gone = f" ({counted(len(skipped), 'more listed file')} missing, e.g. {skipped[0][0]})" if skipped else ""
+        raise UserError(f"{table.source} has {n} image(s){gone}; a train and a val split need at least 2")
     n_test = _part_size(n, f_test, minimum=1 if n >= 3 and f_test > 0 else 0, leave=2)
     n_val = _part_size(n - n_test, f_val / (f_train + f_val), minimum=1, leave=1) if f_val > 0 else 0
     split = np.full(n, "train", dtype=object)

@@ -2,8 +2,9 @@
 
 ``timm/<arch>`` builds any timm architecture (random init; weights come from a local file,
 never downloaded); ``timm/<arch>.<tag>`` (timm's pretrained tag, e.g. ``timm/resnet18.a1_in1k``)
-also takes that tag's input normalisation and size from timm's pretrained config, which timm
-knows offline.
+also takes that tag's input normalisation from timm's pretrained config, which timm knows offline
+(and its input size as the spec's default_size, for the input-size probe; the images stay at
+data.image_size).
 """
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ def _did_you_mean_model(name: str) -> str:
 
 def _timm_spec(arch: str) -> ModelSpec:
     """The spec of timm architecture ``arch`` ("resnet18"), or of one of its pretrained tags
-    ("resnet18.a1_in1k"): random init either way, with a tag's mean, std and input size."""
+    ("resnet18.a1_in1k"): random init either way, with a tag's mean, std and (default_size) input size."""
     import timm
     from timm.models import get_pretrained_cfg
 
@@ -96,7 +97,7 @@ def build_model(name: str, num_classes: int, *, pretrained: bool = True, **args)
     spec = get_spec(name)
     if spec.pretrained and not pretrained:
         args = {**args, "pretrained": False}
-    flip = False if spec.own_tta else _tta_flip(spec, args.pop("tta_flip", False))
+    flip = False if spec.own_tta else check_tta_flip(spec, args.pop("tta_flip", False))
     try:
         model = spec.builder(num_classes=num_classes, **args)
     except TypeError as e:
@@ -108,8 +109,9 @@ def build_model(name: str, num_classes: int, *, pretrained: bool = True, **args)
     return model
 
 
-def _tta_flip(spec: ModelSpec, value) -> bool:
-    """``model.args.tta_flip`` checked: a boolean, and not for a model that decodes label sequences."""
+def check_tta_flip(spec: ModelSpec, value) -> bool:
+    """``model.args.tta_flip`` checked (by check_config too, before any work): a boolean, and not for a model
+    that decodes label sequences."""
     if value not in (True, False):
         raise UserError(f"model.args.tta_flip must be true or false, not {value!r}.")
     if value and spec.own_loss:

@@ -107,19 +107,35 @@ def _suffix(path: Path) -> str:
 
 def _state_from_object(obj, path: Path) -> tuple[dict[str, torch.Tensor], str]:
     """The tensor dict inside what torch.load returned, and its entry: the first of STATE_ENTRIES that is
-    a dict of tensors (EMA weights before the raw ones), else the dict itself."""
+    a dict of tensors (EMA weights before the raw ones), else the dict itself, else (no tensor at its top)
+    its nested dicts' tensors under dotted keys: {"student": {...}, "teacher": {...}} gives student.* and
+    teacher.*, which model.weights_prefix then picks from."""
     if isinstance(obj, Mapping):
         for entry in (*STATE_ENTRIES, ""):
             inner = obj.get(entry) if entry else obj
             tensors = _tensors(inner)
             if tensors:
                 return tensors, entry
+        nested = _nested_tensors(obj)
+        if nested:
+            return nested, ""
     raise UserError(f"weights file {path} holds no state dict (found {type(obj).__name__}); save "
                     "model.state_dict(), or a dict with a 'state_dict' or 'model' entry.")
 
 
 def _tensors(obj) -> dict[str, torch.Tensor]:
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)} if isinstance(obj, Mapping) else {}
+
+
+def _nested_tensors(obj: Mapping, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors of nested dicts, keyed by their dotted path ("student.conv.weight")."""
+    found = {}
+    for k, v in obj.items():
+        if isinstance(v, torch.Tensor):
+            found[prefix + str(k)] = v
+        elif isinstance(v, Mapping):
+            found.update(_nested_tensors(v, f"{prefix}{k}."))
+    return found
 
 
 # --- comparing and loading -------------------------------------------------------------------
