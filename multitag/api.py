@@ -86,7 +86,7 @@ def inspect_data(data: str, config: str | Config | None = None, overrides: list[
     """What train would make of the dataset at ``data`` under a recipe's data settings and ``overrides``
     (format, classes, split, positives per class and split, problems such as missing, unreadable or
     duplicate files; see multitag/data/overview.py), without training or caching. ``plot``: a folder
-    for label_counts.png and labels_per_image.png (multi-label), named under "plots"."""
+    for label_counts.png, labels_per_image.png (multi-label) and examples.png, named under "plots"."""
     from multitag.data.overview import survey
     from multitag.fileio import check_writable
 
@@ -102,11 +102,15 @@ def inspect_data(data: str, config: str | Config | None = None, overrides: list[
     return result
 
 
+EXAMPLE_CLASSES = 36      # examples.png shows at most this many classes (6 rows of 6 thumbnails)
+
+
 def _plot_survey(result: dict, folder: Path) -> dict:
     """The report's label figures of a data survey, written to ``folder``: {name: path}."""
     import numpy as np
 
     from multitag import plots
+    from multitag.data.decode import to_uint8_array
     from multitag.data.table import SPLITS
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -116,6 +120,12 @@ def _plot_survey(result: dict, folder: Path) -> dict:
     if result["multi_label"]:        # as in the report: single-label images carry one label each
         written["labels_per_image"] = plots.labels_per_image(np.array(result["labels_per_image"]),
                                                              folder / "labels_per_image.png")
+    examples = list(result["examples"].items())[:EXAMPLE_CLASSES]
+    if examples:
+        items = [(to_uint8_array(path).permute(1, 2, 0).numpy(), name) for name, path in examples]   # (H, W, 3)
+        shown = "" if len(examples) == len(result["examples"]) else f" (the first {len(examples)} classes)"
+        written["examples"] = plots.image_grid(items, folder / "examples.png", ncols=min(6, len(items)),
+                                               title=f"one training image of each class{shown}")
     return {k: str(v) for k, v in written.items()}
 
 

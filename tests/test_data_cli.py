@@ -95,7 +95,7 @@ def test_problems_of_a_broken_csv_are_found_and_exit_1(broken_csv, tmp_path, cap
     assert main(["data", str(broken_csv), "--json", "--plot", str(tmp_path / "figs")]) == 1
     printed = json.loads(capsys.readouterr().out)
     assert {k: v for k, v in printed.items() if k != "plots"} == json.loads(json.dumps(result))
-    assert set(printed["plots"]) == {"label_counts", "labels_per_image"}
+    assert set(printed["plots"]) == {"label_counts", "labels_per_image", "examples"}
     for path in printed["plots"].values():
         assert Image.open(path).format == "PNG" and Path(path).parent == tmp_path / "figs"
 
@@ -136,7 +136,15 @@ def test_folder_per_class_single_label(tmp_path, capsys):
     same_as_prepare(result, DataConfig(path=str(tmp_path / "pets")))
     assert result["format"] == "folder" and not result["multi_label"] and result["problem_count"] == 0
     assert [r["all"] for r in result["per_class"]] == [8, 6]
-    assert set(result["plots"]) == {"label_counts"}          # one label per image: no histogram to draw
+    assert set(result["plots"]) == {"label_counts", "examples"}     # one label per image: no histogram to draw
+    # one image of each class, from train, and one the class really has
+    prepared = prepare(DataConfig(path=str(tmp_path / "pets")), log=lambda *a: None)
+    table, train = prepared.table, set(prepared.rows("train").tolist())
+    for name, path in result["examples"].items():
+        row = table.paths.index(path)
+        assert table.targets[row, table.class_names.index(name)] == 1 and row in train
+    assert set(result["examples"]) == {"cat", "dog"}
+    assert Image.open(result["plots"]["examples"]).size[0] > 200
     assert main(["data", str(tmp_path / "pets")]) == 0
     assert "single-label" in capsys.readouterr().out
 
@@ -209,3 +217,16 @@ def test_headers_are_read_on_as_many_threads_as_the_cache_decodes_with(tmp_path,
     write_png(tmp_path / "a.png", 0)
     assert [kind for kind, _, _ in overview.check_files([str(tmp_path / "a.png")])] == [""]
     assert threads == [5]
+
+
+def test_each_class_is_shown_by_a_train_image_with_the_fewest_labels(tmp_path):
+    rows = [["a.png", "cat dog", "train"], ["b.png", "cat", "train"], ["d.png", "dog cat", "train"],
+            ["c.png", "dog", "val"], ["e.png", "cat", "val"], ["f.png", "bird", "val"]]
+    for i, (name, _, _) in enumerate(rows):
+        write_png(tmp_path / name, i)
+    labels = write_csv(tmp_path / "labels.csv", ["image", "labels", "split"], rows)
+    result = multitag.inspect_data(str(labels), log=lambda *a: None)
+    shown = {name: Path(path).name for name, path in result["examples"].items()}
+    # cat: b alone beats a (two labels); dog: the first train image, not val's c that has it alone;
+    # bird: only in val, so from val
+    assert shown == {"bird": "f.png", "cat": "b.png", "dog": "a.png"}

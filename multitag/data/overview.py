@@ -60,6 +60,7 @@ def survey(cfg: DataConfig, log=print) -> dict:
                   "fractions": list(cfg.split_fractions), **{s: len(r) for s, r in rows.items()}},
         "per_class": per_class_rows(table, readable, per_split, {s: len(r) for s, r in rows.items()}),
         "labels_per_image": histogram.tolist(),
+        "examples": example_images(table, positive, readable, split),
         "unlabelled": int(histogram[0]) if table.multi_label else 0,
         "problems": problems,
         "problem_count": sum(len(v) for v in problems.values()),
@@ -108,6 +109,20 @@ def per_class_rows(table: LabelTable, readable: np.ndarray, per_split: dict[str,
              "ignored": int(ignored[c]), "share": float(total[c] / n),
              "flags": [f"no {s}" for s in SPLITS if sizes[s] and not counts[s][c]]}
             for c, name in enumerate(table.class_names)]
+
+
+def example_images(table: LabelTable, positive: np.ndarray, readable: np.ndarray, split: np.ndarray) -> dict[str, str]:
+    """{class: a readable image with it}: what a class name means in this data, at a glance (``--plot``'s
+    examples.png). From the train split where it has one, and of those the first with the fewest labels
+    (a cat alone rather than the cat of a living-room scene). Classes without an image are left out."""
+    found, counts = {}, positive.sum(1)
+    for c, name in enumerate(table.class_names):
+        rows = np.flatnonzero(readable & positive[:, c])
+        if len(rows):
+            train = rows[split[rows] == "train"]
+            rows = train if len(train) else rows
+            found[name] = table.paths[int(rows[np.argmin(counts[rows])])]     # argmin: the first of the fewest
+    return found
 
 
 def duplicate_groups(table: LabelTable, split: np.ndarray, digests: list[str]) -> list[dict]:
