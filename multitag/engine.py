@@ -170,7 +170,9 @@ def make_loaders(cfg: Config, data: PreparedData, log=print) -> tuple[BatchLoade
     augment, mix = BatchAugment(cfg.aug, mean, std), BatchMix.of(cfg.aug)
     log(f"augmentation: {augment.describe()}")
     if mix is not None:
-        log(f"mixing: {mix.describe()}")
+        cached = [st.name for st in cfg.stages if st.cache_features]       # heads trained on unmixed features
+        log(f"mixing: {mix.describe()}" + (f" (not in stage {', '.join(cached)}: cached features are not mixed)"
+                                            if cached else ""))
     micro_batch_size(cfg)                     # the global batch must split evenly over processes and steps
     shard = (distributed.world().rank, distributed.world().size)
     train = BatchLoader(data.cache, rows, batch_size=cfg.train.batch_size, shuffle=True, repeats=repeats,

@@ -214,3 +214,14 @@ def test_lr_find_mixes_like_training(digits_csv, tmp_path, monkeypatch):
     lr_find("demo", data=str(digits_csv), out=tmp_path / "lr", steps=6, start=1e-4, end=1e-2,
             overrides=["train.batch_size=32", "train.precision=fp32", "aug.mixup=0.2"], log=lambda *a: None)
     assert calls
+
+
+def test_the_mixing_line_names_the_stages_it_does_not_reach(digits_csv, tmp_path):
+    """A cache_features stage trains its head on features computed once from unmixed images: said up front."""
+    logs = []
+    train("demo", data=str(digits_csv), out=tmp_path / "run", log=logs.append,
+          overrides=["train.batch_size=16", "train.precision=fp32", "train.report=false", "aug.mixup=0.2",
+                     "stages=[{name: probe, epochs: 1, lr: 0.01, freeze: [backbone], cache_features: true},"
+                     " {name: all, epochs: 1, lr: 0.001}]"])
+    (line,) = [line for line in logs if line.startswith("mixing: ")]
+    assert line.endswith("(not in stage probe: cached features are not mixed)")
