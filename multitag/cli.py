@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", dest="config", metavar="RECIPE",
                    help="recipe name or YAML config whose data settings apply (default: the defaults)")
     _add_set(p, "override a data setting, as for train, e.g. --set data.format=voc (repeatable)")
-    p.add_argument("--plot", metavar="DIR", help="write label_counts.png and labels_per_image.png to DIR")
+    p.add_argument("--plot", metavar="DIR", help="write label_counts.png, labels_per_image.png (multi-label) and "
+                   "examples.png (one training image of each class) to DIR")
     _add_json(p)
 
     p = sub.add_parser("eval", help="metrics of a run on a split: at 0.5, calibrated thresholds and top-3")
