@@ -461,7 +461,7 @@ def setup_job(cfg: Config, run: Path, saved: dict | None, log, pinned: dict | No
         model.init_from_data(init_pixels(data, train_loader.rows, cfg))
     train_rows = train_loader.rows
     loss_fn = build_loss(cfg.train, t.multi_label, t.targets[train_rows], t.ignore[train_rows],
-                         soft_targets=BatchMix.of(cfg.aug) is not None)
+                         soft_targets=train_loader.mix is not None)
     if getattr(loss_fn, "pos_weight", None) is not None:      # class_weights=balanced: shown, like oversampling
         log(describe_pos_weight(t.class_names, loss_fn.pos_weight))
     if saved or pinned:   # the choice made at the start of the run (or of a sibling), so both compute alike

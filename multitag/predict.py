@@ -316,7 +316,7 @@ class Model:
         if name and not get_spec(name).exportable:
             return f"the {name} model cannot be exported to ONNX, so it runs on the torch backend only."
         path = self.run_dir / _ONNX_FILES[backend]
-        redo = f"`multitag export {self.run_dir}{' --int8' if backend == 'onnx-int8' else ''}`"
+        redo = f"`{self._export_command(backend)}`"
         if not path.exists():
             return f"{path} does not exist; run {redo} first, or use the torch backend."
         record = self._export_record(backend)
@@ -347,8 +347,11 @@ class Model:
         actual = file_digest(path)
         if actual != recorded:
             raise UserError(f"{path} does not match the run's {MODEL_META} (sha256 {actual[:12]}…, recorded "
-                            f"{recorded[:12]}…); export again with multitag export {self.run_dir}"
-                            f"{' --int8' if backend == 'onnx-int8' else ''}.")
+                            f"{recorded[:12]}…); export again with {self._export_command(backend)}.")
+
+    def _export_command(self, backend: str) -> str:
+        """The command that writes ``backend``'s file again."""
+        return f"multitag export {self.run_dir}{' --int8' if backend == 'onnx-int8' else ''}"
 
     def _open_onnx(self, backend: str) -> OnnxBackend:
         path = self.run_dir / _ONNX_FILES[backend]

@@ -23,8 +23,8 @@ from multitag import plots
 from multitag.checkpoint import MODEL_META, read_json, write_json
 from multitag.errors import UserError
 from multitag.data.decode import decode_image
-from multitag.data.overview import positives_by_split
 from multitag.data.prepare import PreparedData, check_split_name
+from multitag.data.table import positives_by_split
 from multitag.evaluation import Scored, prepare_for, score_run
 from multitag.explain import explain_images
 from multitag.fileio import check_writable, read_jsonl, safe_name

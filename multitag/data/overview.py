@@ -24,7 +24,7 @@ from multitag.config import DataConfig
 from multitag.data.cache import common_folder, decode_workers
 from multitag.data.decode import BadImageError, ImageTooLargeError, read_checked
 from multitag.data.prepare import load_table, log_table_notes, resolve_split
-from multitag.data.table import SPLITS, LabelTable
+from multitag.data.table import SPLITS, LabelTable, positives_by_split
 from multitag.errors import counted
 from multitag.progress import track
 
@@ -41,7 +41,7 @@ def survey(cfg: DataConfig, log=print) -> dict:
     log(f"reading the headers of {len(table)} images")
     checks = check_files(table.paths)
     readable = np.array([kind == "" for kind, _, _ in checks], dtype=bool)          # (N,)
-    rows = {s: np.flatnonzero(readable & (split == s)) for s in SPLITS}
+    sizes = {s: int(np.count_nonzero(readable & (split == s))) for s in SPLITS}
     positive = table.positives()                                                      # (N, C)
     per_split = positives_by_split(positive[readable], split[readable])
     problems = {"missing": [{"path": p, "reason": r} for p, r in table.extra.get("skipped", [])]}
@@ -57,8 +57,8 @@ def survey(cfg: DataConfig, log=print) -> dict:
                    "unreadable": len(problems["unreadable"]) + len(problems["too_large"])},
         "num_classes": table.num_classes, "multi_label": table.multi_label,
         "split": {"from": "data" if table.split is not None else "stratified", "seed": cfg.split_seed,
-                  "fractions": list(cfg.split_fractions), **{s: len(r) for s, r in rows.items()}},
-        "per_class": per_class_rows(table, readable, per_split, {s: len(r) for s, r in rows.items()}),
+                  "fractions": list(cfg.split_fractions), **sizes},
+        "per_class": per_class_rows(table, readable, per_split, sizes),
         "labels_per_image": histogram.tolist(),
         "examples": example_images(table, positive, readable, split),
         "unlabelled": int(histogram[0]) if table.multi_label else 0,
@@ -88,12 +88,6 @@ def check_files(paths: list[str]) -> list[tuple[str, str, str]]:
     as many threads as the cache decodes with."""
     with ThreadPoolExecutor(decode_workers()) as pool:
         return list(track(pool.map(check_file, paths), len(paths), "reading image headers"))
-
-
-def positives_by_split(positive: np.ndarray, split: np.ndarray) -> dict[str, np.ndarray]:
-    """{split: (C,) images with each class} for the splits in ``split`` (in order of appearance, '' as
-    "no split"), from the (M, C) bool positives of the same M rows."""
-    return {str(s or "no split"): positive[split == s].sum(0) for s in dict.fromkeys(split.tolist())}
 
 
 def per_class_rows(table: LabelTable, readable: np.ndarray, per_split: dict[str, np.ndarray],

@@ -69,3 +69,9 @@ class LabelTable:
     def labels_of(self, i: int) -> list[str]:
         """Class names present in row i."""
         return [self.class_names[j] for j in np.flatnonzero(self.targets[i] > 0.5)]
+
+
+def positives_by_split(positive: np.ndarray, split: np.ndarray) -> dict[str, np.ndarray]:
+    """{split: (C,) images with each class} for the splits in ``split`` (in order of appearance, '' as
+    "no split"), from the (M, C) bool positives of the same M rows."""
+    return {str(s or "no split"): positive[split == s].sum(0) for s in dict.fromkeys(split.tolist())}
